@@ -1,0 +1,125 @@
+"""Prediction re-balancing (PN): remove the head-class bias left in a model's probabilities.
+
+Spec: DESIGN.md, "Prediction re-balancing". With p = softmax(z):
+
+* transductive (paper eq. 13, over the scored set of B samples):
+  ``p~_bk = p_bk / (sum_b p_bk)^tau``;
+* stored (what a deployment can do): ``m_k = mean_b p_bk`` fitted on a calibration split, then
+  ``p~ = p / m^tau`` for any later sample.
+
+Both are renormalised to rows summing to 1; the argmax is the same when the calibration split is
+the scored set. ``log p~ = log p - tau log m``: post-hoc logit adjustment with a prior estimated
+from the model's own predictions. Fit on a validation split, never on the reported test split.
+
+Every function takes numpy arrays or torch tensors and returns the same kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+Array = Any  # np.ndarray | torch.Tensor
+ROW_SUM_ATOL = 1e-3
+
+
+def _is_torch(x: Array) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+def _all(mask: Array) -> bool:
+    return bool(mask.all())
+
+
+def _isfinite(x: Array) -> Array:
+    return torch.isfinite(x) if _is_torch(x) else np.isfinite(x)
+
+
+def check_probs(probs: Array, num_classes: int | None = None, name: str = "probs") -> None:
+    """Raise ValueError unless ``probs`` is a (B, K) matrix of finite probabilities."""
+    if not (_is_torch(probs) or isinstance(probs, np.ndarray)):
+        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(probs).__name__}")
+    if probs.ndim != 2 or probs.shape[0] < 1 or probs.shape[1] < 2:
+        raise ValueError(f"{name} must have shape (batch >= 1, classes >= 2), got {probs.shape}")
+    if num_classes is not None and probs.shape[1] != num_classes:
+        raise ValueError(f"{name} has {probs.shape[1]} classes, the scales have {num_classes}")
+    if not _all(_isfinite(probs)):
+        raise ValueError(f"{name} contains NaN or inf")
+    if not _all(probs >= 0):
+        raise ValueError(f"{name} contains negative values")
+    worst = float(abs(probs.sum(1) - 1).max())
+    if worst > ROW_SUM_ATOL:
+        raise ValueError(
+            f"{name} rows must sum to 1 (softmax outputs); worst row is off by {worst:.3g}"
+        )
+
+
+def check_scales(scales: Array, tau: float) -> None:
+    if scales.ndim != 1 or scales.shape[0] < 2:
+        raise ValueError(f"scales must be a 1-D vector of >= 2 classes, got shape {scales.shape}")
+    if not _all(_isfinite(scales)) or not _all(scales > 0):
+        raise ValueError("scales must be finite and > 0 (one mean probability per class)")
+    if not np.isfinite(tau) or tau < 0:
+        raise ValueError(f"tau must be finite and >= 0, got {tau}")
+
+
+def fit(probs: Array) -> Array:
+    """Per-class scales m_k: the mean probability of class k over a calibration set."""
+    check_probs(probs)
+    return probs.mean(0)
+
+
+def _normalise_by(probs: Array, scales: Array, tau: float) -> Array:
+    adjusted = probs / scales**tau
+    return adjusted / adjusted.sum(1, keepdims=True)
+
+
+def apply(probs: Array, scales: Array, tau: float = 1.0) -> Array:
+    """Re-balanced probabilities ``p / m^tau``, rows renormalised to sum to 1."""
+    check_scales(scales, tau)
+    check_probs(probs, num_classes=scales.shape[0])
+    if _is_torch(probs) != _is_torch(scales):
+        raise TypeError("probs and scales must both be numpy arrays or both torch tensors")
+    return _normalise_by(probs, scales.to(probs.dtype) if _is_torch(probs) else scales, tau)
+
+
+def transductive(probs: Array, tau: float = 1.0) -> Array:
+    """The paper's transductive PN over the scored set itself: ``p / (sum_b p)^tau``."""
+    check_probs(probs)
+    column_mass = probs.sum(0)
+    if not _all(column_mass > 0):
+        raise ValueError("a class has zero total probability over the set; PN is undefined")
+    return _normalise_by(probs, column_mass, tau)
+
+
+def fit_tau(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    scales: np.ndarray | None = None,
+    taus: Sequence[float] = tuple(np.round(np.linspace(0.0, 2.0, 21), 2)),
+) -> float:
+    """The tau in ``taus`` whose re-balancing gives the best class-balanced accuracy.
+
+    Use a validation split (the one ``scales`` was fitted on), never the reported test split.
+    Ties go to the smallest tau.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels)
+    scales = fit(probs) if scales is None else np.asarray(scales, dtype=np.float64)
+    best_tau, best_acc = 0.0, -1.0
+    for tau in taus:
+        preds = apply(probs, scales, float(tau)).argmax(1)
+        acc = _balanced_accuracy(preds, labels, probs.shape[1])
+        if acc > best_acc + 1e-12:
+            best_tau, best_acc = float(tau), acc
+    return best_tau
+
+
+def _balanced_accuracy(preds: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
+    seen = np.bincount(labels, minlength=num_classes)
+    hits = np.bincount(labels[preds == labels], minlength=num_classes)
+    present = seen > 0
+    return float((hits[present] / seen[present]).mean())

@@ -1,0 +1,238 @@
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gala_scale.losses import LOSSES, GALALoss, create_loss
+
+K, B = 5, 7
+HERE = Path(__file__).parent
+
+
+def seeded_loss(variant: str, lambda1: float = 1.2, lambda2: float = 0.9) -> GALALoss:
+    loss = GALALoss(K, lambda1=lambda1, lambda2=lambda2, variant=variant)
+    gen = torch.Generator().manual_seed(0)
+    loss.theta_global.copy_(torch.rand(K, generator=gen, dtype=torch.float64) * 50)
+    loss.phi_global.copy_(torch.rand(K, generator=gen, dtype=torch.float64) * 50)
+    loss.theta_delta.copy_(torch.rand(K, generator=gen, dtype=torch.float64))
+    return loss
+
+
+def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(B, K, generator=gen), torch.randint(0, K, (B,), generator=gen)
+
+
+def eq6_by_hand(loss: GALALoss, logits: torch.Tensor, labels: torch.Tensor):
+    """Adjusted logits, mean loss and dL/dz written element by element in float64."""
+    theta, phi, eps = loss.theta.tolist(), loss.phi.tolist(), loss.eps
+    total, grads, adjusted = 0.0, [], []
+    for row, k in zip(logits.double().tolist(), labels.tolist(), strict=True):
+        z = []
+        for j, z_j in enumerate(row):
+            shift = loss.lambda1 * math.log(theta[j] + eps) - loss.lambda2 * math.log(phi[k] + eps)
+            z.append(z_j if (j == k and loss.variant == "paper") else z_j + shift)
+        top = max(z)
+        log_norm = top + math.log(sum(math.exp(v - top) for v in z))
+        total += log_norm - z[k]
+        grads.append([(math.exp(v - log_norm) - (j == k)) / len(labels) for j, v in enumerate(z)])
+        adjusted.append(z)
+    as64 = {"dtype": torch.float64}
+    return torch.tensor(adjusted, **as64), total / len(labels), torch.tensor(grads, **as64)
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_loss_and_gradient_equal_eq6_by_hand(variant):
+    loss = seeded_loss(variant)
+    logits, labels = batch()
+    # The call uses the ledger as it was before the call's own update.
+    adjusted, expected, expected_grad = eq6_by_hand(loss, logits, labels)
+    torch.testing.assert_close(
+        loss.adjusted_logits(logits, labels).double(), adjusted, rtol=1e-5, atol=1e-5
+    )
+    logits.requires_grad_(True)
+    value = loss(logits, labels)
+    value.backward()
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+    torch.testing.assert_close(logits.grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_variants_differ_with_published_lambdas():
+    logits, labels = batch()
+    paper = seeded_loss("paper")(logits, labels)
+    reference = seeded_loss("reference")(logits, labels)
+    assert abs(paper.item() - reference.item()) > 1e-3
+
+
+def test_reference_lambda2_term_leaves_loss_unchanged():
+    logits, labels = batch()
+    values = [seeded_loss("reference", lambda2=lam2)(logits, labels).item() for lam2 in (0, 0.9, 5)]
+    assert values == pytest.approx([values[0]] * 3, rel=1e-6)
+    paper = [seeded_loss("paper", lambda2=lam2)(logits, labels).item() for lam2 in (0, 0.9)]
+    assert paper[0] != pytest.approx(paper[1], rel=1e-4)
+
+
+def test_variants_coincide_when_lambdas_equal_and_ledger_from_hard_labels():
+    paper, reference = GALALoss(K, 1.0, 1.0, variant="paper"), GALALoss(K, 1.0, 1.0)
+    for seed in range(5):
+        logits, labels = batch(seed)
+        assert paper(logits, labels).item() == pytest.approx(reference(logits, labels).item())
+    torch.testing.assert_close(paper.theta, reference.theta)
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_hard_label_increments_are_one_minus_target_probability(variant):
+    loss = seeded_loss(variant)
+    logits, labels = batch()
+    adjusted = loss.adjusted_logits(logits, labels)
+    theta0, phi0 = loss.theta.clone(), loss.phi.clone()
+    loss(logits, labels)
+    probs = F.softmax(adjusted.double(), dim=1)
+    expected = torch.zeros(K, dtype=torch.float64)
+    for i, k in enumerate(labels.tolist()):
+        expected[k] += 1 - probs[i, k]
+        assert 1 - probs[i, k] == pytest.approx((probs[i].sum() - probs[i, k]).item())
+    torch.testing.assert_close(loss.theta - theta0, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss.phi - phi0, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_soft_targets_split_contributions_by_target_weight(variant):
+    loss = seeded_loss(variant)
+    logits, labels = batch()
+    targets = F.one_hot(labels, K).double() * 0.8 + 0.2 / K  # label smoothing 0.2
+    adjusted = loss.adjusted_logits(logits, targets.float())
+    theta0, phi0 = loss.theta.clone(), loss.phi.clone()
+    loss(logits, targets)
+    grad_abs = (F.softmax(adjusted.double(), dim=1) - targets).abs()
+    pos, neg = torch.zeros(K, dtype=torch.float64), torch.zeros(K, dtype=torch.float64)
+    for i in range(B):
+        for k in range(K):
+            pos[k] += targets[i, k] * grad_abs[i, k]
+            neg[k] += targets[i, k] * (grad_abs[i].sum() - grad_abs[i, k])
+    torch.testing.assert_close(loss.theta - theta0, pos, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss.phi - phi0, neg, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(pos, neg)
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_one_hot_soft_targets_equal_hard_targets(variant):
+    hard, soft = seeded_loss(variant), seeded_loss(variant)
+    logits, labels = batch()
+    value_hard = hard(logits, labels)
+    value_soft = soft(logits, F.one_hot(labels, K).float())
+    assert value_soft.item() == pytest.approx(value_hard.item(), rel=1e-6)
+    torch.testing.assert_close(soft.theta, hard.theta)
+    torch.testing.assert_close(soft.phi, hard.phi)
+
+
+def test_eval_mode_leaves_the_ledger_alone():
+    loss = seeded_loss("reference").eval()
+    theta, phi = loss.theta.clone(), loss.phi.clone()
+    loss(*batch())
+    assert torch.equal(loss.theta, theta) and torch.equal(loss.phi, phi)
+
+
+def test_ledger_is_float64_and_round_trips_through_state_dict():
+    loss = seeded_loss("paper")
+    loss(*batch())
+    restored = GALALoss(K, variant="paper")
+    restored.load_state_dict(loss.state_dict())
+    assert restored.theta.dtype == torch.float64
+    assert torch.equal(restored.theta, loss.theta) and torch.equal(restored.phi, loss.phi)
+    logits, labels = batch(3)
+    assert restored(logits, labels).item() == loss(logits, labels).item()
+
+
+def test_sync_without_process_group_folds_delta_and_keeps_ledger():
+    loss = seeded_loss("reference")
+    loss(*batch())
+    theta, phi = loss.theta.clone(), loss.phi.clone()
+    loss.sync()
+    assert torch.equal(loss.theta_delta, torch.zeros(K, dtype=torch.float64))
+    torch.testing.assert_close(loss.theta_global, theta)
+    torch.testing.assert_close(loss.phi, phi)
+
+
+def test_non_finite_logits_raise_and_do_not_touch_the_ledger():
+    loss = seeded_loss("reference")
+    theta = loss.theta.clone()
+    logits, labels = batch()
+    logits[2, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite logits"):
+        loss(logits, labels)
+    assert torch.equal(loss.theta, theta)
+
+
+@pytest.mark.parametrize(
+    ("logits", "targets", "match"),
+    [
+        (torch.zeros(3, K + 1), torch.zeros(3, dtype=torch.long), "shape"),
+        (torch.zeros(3, K), torch.zeros(4, dtype=torch.long), "hard targets"),
+        (torch.zeros(3, K), torch.zeros(3), "hard targets"),
+        (torch.zeros(3, K), torch.zeros(3, K + 1), "soft targets"),
+    ],
+)
+def test_bad_inputs_are_named(logits, targets, match):
+    with pytest.raises(ValueError, match=match):
+        GALALoss(K)(logits, targets)
+
+
+def test_bad_arguments_and_registry():
+    with pytest.raises(ValueError, match="valid: reference, paper"):
+        GALALoss(K, variant="eq6")
+    with pytest.raises(ValueError, match="num_classes"):
+        GALALoss(1)
+    with pytest.raises(ValueError, match="balanced_softmax, ce, gala, logit_adjusted"):
+        create_loss("focal")
+    with pytest.raises(ValueError, match="bad arguments for loss 'gala'"):
+        create_loss("gala", classes=3)
+    assert set(LOSSES) == {"ce", "logit_adjusted", "balanced_softmax", "gala"}
+
+
+def test_prior_losses_add_log_prior():
+    counts = [100, 30, 10, 3, 1]
+    logits, labels = batch()
+    log_prior = torch.log(torch.tensor(counts, dtype=torch.float64) / sum(counts)).float()
+    la = create_loss("logit_adjusted", class_counts=counts, tau=2.0)(logits, labels)
+    assert la.item() == pytest.approx(F.cross_entropy(logits + 2 * log_prior, labels).item())
+    bs = create_loss("balanced_softmax", class_counts=counts)(logits, labels)
+    log_counts = torch.log(torch.tensor(counts, dtype=torch.float32))
+    assert bs.item() == pytest.approx(F.cross_entropy(logits + log_counts, labels).item())
+    assert create_loss("ce")(logits, labels).item() == pytest.approx(
+        F.cross_entropy(logits, labels).item()
+    )
+    with pytest.raises(ValueError, match="positive"):
+        create_loss("balanced_softmax", class_counts=[3, 0, 1])
+
+
+@pytest.mark.slow
+def test_two_process_sync_equals_one_process_over_the_union(tmp_path, port):
+    sys.path.insert(0, str(HERE))
+    from dist_worker import NUM_CLASSES, STEPS, rank_batch
+
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "dist_worker.py"), str(tmp_path / f"rank{rank}.pt")],
+            env={**env, "RANK": str(rank)},
+        )
+        for rank in range(2)
+    ]
+    assert [proc.wait(timeout=120) for proc in procs] == [0, 0]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert torch.equal(ranks[0]["theta"], ranks[1]["theta"])
+    assert torch.equal(ranks[0]["phi"], ranks[1]["phi"])
+
+    single = GALALoss(NUM_CLASSES).train()
+    for step in range(STEPS):
+        logits, labels = zip(*(rank_batch(rank, step) for rank in range(2)), strict=True)
+        single(torch.cat(logits), torch.cat(labels))
+    torch.testing.assert_close(ranks[0]["theta"], single.theta, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ranks[0]["phi"], single.phi, rtol=1e-12, atol=1e-12)
+    assert bool((single.theta > 0).all())  # both ranks' classes received gradient

@@ -1,0 +1,135 @@
+import numpy as np
+import pytest
+import torch
+
+from gala_scale import metrics, rebalance
+
+
+def long_tailed_probs(n: int = 400, k: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax outputs of a model biased towards the low class indices."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k)) + 2.0 * np.eye(k)[labels] + np.linspace(2, 0, k)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    return probs / probs.sum(1, keepdims=True), labels
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 1.7])
+def test_stored_and_transductive_pn_agree_on_the_calibration_set(tau):
+    probs, _ = long_tailed_probs()
+    stored = rebalance.apply(probs, rebalance.fit(probs), tau)
+    assert np.array_equal(stored.argmax(1), rebalance.transductive(probs, tau).argmax(1))
+    np.testing.assert_allclose(stored.sum(1), 1.0)
+
+
+def test_pn_reduces_head_bias_and_matches_closed_form():
+    probs, labels = long_tailed_probs()
+    scales = rebalance.fit(probs)
+    np.testing.assert_allclose(scales, probs.mean(0))
+    adjusted = rebalance.apply(probs, scales, 1.0)
+    expected = probs / scales
+    np.testing.assert_allclose(adjusted, expected / expected.sum(1, keepdims=True))
+    plain_acc = metrics.per_class_accuracy(probs.argmax(1), labels, 6)
+    pn_acc = metrics.per_class_accuracy(adjusted.argmax(1), labels, 6)
+    assert pn_acc.mean() > plain_acc.mean()
+    assert pn_acc[-1] > plain_acc[-1]  # the rarest-predicted class gains
+
+
+def test_torch_in_torch_out():
+    probs, _ = long_tailed_probs()
+    t_probs = torch.from_numpy(probs)
+    scales = rebalance.fit(t_probs)
+    assert isinstance(scales, torch.Tensor)
+    out = rebalance.apply(t_probs, scales, 1.5)
+    assert isinstance(out, torch.Tensor)
+    np.testing.assert_allclose(out.numpy(), rebalance.apply(probs, probs.mean(0), 1.5))
+    assert isinstance(rebalance.transductive(t_probs), torch.Tensor)
+
+
+@pytest.mark.parametrize(
+    ("probs", "match"),
+    [
+        (np.array([[0.5, 0.6], [0.5, 0.5]]), "sum to 1"),
+        (np.array([[1.5, -0.5]]), "negative"),
+        (np.array([[np.nan, 1.0]]), "NaN"),
+        (np.ones(3) / 3, "shape"),
+        (np.ones((2, 1)), "shape"),
+    ],
+)
+def test_bad_probabilities_raise(probs, match):
+    with pytest.raises(ValueError, match=match):
+        rebalance.fit(probs)
+    with pytest.raises(ValueError, match=match):
+        rebalance.transductive(probs)
+
+
+def test_bad_scales_and_tau_raise():
+    probs, _ = long_tailed_probs(k=4)
+    with pytest.raises(ValueError, match="4 classes, the scales have 3"):
+        rebalance.apply(probs, np.ones(3) / 3)
+    with pytest.raises(ValueError, match="> 0"):
+        rebalance.apply(probs, np.array([0.5, 0.5, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="tau"):
+        rebalance.apply(probs, np.ones(4) / 4, tau=-1)
+    with pytest.raises(TypeError, match="both"):
+        rebalance.apply(probs, torch.ones(4) / 4)
+    with pytest.raises(TypeError, match="numpy array or torch tensor"):
+        rebalance.fit([[0.5, 0.5]])
+
+
+def test_fit_tau_picks_rebalancing_for_biased_model_and_none_for_balanced_one():
+    probs, labels = long_tailed_probs(n=2000)
+    assert rebalance.fit_tau(probs, labels) > 0
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, 2000)
+    balanced = np.full((2000, 4), 0.1) + 0.6 * np.eye(4)[labels]
+    assert rebalance.fit_tau(balanced, labels) == 0.0
+
+
+def test_metrics_on_a_hand_made_case():
+    labels = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 3])
+    preds = np.array([0, 0, 0, 1, 1, 0, 0, 0, 2, 0])
+    assert metrics.top1(preds, labels) == pytest.approx(0.5)
+    acc = metrics.per_class_accuracy(preds, labels, 5)
+    np.testing.assert_allclose(acc[:4], [0.75, 0.5, 1 / 3, 0.0])
+    assert np.isnan(acc[4])  # class 4 has no test sample
+    np.testing.assert_array_equal(metrics.positive_predictions(preds, 5), [7, 2, 1, 0, 0])
+    # many: classes 0, 1 (> 100), medium: 2 (20..100), few: 3, 4 (< 20; 4 not evaluated)
+    groups = metrics.group_accuracy(acc, [500, 101, 20, 19, 2])
+    assert groups == pytest.approx({"many": 0.625, "medium": 1 / 3, "few": 0.0})
+
+
+def test_empty_group_is_absent_not_zero():
+    acc = np.array([1.0, 0.5])
+    assert metrics.group_accuracy(acc, [1000, 500]) == {"many": 0.75, "medium": None, "few": None}
+    assert metrics.shot_group([101, 100, 20, 19]).tolist() == ["many", "medium", "medium", "few"]
+
+
+def test_expected_calibration_error():
+    labels = np.array([0, 1, 0, 1])
+    perfect = np.eye(2)[labels]
+    assert metrics.expected_calibration_error(perfect, labels) == 0.0
+    # Confidence 0.9 everywhere, accuracy 0.5: ECE = 0.4.
+    over = np.array([[0.9, 0.1]] * 4)
+    assert metrics.expected_calibration_error(over, labels) == pytest.approx(0.4)
+    # Two bins: 0.6-confident and right (gap 0.4), 0.95-confident and wrong (gap 0.95).
+    probs = np.array([[0.6, 0.4], [0.05, 0.95]])
+    assert metrics.expected_calibration_error(probs, np.array([0, 0])) == pytest.approx(0.675)
+
+
+def test_summarize_reports_everything():
+    probs, labels = long_tailed_probs(k=3)
+    summary = metrics.summarize(torch.from_numpy(probs), labels, [1000, 50, 5])
+    assert set(summary) == {
+        "top1",
+        "many",
+        "medium",
+        "few",
+        "per_class",
+        "positive_predictions",
+        "ece",
+    }
+    assert summary["many"] == pytest.approx(summary["per_class"][0])
+    assert sum(summary["positive_predictions"]) == len(labels)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        metrics.summarize(probs, labels + 5, [1, 2, 3])
