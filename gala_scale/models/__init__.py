@@ -1,0 +1,24 @@
+"""Models, registered by name: ``create_model("resnet32", num_classes=100)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+from torch import nn
+
+from gala_scale.models.resnet_cifar import CifarResNet
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet20": partial(CifarResNet, depth=20),
+    "resnet32": partial(CifarResNet, depth=32),
+}
+
+
+def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(sorted(MODELS))}")
+    return MODELS[name](num_classes=num_classes, **kwargs)
+
+
+__all__ = ["MODELS", "create_model"]
