@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash tools/bootstrap.sh
 venv="${GALA_VENV:-.venv}"
 "$venv/bin/python" -m ruff check .
+"$venv/bin/python" -m ruff format --check .
 exec "$venv/bin/python" -m pytest -q "$@"
