@@ -1,0 +1,50 @@
+"""Tiny raw datasets made on the fly for the shard builder tests."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def jpeg_bytes(rgb: np.ndarray, mode: str = "RGB") -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(rgb).convert(mode).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def random_rgb(seed: int, size: int = 16) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def write_cifar10_pickles(root: Path, per_class: int, test_per_class: int) -> None:
+    """An official-format CIFAR-10 python folder with few images a class."""
+    root.mkdir(parents=True)
+    names = [f"c{k}".encode() for k in range(10)]
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": names}, f)
+    rng = np.random.default_rng(0)
+    labels = [k for k in range(10) for _ in range(per_class)]
+    for i in range(5):  # five data batches, like the real thing
+        part = labels[i::5]
+        data = rng.integers(0, 256, (len(part), 3072), dtype=np.uint8)
+        with open(root / f"data_batch_{i + 1}", "wb") as f:
+            pickle.dump({b"data": data, b"labels": part}, f)
+    test_labels = [k for k in range(10) for _ in range(test_per_class)]
+    data = rng.integers(0, 256, (len(test_labels), 3072), dtype=np.uint8)
+    with open(root / "test_batch", "wb") as f:
+        pickle.dump({b"data": data, b"labels": test_labels}, f)
+
+
+def write_image_tree(root: Path, counts: dict[str, int], suffix: str = ".jpg") -> list[Path]:
+    paths = []
+    for cls, n in counts.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            path = root / cls / f"{i:04d}{suffix}"
+            path.write_bytes(jpeg_bytes(random_rgb(hash((cls, i)) % 2**32)))
+            paths.append(path)
+    return paths
