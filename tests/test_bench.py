@@ -24,3 +24,10 @@ def test_loss_benchmark_prints_json_last(capsys):
     assert result["benchmark"] == "loss"
     assert result["linear_k8142"]["gala_step_s"] > 0
     assert set(result["goals_met"]) == {"gala_step_le_1.03x_ce", "ledger_ge_100x_loop"}
+
+
+def test_shards_benchmark_builds_with_one_and_all_cores(capsys):
+    assert main(["shards", "--kind", "synthetic", "--repeats", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["images"] == 1236 + 200 + 1000  # the synthetic default's three splits
+    assert result["1_process_images_per_s"] > 0 and result["speedup"] > 0
