@@ -1,0 +1,100 @@
+"""AutoAugment's CIFAR-10 policy (Cubuk et al., CVPR 2019) for both loaders.
+
+The DALI loader runs DALI's own implementation of this policy (``reduced_cifar10``); the torch
+loader runs :func:`autoaugment_pil`, the same 25 sub-policies with the same magnitude ranges
+(11 magnitude bins) written with PIL. Translations move at most ``150/331`` of the image side
+(the paper's 150 px on 331 px), rotations 30 degrees, shears 0.3; empty areas are grey (128).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+from gala_scale.data.presets import AUTOAUGMENT_MAX_TRANSLATE_REL
+
+MAGNITUDE_BINS = 11
+FILL = (128, 128, 128)
+
+# (operation, probability, magnitude bin) pairs; the published CIFAR-10 policy.
+CIFAR10_POLICY = (
+    (("invert", 0.1, None), ("contrast", 0.2, 6)),
+    (("rotate", 0.7, 2), ("translate_x", 0.3, 9)),
+    (("sharpness", 0.8, 1), ("sharpness", 0.9, 3)),
+    (("shear_y", 0.5, 8), ("translate_y", 0.7, 9)),
+    (("auto_contrast", 0.5, None), ("equalize", 0.9, None)),
+    (("shear_y", 0.2, 7), ("posterize", 0.3, 7)),
+    (("color", 0.4, 3), ("brightness", 0.6, 7)),
+    (("sharpness", 0.3, 9), ("brightness", 0.7, 9)),
+    (("equalize", 0.6, None), ("equalize", 0.5, None)),
+    (("contrast", 0.6, 7), ("sharpness", 0.6, 5)),
+    (("color", 0.7, 7), ("translate_x", 0.5, 8)),
+    (("equalize", 0.3, None), ("auto_contrast", 0.4, None)),
+    (("translate_y", 0.4, 3), ("sharpness", 0.2, 6)),
+    (("brightness", 0.9, 6), ("color", 0.2, 8)),
+    (("solarize", 0.5, 2),),
+    (("equalize", 0.2, None), ("auto_contrast", 0.6, None)),
+    (("equalize", 0.2, None), ("equalize", 0.6, None)),
+    (("color", 0.9, 9), ("equalize", 0.6, None)),
+    (("auto_contrast", 0.8, None), ("solarize", 0.2, 8)),
+    (("brightness", 0.1, 3), ("color", 0.7, 0)),
+    (("solarize", 0.4, 5), ("auto_contrast", 0.9, None)),
+    (("translate_y", 0.9, 9), ("translate_y", 0.7, 9)),
+    (("auto_contrast", 0.9, None), ("solarize", 0.8, 3)),
+    (("equalize", 0.8, None), ("invert", 0.1, None)),
+    (("translate_y", 0.7, 9), ("auto_contrast", 0.9, None)),
+)
+
+
+def _level(magnitude: int, low: float, high: float) -> float:
+    return low + (high - low) * magnitude / (MAGNITUDE_BINS - 1)
+
+
+def _affine(img: Image.Image, matrix: tuple[float, ...]) -> Image.Image:
+    return img.transform(
+        img.size, Image.Transform.AFFINE, matrix, resample=Image.Resampling.NEAREST, fillcolor=FILL
+    )
+
+
+def _apply(img: Image.Image, name: str, magnitude: int | None, sign: float) -> Image.Image:
+    if name in ("invert", "equalize", "auto_contrast"):
+        return {
+            "invert": ImageOps.invert,
+            "equalize": ImageOps.equalize,
+            "auto_contrast": ImageOps.autocontrast,
+        }[name](img)
+    if name in ("contrast", "color", "brightness", "sharpness"):
+        enhancer = {
+            "contrast": ImageEnhance.Contrast,
+            "color": ImageEnhance.Color,
+            "brightness": ImageEnhance.Brightness,
+            "sharpness": ImageEnhance.Sharpness,
+        }
+        return enhancer[name](img).enhance(_level(magnitude, 0.1, 1.9))
+    if name == "rotate":
+        return img.rotate(sign * _level(magnitude, 0, 30), fillcolor=FILL)
+    if name in ("translate_x", "translate_y"):
+        shift = sign * _level(magnitude, 0, AUTOAUGMENT_MAX_TRANSLATE_REL)
+        if name == "translate_x":
+            return _affine(img, (1, 0, shift * img.width, 0, 1, 0))
+        return _affine(img, (1, 0, 0, 0, 1, shift * img.height))
+    if name == "shear_y":
+        return _affine(img, (1, 0, 0, sign * _level(magnitude, 0, 0.3), 1, 0))
+    if name == "posterize":
+        return ImageOps.posterize(img, 8 - round(_level(magnitude, 0, 4)))
+    if name == "solarize":
+        return ImageOps.solarize(img, round(_level(magnitude, 256, 0)))
+    raise ValueError(f"unknown AutoAugment operation {name!r}")
+
+
+def autoaugment_pil(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Apply one randomly chosen sub-policy of the CIFAR-10 policy to an RGB image."""
+    for name, probability, magnitude in CIFAR10_POLICY[rng.integers(len(CIFAR10_POLICY))]:
+        if rng.random() < probability:
+            img = _apply(img, name, magnitude, 1.0 if rng.random() < 0.5 else -1.0)
+    return img
+
+
+def translate_pixels(side: int) -> int:
+    """The DALI policy's absolute translate bound for ``side``-pixel images."""
+    return round(AUTOAUGMENT_MAX_TRANSLATE_REL * side)

@@ -1,0 +1,185 @@
+"""The DALI pipeline: ``fn.readers.webdataset`` over the shard set's index files.
+
+With CUDA, images are decoded by nvJPEG (``device="mixed"``) and augmented on the GPU, and
+batches arrive as CUDA tensors; without it the same operators run on the CPU
+(``device_id=None``). The pipeline is rebuilt every epoch from ``(seed, epoch)``: the shard order
+is permuted, so a run resumed at epoch e reads what it would have read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from gala_scale.data import presets
+from gala_scale.data.autoaugment import translate_pixels
+from gala_scale.data.common import Shard
+from gala_scale.data.presets import Preset
+
+LABEL_DIGITS = 10  # cls holds up to this many ASCII digits
+SHUFFLE_BUFFER = 1024
+
+
+def parse_cls(cls: torch.Tensor) -> torch.Tensor:
+    """(B, LABEL_DIGITS) uint8 ASCII digits padded with zeros -> (B,) int64 labels."""
+    digits = cls.long() - ord("0")
+    valid = (digits >= 0) & (digits <= 9)
+    value = torch.zeros(cls.shape[0], dtype=torch.long, device=cls.device)
+    for column in range(cls.shape[1]):
+        value = torch.where(valid[:, column], value * 10 + digits[:, column], value)
+    return value
+
+
+def _augment(images, preset: Preset, train: bool, autoaugment: bool, device: str):
+    mean = [m * 255 for m in preset.mean]
+    std = [s * 255 for s in preset.std]
+    common = {"dtype": types.FLOAT, "output_layout": "CHW", "mean": mean, "std": std}
+    if not train:
+        if preset.eval_resize is not None:
+            images = fn.resize(
+                images,
+                device=device,
+                resize_shorter=preset.eval_resize,
+                interp_type=types.INTERP_LINEAR,
+                antialias=True,
+            )
+        return fn.crop_mirror_normalize(
+            images, device=device, crop=(preset.crop, preset.crop), **common
+        )
+    if autoaugment:
+        from nvidia.dali.auto_aug import auto_augment
+
+        images = auto_augment.auto_augment(
+            images,
+            policy_name="reduced_cifar10",
+            max_translate_abs=translate_pixels(preset.crop),
+            fill_value=128,
+        )
+    mirror = fn.random.coin_flip(probability=0.5)
+    if preset.random_resized_crop:
+        images = fn.resize(
+            images,
+            device=device,
+            resize_x=preset.crop,
+            resize_y=preset.crop,
+            interp_type=types.INTERP_LINEAR,
+            antialias=True,
+        )
+        return fn.crop_mirror_normalize(images, device=device, mirror=mirror, **common)
+    side = preset.crop + 2 * preset.pad
+    images = fn.crop(
+        images, device=device, crop=(side, side), out_of_bounds_policy="pad", fill_values=0
+    )
+    # Integer offsets 0..2*pad, each equally likely, like the torch loader's.
+    offsets = [i / (2 * preset.pad) for i in range(2 * preset.pad + 1)]
+    return fn.crop_mirror_normalize(
+        images,
+        device=device,
+        crop=(preset.crop, preset.crop),
+        mirror=mirror,
+        crop_pos_x=fn.random.uniform(values=offsets),
+        crop_pos_y=fn.random.uniform(values=offsets),
+        **common,
+    )
+
+
+def build_pipeline(
+    shards: list[Shard],
+    image_ext: str,
+    preset: Preset,
+    *,
+    train: bool,
+    autoaugment: bool,
+    batch_size: int,
+    rank: int,
+    world: int,
+    seed: int,
+    device_id: int | None,
+    num_threads: int,
+):
+    gpu = device_id is not None
+
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        seed=seed,
+        enable_conditionals=autoaugment,
+        prefetch_queue_depth=2,
+    )
+    def pipeline():
+        encoded, cls = fn.readers.webdataset(
+            paths=[str(s.tar) for s in shards],
+            index_paths=[str(s.index) for s in shards],
+            ext=[image_ext, "cls"],
+            missing_component_behavior="error",
+            random_shuffle=train,
+            initial_fill=SHUFFLE_BUFFER,
+            shard_id=rank,
+            num_shards=world,
+            pad_last_batch=True,
+            name="reader",
+        )
+        device = "gpu" if gpu else "cpu"
+        if train and preset.random_resized_crop:
+            images = fn.decoders.image_random_crop(
+                encoded,
+                device="mixed" if gpu else "cpu",
+                output_type=types.RGB,
+                random_area=list(presets.RRC_SCALE),
+                random_aspect_ratio=list(presets.RRC_RATIO),
+                num_attempts=10,
+            )
+        else:
+            images = fn.decoders.image(
+                encoded, device="mixed" if gpu else "cpu", output_type=types.RGB
+            )
+        labels = fn.pad(cls, axes=(0,), shape=(LABEL_DIGITS,), fill_value=0)
+        return _augment(images, preset, train, autoaugment, device), labels
+
+    return pipeline()
+
+
+def rank_chunks(
+    shards: list[Shard],
+    image_ext: str,
+    preset: Preset,
+    *,
+    train: bool,
+    autoaugment: bool,
+    batch_size: int,
+    rank: int,
+    world: int,
+    seed: int,
+    device_id: int | None,
+    num_threads: int,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's (images, labels) batches for one epoch, the last one partial."""
+    pipe = build_pipeline(
+        shards,
+        image_ext,
+        preset,
+        train=train,
+        autoaugment=autoaugment,
+        batch_size=batch_size,
+        rank=rank,
+        world=world,
+        seed=seed,
+        device_id=device_id,
+        num_threads=num_threads,
+    )
+    iterator = DALIGenericIterator(
+        [pipe],
+        ["images", "cls"],
+        reader_name="reader",
+        last_batch_policy=LastBatchPolicy.PARTIAL,
+        auto_reset=False,
+    )
+    try:
+        for (batch,) in iterator:
+            yield batch["images"], parse_cls(batch["cls"])
+    finally:
+        del iterator, pipe

@@ -1,0 +1,242 @@
+import io
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+from shard_fixtures import jpeg_bytes, random_rgb
+
+from gala_scale.data import PAD_LABEL, create_loader
+from gala_scale.data.autoaugment import CIFAR10_POLICY, _apply, autoaugment_pil
+from gala_scale.data.common import cutout_, rebatch
+from gala_scale.shards import tario
+from gala_scale.shards.__main__ import main as shards_main
+from gala_scale.shards.check import adopt
+from gala_scale.shards.manifest import ManifestError
+
+KINDS = ["dali", "torch"]
+SHARD_SIZES = (7, 40, 13, 43)  # deliberately uneven: 103 samples
+
+
+@pytest.fixture(scope="module")
+def unique_set(tmp_path_factory) -> Path:
+    """103 samples whose label is their identity (103 classes), in uneven shards."""
+    root = tmp_path_factory.mktemp("unique")
+    (root / "train").mkdir()
+    label = 0
+    for number, size in enumerate(SHARD_SIZES):
+        samples = []
+        for _ in range(size):
+            samples.append(
+                (
+                    f"s{label:05d}",
+                    {"jpg": jpeg_bytes(random_rgb(label, 32)), "cls": str(label).encode()},
+                )
+            )
+            label += 1
+        tario.write_tar(root / "train" / f"train-{number:06d}.tar", samples)
+    adopt(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def large_images(tmp_path_factory) -> Path:
+    """JPEGs of 256-400 px for the imagenet preset."""
+    root = tmp_path_factory.mktemp("large")
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (root / "raw" / cls).mkdir(parents=True)
+        for i in range(6):
+            w, h = (int(v) for v in rng.integers(256, 401, size=2))
+            coarse = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
+            img = Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC)
+            img = img.filter(ImageFilter.GaussianBlur(2))  # photo-like smooth content
+            img.save(root / "raw" / cls / f"{i}.jpg", quality=90)
+    assert (
+        shards_main(
+            [
+                "build",
+                "imagefolder",
+                "--root",
+                str(root / "raw"),
+                "--out",
+                str(root / "set"),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    return root / "set"
+
+
+def labels_of(loader, epoch: int = 0) -> list[int]:
+    return [label for _, y in loader.epoch(epoch) for label in y.tolist()]
+
+
+def make(root, kind, train, **kw):
+    options = {"preset": "cifar", "batch_size": 8, "num_workers": 2, "seed": 3}
+    options.update(kw)
+    return create_loader(root, "train", kind=kind, train=train, **options)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_epoch_holds_the_manifest_labels(kind, unique_set):
+    evaluated = labels_of(make(unique_set, kind, train=False))
+    assert len(evaluated) == 13 * 8  # ceil(103 / 8) batches
+    assert Counter(x for x in evaluated if x != PAD_LABEL) == Counter(range(103))
+    trained = labels_of(make(unique_set, kind, train=True))
+    assert len(trained) == (103 // 8) * 8 and len(set(trained)) == len(trained)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("train", [False, True])
+def test_two_ranks_disjoint_complete_and_equal_length(kind, train, unique_set):
+    ranks = [labels_of(make(unique_set, kind, train, rank=r, world=2)) for r in range(2)]
+    real = [{x for x in labels if x != PAD_LABEL} for labels in ranks]
+    assert len(ranks[0]) == len(ranks[1])  # equal batch counts from uneven shards
+    assert not real[0] & real[1]
+    if train:
+        assert len(ranks[0]) == (103 // 2 // 8) * 8
+    else:
+        assert real[0] | real[1] == set(range(103))
+        assert len(ranks[0]) == 7 * 8  # ceil(ceil(103 / 2) / 8) batches
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_epochs_reshuffle_reproducibly(kind, unique_set):
+    first = labels_of(make(unique_set, kind, train=True), epoch=0)
+    again = labels_of(make(unique_set, kind, train=True), epoch=0)
+    second = labels_of(make(unique_set, kind, train=True), epoch=1)
+    other_seed = labels_of(make(unique_set, kind, train=True, seed=4), epoch=0)
+    assert first == again
+    assert first != second and first != other_seed
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_start_step_resumes_inside_an_epoch(kind, unique_set):
+    loader = make(unique_set, kind, train=True)
+    whole = [y for _, y in loader.epoch(2)]
+    resumed = [y for _, y in loader.epoch(2, start_step=5)]
+    assert len(resumed) == len(whole) - 5
+    assert all(torch.equal(a, b) for a, b in zip(whole[5:], resumed, strict=True))
+
+
+def eval_tensors(root, kind, preset):
+    loader = create_loader(
+        root,
+        "train",
+        kind=kind,
+        train=False,
+        preset=preset,
+        batch_size=4,
+        num_workers=0 if kind == "torch" else 1,
+    )
+    images, labels = zip(*loader.epoch(0), strict=True)
+    keep = torch.cat(labels) != PAD_LABEL
+    return torch.cat(images)[keep], torch.cat(labels)[keep]
+
+
+def test_eval_outputs_of_both_loaders_agree_cifar(unique_set):
+    (xd, yd), (xt, yt) = (eval_tensors(unique_set, k, "cifar") for k in KINDS)
+    assert torch.equal(yd, yt)
+    assert (xd - xt).abs().max().item() <= 1e-5  # same decoder, same arithmetic
+
+
+def test_eval_outputs_of_both_loaders_agree_imagenet(large_images):
+    (xd, yd), (xt, yt) = (eval_tensors(large_images, k, "imagenet") for k in KINDS)
+    assert xd.shape == xt.shape == (12, 3, 224, 224) and torch.equal(yd, yt)
+    # DALI's and PIL's antialiased bilinear resizes differ by rounding; the stated tolerance, in
+    # 0-255 pixel units: mean below 1, 99th percentile at most 4, no pixel off by more than 16.
+    pixel_diff = (xd - xt).abs() * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) * 255
+    assert pixel_diff.mean().item() < 1.0
+    assert pixel_diff.flatten().quantile(0.99).item() <= 4.0
+    assert pixel_diff.max().item() <= 16.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_batches_have_the_model_shape(kind, large_images, unique_set):
+    x, _ = next(iter(make(large_images, kind, True, preset="imagenet", batch_size=4).epoch(0)))
+    assert x.shape == (4, 3, 224, 224) and x.device.type == "cpu"
+    x, _ = next(iter(make(unique_set, kind, True, autoaugment=True, cutout=16).epoch(0)))
+    assert x.shape == (8, 3, 32, 32) and torch.isfinite(x).all()
+
+
+def test_without_cuda_dali_runs_on_cpu(unique_set):
+    loader = make(unique_set, "auto", train=True)
+    assert loader.kind == "dali"
+    x, y = next(iter(loader.epoch(0)))
+    assert x.device.type == "cpu" and y.dtype == torch.long
+
+
+@pytest.mark.gpu
+def test_dali_mixed_decoding_lands_on_the_gpu(unique_set):
+    x, y = next(iter(make(unique_set, "dali", True, device="cuda").epoch(0)))
+    assert x.device.type == "cuda" and y.device.type == "cuda"
+
+
+def test_errors_name_what_is_wrong(unique_set, large_images, tmp_path):
+    with pytest.raises(ValueError, match="expects 32x32 images"):
+        make(large_images, "torch", True, preset="cifar")
+    with pytest.raises(ManifestError, match="num_classes is 103"):
+        make(unique_set, "torch", True, num_classes=10)
+    with pytest.raises(ManifestError, match="no split 'val'"):
+        create_loader(unique_set, "val", preset="cifar", batch_size=8, train=False)
+    with pytest.raises(ValueError, match="valid: auto, dali, torch"):
+        make(unique_set, "tf", True)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        make(unique_set, "torch", True, batch_size=200)
+    with pytest.raises(ManifestError, match="no manifest"):
+        make(tmp_path, "torch", True)
+    broken = tmp_path / "broken"
+    shutil.copytree(unique_set, broken)
+    (broken / "train" / "train-000002.tar").unlink()
+    with pytest.raises(FileNotFoundError, match=r"train-000002\.tar"):
+        make(broken, "dali", True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_corrupt_shard_names_the_file(kind, unique_set, tmp_path):
+    broken = tmp_path / "corrupt"
+    shutil.copytree(unique_set, broken)
+    shard = broken / "train" / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    with pytest.raises(Exception, match="train-000001"):
+        labels_of(make(broken, kind, train=False))
+
+
+def test_rebatch_policy():
+    chunks = [(torch.ones(n, 1), torch.arange(n)) for n in (3, 5, 2)]  # 10 samples
+    train = list(rebatch(iter(chunks), 4, steps=2, pad=False, sample_shape=(1,)))
+    assert [len(y) for _, y in train] == [4, 4]
+    evaluated = list(rebatch(iter(chunks), 4, steps=4, pad=True, sample_shape=(1,)))
+    labels = torch.cat([y for _, y in evaluated])
+    assert len(evaluated) == 4 and (labels == PAD_LABEL).sum() == 6
+    with pytest.raises(RuntimeError, match="ran dry"):
+        list(rebatch(iter(chunks), 4, steps=3, pad=False, sample_shape=(1,)))
+
+
+def test_cutout_zeroes_a_square():
+    images = torch.ones(64, 3, 32, 32)
+    cutout_(images, 16, torch.Generator().manual_seed(0))
+    zeroed = (images == 0).all(1).flatten(1).sum(1)
+    assert zeroed.max() == 256 and zeroed.min() > 0  # whole square inside, or clipped
+    assert torch.equal((images == 0).all(1), (images == 0).any(1))  # all channels alike
+
+
+def test_autoaugment_pil_runs_every_operation():
+    img = Image.fromarray(random_rgb(0, 32) // 2 + 50)  # low contrast: auto_contrast acts
+    names = {name for sub in CIFAR10_POLICY for name, _, _ in sub}
+    assert len(CIFAR10_POLICY) == 25 and len(names) == 13
+    for name in sorted(names):
+        out = _apply(img, name, 9, -1.0)
+        assert out.size == img.size and out.mode == "RGB"
+        assert np.any(np.asarray(out) != np.asarray(img)), name
+    rng = np.random.default_rng(0)
+    changed = sum(
+        np.any(np.asarray(autoaugment_pil(img, rng)) != np.asarray(img)) for _ in range(50)
+    )
+    assert 10 < changed < 50  # sub-policies fire with their probabilities
