@@ -12,7 +12,7 @@ import sys
 
 from gala_scale.bench.common import emit
 
-BENCHMARKS = ("loss", "shards")
+BENCHMARKS = ("loss", "shards", "loader")
 
 
 def main(argv: list[str] | None = None) -> int:
