@@ -1,4 +1,3 @@
-import io
 import shutil
 from collections import Counter
 from pathlib import Path

@@ -7,11 +7,17 @@ from functools import partial
 
 from torch import nn
 
+from gala_scale.models.resnet import resnet50, resnet152, resnext50_32x4d
 from gala_scale.models.resnet_cifar import CifarResNet
+from gala_scale.models.tiny import TinyNet
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
+    "tiny": TinyNet,
     "resnet20": partial(CifarResNet, depth=20),
     "resnet32": partial(CifarResNet, depth=32),
+    "resnet50": resnet50,
+    "resnet152": resnet152,
+    "resnext50_32x4d": resnext50_32x4d,
 }
 
 

@@ -1,0 +1,88 @@
+"""Checkpoints: whole training state, written atomically, found again on resume.
+
+A checkpoint is ``accelerator.save_state`` output (model as safetensors, optimizer, scheduler,
+grad scaler, RNG states of every process, DeepSpeed's own files under DeepSpeed) plus the
+registered custom state (the GALA ledger, :class:`TrainState`). It is written into
+``checkpoints/.tmp-<name>`` and renamed to ``checkpoints/<name>`` by the main process once every
+process has finished writing, so a directory without the ``.tmp-`` prefix is always complete;
+a kill during the write leaves only a ``.tmp-`` folder, which is never read and is removed later.
+Names are ``e<epoch>-s<step>``: the epoch and the step within it at which training resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+NAME = re.compile(r"^e(\d{4})-s(\d{6})$")
+STATE_FILE = "train_state.json"
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0  # the epoch to run next (or the one interrupted)
+    step: int = 0  # the step within ``epoch`` to resume at
+    global_step: int = 0
+    best_metric: float = -1.0
+    best_epoch: int = -1
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and NAME.match(p.name)]
+    return sorted(found, key=lambda p: tuple(int(g) for g in NAME.match(p.name).groups()))
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep: int) -> Path:
+    """Write the full training state; every process must call this at the same point."""
+    root = checkpoint_root(run_dir)
+    name = f"e{state.epoch:04d}-s{state.step:06d}"
+    final, tmp = root / name, root / f".tmp-{name}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state.state_dict(), indent=1))
+        if final.exists():  # the same point saved twice (e.g. a repeated stop request)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for old in complete_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_state(checkpoint: Path) -> TrainState:
+    state = TrainState()
+    state.load_state_dict(json.loads((checkpoint / STATE_FILE).read_text()))
+    return state

@@ -1,0 +1,214 @@
+"""Typed run configuration: dataclass defaults <- YAML file <- ``key=value`` overrides.
+
+Every field has a one-line description (the ``help`` metadata); ``python -m gala_scale.train
+--help-config`` prints them all. Unknown keys and ill-typed values are reported together, each
+with its dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _f(default: Any, help: str, **kwargs) -> Any:
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class DataConfig:
+    shards: str = _f("", "shard set folder (python -m gala_scale.shards build ...)")
+    preset: str = _f("cifar", "image preset: cifar | imagenet")
+    loader: str = _f("auto", "input pipeline: auto (= dali) | dali | torch")
+    batch_size: int = _f(64, "global training batch, split evenly over the processes")
+    eval_batch_size: int = _f(256, "global evaluation batch")
+    num_workers: int = _f(2, "DALI threads or DataLoader workers per process")
+    autoaugment: bool = _f(False, "AutoAugment CIFAR-10 policy (cifar preset)")
+    cutout: int = _f(0, "Cutout square side in pixels, 0 = off")
+    train_split: str = _f("train", "split to train on")
+    val_split: str = _f("val", "split for model selection and PN fitting ('' = none)")
+    test_split: str = _f("test", "split reported at the end ('' = none)")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("resnet32", "registered model name (gala_scale.models.MODELS)")
+
+
+@dataclass
+class LossConfig:
+    name: str = _f("gala", "ce | logit_adjusted | balanced_softmax | gala")
+    lambda1: float = _f(1.2, "GALA: weight of log(theta + eps)")
+    lambda2: float = _f(0.9, "GALA: weight of log(phi + eps)")
+    eps: float = _f(1e-3, "GALA: epsilon inside the logs")
+    variant: str = _f("reference", "GALA: reference (authors' code) | paper (eq. 6)")
+    tau: float = _f(1.0, "logit_adjusted: weight of log prior")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(0.05, "peak learning rate (SGD)")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(5e-4, "weight decay")
+    nesterov: bool = _f(False, "Nesterov momentum")
+    warmup_epochs: float = _f(2.0, "linear warm-up before the cosine decay")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(200, "training epochs")
+    eval_every: int = _f(1, "evaluate on the val split every N epochs (0 = only at the end)")
+    sync_every_steps: int = _f(0, "also sync the GALA ledger every N steps (0 = epoch ends only)")
+    checkpoint_every: int = _f(1, "checkpoint every N epochs")
+    keep_checkpoints: int = _f(2, "newest epoch checkpoints kept")
+    precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | no")
+    log_every: int = _f(20, "steps between progress/metric updates")
+    emulate_world: int = _f(1, "one process consumes the batches of N ranks (a check for tests)")
+    max_failures: int = _f(3, "restarts (Slurm requeues) allowed before the job stops retrying")
+
+
+@dataclass
+class PNConfig:
+    tau: float = _f(1.0, "PN exponent used when fit_tau is off")
+    fit_tau: bool = _f(False, "choose tau on the val split (grid 0..2)")
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = _f("runs/debug", "run directory (config, metrics, checkpoints, plots)")
+    seed: int = _f(0, "seed of data order, augmentation and initialisation")
+    num_classes: int = _f(0, "classes; 0 = read from the shard set's manifest")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pn: PNConfig = field(default_factory=PNConfig)
+
+
+CHOICES = {
+    "data.preset": ("cifar", "imagenet"),
+    "data.loader": ("auto", "dali", "torch"),
+    "loss.name": ("ce", "logit_adjusted", "balanced_softmax", "gala"),
+    "loss.variant": ("reference", "paper"),
+    "train.precision": ("auto", "bf16", "no"),
+}
+POSITIVE = (
+    "data.batch_size",
+    "data.eval_batch_size",
+    "train.epochs",
+    "train.log_every",
+    "train.emulate_world",
+    "train.keep_checkpoints",
+    "train.checkpoint_every",
+)
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems, each naming its key."""
+
+
+def _check_type(value: Any, annotation: Any, key: str) -> tuple[Any, str | None]:
+    kind = {"str": str, "int": int, "float": float, "bool": bool}.get(annotation, annotation)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value), None
+    if kind in (str, int, float, bool):
+        if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+            return value, None
+        return value, f"{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}"
+    return value, None
+
+
+def _merge(obj: Any, values: dict, prefix: str, errors: list[str]) -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            errors.append(f"{key}: unknown key; valid here: {', '.join(sorted(fields))}")
+            continue
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                errors.append(f"{key}: expected a mapping, got {value!r}")
+            else:
+                _merge(current, value, f"{key}.", errors)
+            continue
+        value, problem = _check_type(value, fields[name].type, key)
+        if problem:
+            errors.append(problem)
+        else:
+            setattr(obj, name, value)
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    return value
+
+
+def _validate(cfg: RunConfig, errors: list[str]) -> None:
+    for key, choices in CHOICES.items():
+        value = get(cfg, key)
+        if value not in choices:
+            errors.append(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    for key in POSITIVE:
+        if get(cfg, key) < 1:
+            errors.append(f"{key}: must be >= 1, got {get(cfg, key)}")
+    if not cfg.data.shards:
+        errors.append("data.shards: required (a shard set folder)")
+    if cfg.optim.lr <= 0:
+        errors.append(f"optim.lr: must be > 0, got {cfg.optim.lr}")
+
+
+def get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults <- YAML at ``path`` <- ``key.sub=value`` overrides (values parsed as YAML)."""
+    cfg, errors = RunConfig(), []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        _merge(cfg, loaded, "", errors)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            errors.append(f"{item!r}: overrides look like key.sub=value")
+            continue
+        _merge(cfg, _nest(key, yaml.safe_load(text) if text else ""), "", errors)
+    if not errors:
+        _validate(cfg, errors)
+    if errors:
+        raise ConfigError("bad configuration:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def describe(obj: Any = None, prefix: str = "") -> list[str]:
+    """``key (default): help`` lines for every field."""
+    obj = RunConfig() if obj is None else obj
+    lines = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += describe(value, f"{prefix}{f.name}.")
+        else:
+            lines.append(f"{prefix}{f.name} ({value!r}): {f.metadata.get('help', '')}")
+    return lines
+
+
+__all__ = ["ConfigError", "RunConfig", "describe", "load_config", "to_dict"]

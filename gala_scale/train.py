@@ -1,0 +1,592 @@
+"""Train a long-tailed classifier: ``python -m gala_scale.train`` or ``accelerate launch``.
+
+    python -m gala_scale.train --config configs/debug.yaml                      # one process
+    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m gala_scale.train \\
+        --config configs/debug.yaml run_dir=runs/ddp                            # 2 processes
+    accelerate launch --config_file configs/accelerate/single_node_multi_gpu.yaml \\
+        --use_deepspeed --deepspeed_config_file configs/deepspeed/zero2.json \\
+        -m gala_scale.train --config configs/inat2018.yaml --resume auto
+
+Overrides are ``key.sub=value`` (YAML values) after the options. The run directory receives the
+resolved config, the git revision, metrics (JSON lines, TensorBoard), checkpoints, plots, the
+best and final weights and ``results.json``. A run stopped by SIGTERM or SIGUSR1 checkpoints at
+the next step and exits with code 99 (``EXIT_PREEMPTED``); ``--resume auto`` continues it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from gala_scale import dist, metrics, plots, rebalance
+from gala_scale.checkpoint import TrainState, newest_checkpoint, save_checkpoint
+from gala_scale.config import ConfigError, RunConfig, describe, load_config, to_dict
+from gala_scale.data import ShardLoader, create_loader
+from gala_scale.data.common import open_split
+from gala_scale.engine import predict, sync_ledger, train_one_epoch
+from gala_scale.losses import create_loss
+from gala_scale.models import create_model
+from gala_scale.runlog import RunLog
+
+EXIT_PREEMPTED = 99
+EXIT_CONFIG = 2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="gala_scale.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, help="YAML config (configs/*.yaml)")
+    parser.add_argument(
+        "--resume",
+        default="none",
+        help="auto (newest complete checkpoint in run_dir), none, or a path",
+    )
+    parser.add_argument("--help-config", action="store_true", help="list every config key")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value")
+    return parser.parse_args(argv)
+
+
+def make_accelerator(cfg: RunConfig):
+    """Accelerate on GPU (NCCL, bf16) or CPU (gloo), with DeepSpeed when the launcher asks."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cuda = torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if cuda else "no")
+    kwargs = {"mixed_precision": precision, "step_scheduler_with_optimizer": False}
+    if not cuda and deepspeed:
+        # cpu=True would silently turn DeepSpeed into plain DDP; gloo keeps DeepSpeed on CPU.
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    elif not cuda:
+        kwargs["cpu"] = True  # without it each CPU process would run alone, undistributed
+    return Accelerator(**kwargs)
+
+
+def check_world(accelerator) -> None:
+    """Fail loudly when the launcher started N processes but they do not see each other."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise SystemExit(
+            f"error: the launcher started {launched} processes (WORLD_SIZE) but this one runs "
+            f"with {accelerator.num_processes}: the run would train {launched} separate models. "
+            "On CPU launch with `accelerate launch --multi_gpu --num_processes N` "
+            "(see configs/accelerate/); `--cpu` and `distributed_type: MULTI_CPU` start it alone."
+        )
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 ask every rank to checkpoint at the same step and stop."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.signal: int | None = None
+        self.device = device
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def requested(self) -> bool:
+        """True on every rank once any rank got a signal (a tiny all-reduce; a sync point)."""
+        flag = torch.tensor([1.0 if self.signal else 0.0], device=self.device)
+        return bool(dist.all_reduce_sum_(flag).item() > 0)
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    accelerator: object
+    model: torch.nn.Module
+    criterion: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    train: list[ShardLoader]
+    val: ShardLoader | None
+    test: ShardLoader | None
+    class_counts: list[int]
+    class_names: list[str]
+    input_dtype: torch.dtype | None
+
+
+def _loss(cfg: RunConfig, num_classes: int, counts: list[int]) -> torch.nn.Module:
+    c = cfg.loss
+    kwargs = {
+        "ce": {},
+        "logit_adjusted": {"class_counts": counts, "tau": c.tau},
+        "balanced_softmax": {"class_counts": counts},
+        "gala": {
+            "num_classes": num_classes,
+            "lambda1": c.lambda1,
+            "lambda2": c.lambda2,
+            "eps": c.eps,
+            "variant": c.variant,
+        },
+    }[c.name]
+    return create_loss(c.name, **kwargs)
+
+
+def _schedule(optimizer, cfg: RunConfig, steps_per_epoch: int):
+    """Linear warm-up for ``warmup_epochs``, then cosine decay to 0, stepped every step."""
+    total = cfg.train.epochs * steps_per_epoch
+    warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _loaders(cfg: RunConfig, accelerator, num_classes: int):
+    d, emulate = cfg.data, cfg.train.emulate_world
+    world = accelerator.num_processes * emulate
+    for key, batch, ranks in (
+        ("data.batch_size", d.batch_size, world),
+        ("data.eval_batch_size", d.eval_batch_size, accelerator.num_processes),
+    ):
+        if batch % ranks:
+            raise ConfigError(f"{key}: {batch} does not split evenly over {ranks} ranks")
+    common = {
+        "preset": d.preset,
+        "kind": d.loader,
+        "seed": cfg.seed,
+        "num_classes": num_classes,
+        "device": accelerator.device,
+        "num_workers": d.num_workers,
+    }
+    train = [
+        create_loader(
+            d.shards,
+            d.train_split,
+            batch_size=d.batch_size // world,
+            train=True,
+            rank=accelerator.process_index * emulate + v,
+            world=world,
+            autoaugment=d.autoaugment,
+            cutout=d.cutout,
+            **common,
+        )
+        for v in range(emulate)
+    ]
+
+    def evaluation(split: str) -> ShardLoader | None:
+        if not split:
+            return None
+        return create_loader(
+            d.shards,
+            split,
+            batch_size=d.eval_batch_size // accelerator.num_processes,
+            train=False,
+            rank=accelerator.process_index,
+            world=accelerator.num_processes,
+            **common,
+        )
+
+    return train, evaluation(d.val_split), evaluation(d.test_split)
+
+
+def build_run(cfg: RunConfig, accelerator) -> Run:
+    split = open_split(cfg.data.shards, cfg.data.train_split)
+    manifest = json.loads((Path(cfg.data.shards) / "manifest.json").read_text())
+    num_classes = cfg.num_classes or split.num_classes
+    counts = list(split.class_counts)
+    train, val, test = _loaders(cfg, accelerator, num_classes)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = create_model(cfg.model.name, num_classes=num_classes)
+    criterion = _loss(cfg, num_classes, counts)
+    o = cfg.optim
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=o.lr,
+        momentum=o.momentum,
+        weight_decay=o.weight_decay,
+        nesterov=o.nesterov,
+    )
+    scheduler = _schedule(optimizer, cfg, train[0].steps_per_epoch)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        # Our loaders are not torch DataLoaders, so DeepSpeed's "auto" batch sizes are set here.
+        per_process = cfg.data.batch_size // accelerator.num_processes
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = per_process
+        plugin.deepspeed_config["train_batch_size"] = cfg.data.batch_size
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    criterion = criterion.to(accelerator.device)
+    input_dtype = (
+        torch.bfloat16 if plugin is not None and accelerator.mixed_precision == "bf16" else None
+    )
+    return Run(
+        cfg,
+        accelerator,
+        model,
+        criterion,
+        optimizer,
+        scheduler,
+        train,
+        val,
+        test,
+        counts,
+        manifest["class_names"],
+        input_dtype,
+    )
+
+
+def _git_revision() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _epoch_batches(run: Run, epoch: int, first_step: int):
+    """This process's batches; with emulate_world > 1 the virtual ranks' batches concatenated."""
+    streams = [loader.epoch(epoch, start_step=first_step) for loader in run.train]
+    if len(streams) == 1:
+        return streams[0]
+    return (
+        (torch.cat(xs), torch.cat(ys))
+        for xs, ys in (zip(*parts, strict=True) for parts in zip(*streams, strict=True))
+    )
+
+
+def _save_weights(run: Run, folder: Path, extra: dict) -> None:
+    """Model weights (safetensors, no pickle), the GALA ledger and ``extra`` into ``folder``."""
+    state = run.accelerator.get_state_dict(run.model)
+    if not run.accelerator.is_main_process:
+        return
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / "model.safetensors"
+    )
+    if hasattr(run.criterion, "theta"):
+        save_file(
+            {"theta": run.criterion.theta.cpu(), "phi": run.criterion.phi.cpu()},
+            tmp / "ledger.safetensors",
+        )
+    (tmp / "info.json").write_text(json.dumps(extra, indent=1))
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old")
+        folder.rename(old)
+        tmp.rename(folder)
+        for child in old.iterdir():
+            child.unlink()
+        old.rmdir()
+    else:
+        tmp.rename(folder)
+
+
+def _evaluate_val(run: Run, log: RunLog, state: TrainState, epoch: int) -> None:
+    probs, labels = predict(run.model, run.val.epoch(0), run.accelerator, run.input_dtype)
+    class_acc = metrics.per_class_accuracy(probs.argmax(1), labels, probs.shape[1])
+    score = float(np.nanmean(class_acc))  # class-balanced: the selection metric
+    log.write(
+        {
+            "type": "val",
+            "epoch": epoch,
+            "top1": metrics.top1(probs.argmax(1), labels),
+            "mean_class_acc": score,
+            **metrics.group_accuracy(class_acc, run.class_counts),
+        }
+    )
+    if score > state.best_metric:
+        state.best_metric, state.best_epoch = score, epoch
+        _save_weights(
+            run, Path(run.cfg.run_dir) / "best", {"epoch": epoch, "val_mean_class_acc": score}
+        )
+
+
+def train_epochs(run: Run, state: TrainState, log: RunLog, stop: StopFlag) -> int:
+    cfg, acc = run.cfg, run.accelerator
+    steps = run.train[0].steps_per_epoch
+    for epoch in range(state.epoch, cfg.train.epochs):
+        first = state.step if epoch == state.epoch else 0
+        bar = tqdm(
+            total=steps,
+            initial=first,
+            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+            disable=None if acc.is_main_process else True,
+            leave=False,
+            file=sys.stderr,
+        )
+
+        def on_step(step: int, loss: torch.Tensor, bar=bar) -> None:
+            bar.update(1)
+            if step % cfg.train.log_every == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")  # note: a sync point, not every step
+
+        result = train_one_epoch(
+            run.model,
+            run.criterion,
+            run.optimizer,
+            run.scheduler,
+            _epoch_batches(run, epoch, first),
+            acc,
+            epoch=epoch,
+            first_step=first,
+            sync_every=cfg.train.sync_every_steps,
+            input_dtype=run.input_dtype,
+            stop_requested=stop.requested,
+            on_step=on_step,
+        )
+        bar.close()
+        state.global_step += result.steps
+        sync_ledger(run.criterion)  # before any evaluation or checkpoint
+        if result.stopped:
+            state.epoch, state.step = epoch, first + result.steps
+            where = save_checkpoint(acc, Path(cfg.run_dir), state, cfg.train.keep_checkpoints)
+            acc.print(
+                f"stop requested (signal {stop.signal}): checkpoint {where}; resume with "
+                "--resume auto"
+            )
+            return EXIT_PREEMPTED
+        world_images = result.samples * acc.num_processes
+        log.write(
+            {
+                "type": "train",
+                "epoch": epoch,
+                "loss": result.loss,
+                "steps": result.steps,
+                "lr": run.scheduler.get_last_lr()[0],
+                "seconds": result.seconds,
+                "images_per_s": world_images / max(result.seconds, 1e-9),
+            }
+        )
+        if hasattr(run.criterion, "theta"):
+            log.append_ledger(run.criterion.theta.cpu().numpy(), run.criterion.phi.cpu().numpy())
+        if run.val is not None and cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0:
+            _evaluate_val(run, log, state, epoch)
+        state.epoch, state.step = epoch + 1, 0
+        if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
+            save_checkpoint(acc, Path(cfg.run_dir), state, cfg.train.keep_checkpoints)
+        acc.print(f"epoch {epoch + 1}: loss {result.loss:.4f}, {result.seconds:.1f} s")
+    return 0
+
+
+def _load_best(run: Run) -> bool:
+    best = Path(run.cfg.run_dir) / "best" / "model.safetensors"
+    if not best.exists():
+        return False
+    run.accelerator.unwrap_model(run.model).load_state_dict(load_file(best))
+    return True
+
+
+def _table(results: dict) -> str:
+    rows = [
+        f"{'test (' + str(results['test_samples']) + ' images)':<34}{'top1':>7}{'many':>7}"
+        f"{'medium':>8}{'few':>7}"
+    ]
+    for name, summary in results["test"].items():
+        cells = [summary[k] for k in ("top1", "many", "medium", "few")]
+        rows.append(
+            f"{name:<34}"
+            + "".join(
+                f"{'-' if v is None else f'{100 * v:.1f}':>{w}}"
+                for v, w in zip(cells, (7, 7, 8, 7), strict=True)
+            )
+        )
+    return "\n".join(rows)
+
+
+def finish(run: Run, state: TrainState) -> dict | None:
+    """Final weights, then the best-on-val model tested with and without PN; results + plots."""
+    cfg, acc, run_dir = run.cfg, run.accelerator, Path(run.cfg.run_dir)
+    _save_weights(run, run_dir / "final", {"epoch": cfg.train.epochs - 1})
+    used_best = _load_best(run)
+    if run.test is None:
+        return None
+    scales, tau = None, cfg.pn.tau
+    if run.val is not None:
+        val_probs, val_labels = predict(run.model, run.val.epoch(0), acc, run.input_dtype)
+        scales = rebalance.fit(val_probs)
+        if cfg.pn.fit_tau:
+            tau = rebalance.fit_tau(val_probs, val_labels, scales)
+    probs, labels = predict(run.model, run.test.epoch(0), acc, run.input_dtype)
+    test = {"plain": metrics.summarize(probs, labels, run.class_counts)}
+    if scales is not None:
+        test[f"PN, val scales, tau {tau:g}"] = metrics.summarize(
+            rebalance.apply(probs, scales, tau), labels, run.class_counts
+        )
+    test[f"PN, transductive on test, tau {tau:g}"] = metrics.summarize(
+        rebalance.transductive(probs, tau), labels, run.class_counts
+    )
+    results = {
+        "weights": "best" if used_best else "final",
+        "best_epoch": state.best_epoch,
+        "test_samples": len(labels),
+        "tau": tau,
+        "test": test,
+    }
+    if acc.is_main_process:
+        _write_results(run, results, scales, tau)
+    return results
+
+
+def _write_results(run: Run, results: dict, scales, tau: float) -> None:
+    run_dir = Path(run.cfg.run_dir)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    if scales is not None:
+        (run_dir / "pn.json").write_text(
+            json.dumps(
+                {
+                    "scales": [float(s) for s in scales],
+                    "tau": tau,
+                    "fitted_on": run.cfg.data.val_split,
+                    "class_names": run.class_names,
+                },
+                indent=1,
+            )
+        )
+    (run_dir / "plots").mkdir(exist_ok=True)
+    names = list(results["test"])
+    plain, pn = results["test"][names[0]], results["test"][names[1]]
+    plots.per_class_accuracy(
+        run.class_counts,
+        plain["per_class"],
+        pn["per_class"],
+        run_dir / "plots" / "per_class_accuracy.png",
+    )
+    plots.positive_predictions(
+        run.class_counts,
+        plain["positive_predictions"],
+        pn["positive_predictions"],
+        run_dir / "plots" / "positive_predictions.png",
+    )
+    history = RunLog(run_dir, False, 0).ledger_history()
+    if history is not None:
+        plots.ledger(*history, run.class_counts, run_dir / "plots" / "ledger.png")
+    print(_table(results), flush=True)
+
+
+def _resume_point(run_dir: Path, resume: str) -> Path | None:
+    newest = newest_checkpoint(run_dir)
+    if resume == "auto":
+        return newest
+    if resume == "none":
+        if newest is not None:
+            raise ConfigError(
+                f"{run_dir} already holds checkpoints (newest {newest.name}); pass "
+                "--resume auto to continue it, or choose another run_dir"
+            )
+        return None
+    path = Path(resume)
+    if not path.is_dir():
+        raise ConfigError(f"--resume {resume}: no such checkpoint folder")
+    return path
+
+
+def _write_run_files(cfg: RunConfig) -> None:
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (run_dir / "git_revision.txt").write_text(_git_revision() + "\n")
+
+
+def _rank_record(run: Run, state: TrainState, code: int) -> None:
+    """Each rank says who and where it was and which ledger it ended with (for checks)."""
+    acc = run.accelerator
+    ledger = None
+    if hasattr(run.criterion, "theta"):
+        raw = (
+            run.criterion.theta.cpu().numpy().tobytes() + run.criterion.phi.cpu().numpy().tobytes()
+        )
+        ledger = hashlib.sha256(raw).hexdigest()
+    record = {
+        "rank": acc.process_index,
+        "world": acc.num_processes,
+        "host": socket.gethostname(),
+        "slurm_nodeid": os.environ.get("SLURM_NODEID"),
+        "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"),
+        "ledger_sha256": ledger,
+        "epoch": state.epoch,
+        "step": state.step,
+        "exit": code,
+    }
+    folder = Path(run.cfg.run_dir) / "ranks"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank{acc.process_index}.json").write_text(json.dumps(record, indent=1))
+
+
+def run_training(cfg: RunConfig, accelerator, resume: str) -> int:
+    run_dir = Path(cfg.run_dir)
+    checkpoint = _resume_point(run_dir, resume)
+    if accelerator.is_main_process:
+        _write_run_files(cfg)
+    run = build_run(cfg, accelerator)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    if hasattr(run.criterion, "sync"):
+        accelerator.register_for_checkpointing(run.criterion)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(
+            f"resuming from {checkpoint} (epoch {state.epoch + 1}, step {state.step})"
+        )
+    log = RunLog(run_dir, accelerator.is_main_process, state.epoch)
+    try:
+        code = train_epochs(run, state, log, StopFlag(accelerator.device))
+        if code == 0:
+            finish(run, state)
+        _rank_record(run, state, code)
+    finally:
+        log.close()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.help_config:
+        print("\n".join(describe()))
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    accelerator = make_accelerator(cfg)
+    world = accelerator.num_processes
+    try:
+        check_world(accelerator)
+        code = run_training(cfg, accelerator, args.resume)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        code = EXIT_CONFIG
+    finally:
+        accelerator.end_training()
+        dist.destroy()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    if world > 1:
+        # gloo can abort a finished process in its exit handlers; leave without them.
+        os._exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
