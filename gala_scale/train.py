@@ -83,6 +83,16 @@ def make_accelerator(cfg: RunConfig):
 
 def check_world(accelerator) -> None:
     """Fail loudly when the launcher started N processes but they do not see each other."""
+    if (
+        "WORLD_SIZE" not in os.environ
+        and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+        and "MASTER_ADDR" in os.environ
+    ):
+        raise SystemExit(
+            "error: `accelerate launch --cpu` starts one process whatever --num_processes says. "
+            "For one process run `python -m gala_scale.train`; for N processes on CPU run "
+            "`accelerate launch --multi_gpu --num_processes N` (configs/accelerate/cpu_2proc.yaml)."
+        )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise SystemExit(
