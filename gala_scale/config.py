@@ -116,6 +116,12 @@ def _check_type(value: Any, annotation: Any, key: str) -> tuple[Any, str | None]
     kind = {"str": str, "int": int, "float": float, "bool": bool}.get(annotation, annotation)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value), None
+    if kind is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-3 (no dot, no sign) as a string; accept it as the number it means.
+        try:
+            return float(value), None
+        except ValueError:
+            pass
     if kind in (str, int, float, bool):
         if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
             return value, None

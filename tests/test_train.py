@@ -1,0 +1,247 @@
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+from train_helpers import (
+    ROOT,
+    debug_overrides,
+    explain,
+    ledger,
+    ranks,
+    results,
+    run_accelerate,
+    run_single,
+    weights,
+)
+
+from gala_scale.config import ConfigError, load_config
+from gala_scale.shards.__main__ import main as shards_main
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "synthetic"
+    assert (
+        shards_main(
+            [
+                "build",
+                "synthetic",
+                "--num-classes",
+                "6",
+                "--max-per-class",
+                "120",
+                "--imbalance-factor",
+                "20",
+                "--val-per-class",
+                "10",
+                "--test-per-class",
+                "20",
+                "--out",
+                str(out),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    """One process, 3 epochs, ledger synced every step, consuming two ranks' batches."""
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    proc = run_single(
+        debug_overrides(shards, run_dir, "train.sync_every_steps=1", "train.emulate_world=2")
+    )
+    assert proc.returncode == 0, explain(proc)
+    return run_dir
+
+
+def assert_same_training(run_dir, reference):
+    """Ranks agree exactly; ledger and weights equal the one-process run's up to rounding."""
+    records = ranks(run_dir)
+    assert len(records) == 2 and {r["rank"] for r in records} == {0, 1}
+    assert records[0]["ledger_sha256"] == records[1]["ledger_sha256"]
+    for key, value in ledger(run_dir).items():
+        torch.testing.assert_close(value, ledger(reference)[key], rtol=1e-6, atol=1e-4)
+    assert ledger(run_dir)["theta"].sum() > 0
+    mine, ref = weights(run_dir), weights(reference)
+    for key in ref:
+        torch.testing.assert_close(mine[key], ref[key], rtol=1e-4, atol=1e-5)
+
+
+def test_config_layers_and_errors(tmp_path):
+    cfg = load_config(ROOT / "configs" / "cifar100_lt_if50.yaml", ["train.epochs=3", "seed=4"])
+    assert (cfg.train.epochs, cfg.seed, cfg.model.name, cfg.optim.lr) == (3, 4, "resnet32", 0.05)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.shards=x", "data.shard=y", "train.epochs=many", "loss.name=focal"])
+    text = str(err.value)
+    assert "data.shard: unknown key" in text and "train.epochs: expected int" in text
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  shards: s\nloss:\n  name: focal\n")
+    with pytest.raises(ConfigError, match=r"loss\.name: 'focal' is not one of"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_config_loads(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.data.shards
+
+
+def test_bad_config_on_the_command_line_exits_2(shards, tmp_path):
+    proc = run_single(debug_overrides(shards, tmp_path / "r", "train.epochs=zero"))
+    assert proc.returncode == 2 and "train.epochs: expected int" in proc.stderr
+
+
+@pytest.mark.slow
+def test_single_process_run_directory(shards, reference):
+    run_dir = reference
+    config = (run_dir / "config.yaml").read_text()
+    assert "emulate_world: 2" in config and (run_dir / "git_revision.txt").read_text().strip()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["type"] == "train"] == [0, 1, 2]
+    assert [r["epoch"] for r in records if r["type"] == "val"] == [0, 1, 2]
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    checkpoint = run_dir / "checkpoints" / "e0003-s000000"
+    for name in (
+        "model.safetensors",
+        "optimizer.bin",
+        "scheduler.bin",
+        "random_states_0.pkl",
+        "train_state.json",
+        "custom_checkpoint_0.pkl",
+        "custom_checkpoint_1.pkl",
+    ):
+        assert (checkpoint / name).is_file(), name
+    assert json.loads((checkpoint / "train_state.json").read_text())["epoch"] == 3
+    assert set(weights(run_dir, "best")) == set(weights(run_dir, "final"))  # safetensors, no pickle
+    for plot in ("per_class_accuracy", "positive_predictions", "ledger"):
+        assert (run_dir / "plots" / f"{plot}.png").stat().st_size > 1000
+    res = results(run_dir)
+    assert set(res["test"]) == {"plain", "PN, val scales, tau 1", "PN, transductive on test, tau 1"}
+    assert res["test_samples"] == 120 and res["weights"] == "best"
+    pn = json.loads((run_dir / "pn.json").read_text())
+    assert len(pn["scales"]) == 6 and pn["fitted_on"] == "val"
+    with torch.serialization.safe_globals([]):
+        history = __import__("numpy").load(run_dir / "ledger_history.npz")
+        assert history["theta"].shape == (3, 6)
+
+
+@pytest.mark.slow
+def test_resume_after_an_epoch_ends_like_an_uninterrupted_run(shards, reference, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(reference, resumed)
+    for later in ("e0002-s000000", "e0003-s000000"):  # as if killed right after epoch 1
+        shutil.rmtree(resumed / "checkpoints" / later)
+    for done in ("best", "final", "results.json", "pn.json", "plots", "ranks"):
+        path = resumed / done
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    args = debug_overrides(shards, resumed, "train.sync_every_steps=1", "train.emulate_world=2")
+    proc = run_single([*args, "--resume", "auto"])
+    assert proc.returncode == 0, explain(proc)
+    assert "resuming from" in proc.stdout + proc.stderr
+    for key, value in ledger(reference).items():
+        torch.testing.assert_close(ledger(resumed)[key], value, rtol=1e-12, atol=1e-9)
+    assert results(resumed)["test"] == results(reference)["test"]
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [0, 0, 1, 1, 2, 2]  # no duplicated epochs
+
+
+def test_existing_checkpoints_need_resume_auto(shards, reference):
+    proc = run_single(debug_overrides(shards, reference))
+    assert proc.returncode == 2 and "--resume auto" in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_ddp_equal_one_process(shards, reference, tmp_path, port):
+    run_dir = tmp_path / "ddp"
+    proc = run_accelerate(debug_overrides(shards, run_dir, "train.sync_every_steps=1"), port)
+    assert proc.returncode == 0, explain(proc)
+    assert_same_training(run_dir, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero1", "zero2"])
+def test_deepspeed_two_processes_equal_one_process(shards, reference, tmp_path, port, stage):
+    run_dir = tmp_path / stage
+    proc = run_accelerate(
+        debug_overrides(shards, run_dir, "train.sync_every_steps=1"), port, deepspeed=stage
+    )
+    assert proc.returncode == 0, explain(proc)
+    assert_same_training(run_dir, reference)
+    checkpoint = run_dir / "checkpoints" / "e0003-s000000"
+    assert (checkpoint / "latest").is_file() and (checkpoint / "pytorch_model").is_dir()
+
+
+@pytest.mark.slow
+def test_deepspeed_resume(shards, tmp_path, port):
+    run_dir = tmp_path / "ds"
+    args = debug_overrides(shards, run_dir)
+    assert run_accelerate(args, port, deepspeed="zero2").returncode == 0
+    full = ledger(run_dir)
+    for later in ("e0002-s000000", "e0003-s000000"):
+        shutil.rmtree(run_dir / "checkpoints" / later)
+    shutil.rmtree(run_dir / "final")
+    proc = run_accelerate([*args, "--resume", "auto"], port, deepspeed="zero2")
+    assert proc.returncode == 0, explain(proc)
+    assert "resuming from" in proc.stdout + proc.stderr
+    torch.testing.assert_close(ledger(run_dir)["theta"], full["theta"], rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_two_machines_on_loopback(shards, reference, tmp_path, port):
+    run_dir = tmp_path / "machines"
+    args = debug_overrides(shards, run_dir, "train.sync_every_steps=1")
+    from train_helpers import ENV, accelerate_cmd
+
+    procs = [
+        subprocess.Popen(
+            [*accelerate_cmd(port, machines=2, machine_rank=r), *args],
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:]
+    assert_same_training(run_dir, reference)
+
+
+def test_one_process_cpu_launch_is_refused(shards, tmp_path, port):
+    from train_helpers import BIN, ENV
+
+    proc = subprocess.run(
+        [
+            str(BIN / "accelerate"),
+            "launch",
+            "--cpu",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(port),
+            "-m",
+            "gala_scale.train",
+            *debug_overrides(shards, tmp_path / "trap"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
+    assert proc.returncode != 0
+    assert "starts one process" in proc.stderr
+    assert not (tmp_path / "trap" / "checkpoints").exists()
+
+
+def test_non_finite_loss_stops_the_run(shards, tmp_path):
+    proc = run_single(debug_overrides(shards, tmp_path / "nan", "optim.lr=1e30", "train.epochs=2"))
+    assert proc.returncode != 0
+    assert "not finite" in proc.stderr or "non-finite" in proc.stderr

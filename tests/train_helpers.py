@@ -1,0 +1,106 @@
+"""Launching real training runs from tests: one process, accelerate, DeepSpeed, two machines."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def debug_overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--config",
+        str(ROOT / "configs" / "debug.yaml"),
+        f"data.shards={shards}",
+        f"run_dir={run_dir}",
+        "data.batch_size=32",
+        "data.eval_batch_size=40",
+        "train.keep_checkpoints=10",
+        *extra,
+    ]
+
+
+def run_single(args: list[str], timeout: int = 300, env: dict | None = None):
+    return subprocess.run(
+        [sys.executable, "-m", "gala_scale.train", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or ENV,
+    )
+
+
+def accelerate_cmd(
+    port: int,
+    *,
+    processes: int = 2,
+    deepspeed: str | None = None,
+    machines: int = 1,
+    machine_rank: int = 0,
+) -> list[str]:
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        str(machines),
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+    ]
+    if deepspeed:
+        cmd += [
+            "--use_deepspeed",
+            "--deepspeed_config_file",
+            str(ROOT / "configs" / "deepspeed" / f"{deepspeed}.json"),
+        ]
+        if machines > 1:
+            cmd += ["--deepspeed_multinode_launcher", "standard"]
+    else:
+        cmd += ["--multi_gpu", "--mixed_precision", "no"]
+    if machines > 1:
+        cmd += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
+    return [*cmd, "-m", "gala_scale.train"]
+
+
+def run_accelerate(args: list[str], port: int, timeout: int = 400, **kw):
+    return subprocess.run(
+        [*accelerate_cmd(port, **kw), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+    )
+
+
+def ranks(run_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((run_dir / "ranks").glob("rank*.json"))]
+
+
+def ledger(run_dir: Path, which: str = "final") -> dict:
+    return load_file(run_dir / which / "ledger.safetensors")
+
+
+def weights(run_dir: Path, which: str = "final") -> dict:
+    return load_file(run_dir / which / "model.safetensors")
+
+
+def results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def explain(proc) -> str:
+    out, err = proc.stdout[-3000:], proc.stderr[-6000:]
+    return f"exit {proc.returncode}\n--- stdout\n{out}\n--- stderr\n{err}"
