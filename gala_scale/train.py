@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from gala_scale import dist, metrics, plots, rebalance
+from gala_scale.bench.common import peak_rss_mib
 from gala_scale.checkpoint import TrainState, newest_checkpoint, save_checkpoint
 from gala_scale.config import ConfigError, RunConfig, describe, load_config, to_dict
 from gala_scale.data import ShardLoader, create_loader
@@ -537,6 +538,7 @@ def _rank_record(run: Run, state: TrainState, code: int) -> None:
         "epoch": state.epoch,
         "step": state.step,
         "exit": code,
+        "peak_rss_mib": peak_rss_mib(),
     }
     folder = Path(run.cfg.run_dir) / "ranks"
     folder.mkdir(parents=True, exist_ok=True)

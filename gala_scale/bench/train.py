@@ -1,0 +1,115 @@
+"""Benchmark: training throughput and memory, CE vs GALA and 1 vs 2 processes, on CPU or GPU.
+
+    python -m gala_scale.bench train --shards DIR [--model resnet32] [--epochs 3]
+
+Each candidate is a real run of the trainer (``python -m gala_scale.train`` or
+``accelerate launch`` with 2 processes) on the same shards; images/s is the median over its
+epochs after the first (which includes start-up), counted over all processes; peak RSS is per
+process. Candidates run one after another, then again in reverse order, and the medians of both
+passes are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from gala_scale.bench.common import machine
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shards", required=True)
+    parser.add_argument("--model", default="resnet32")
+    parser.add_argument("--preset", default="cifar")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--passes", type=int, default=2, help="times each candidate runs")
+    parser.add_argument("--port", type=int, default=29561)
+
+
+def _command(processes: int, port: int) -> list[str]:
+    if processes == 1:
+        return [sys.executable, "-m", "gala_scale.train"]
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    return [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        "-m",
+        "gala_scale.train",
+    ]
+
+
+def _run(args: argparse.Namespace, loss: str, processes: int, run_dir: Path) -> dict:
+    cmd = [
+        *_command(processes, args.port),
+        "--config",
+        str(ROOT / "configs" / "debug.yaml"),
+        f"data.shards={args.shards}",
+        f"run_dir={run_dir}",
+        f"model.name={args.model}",
+        f"data.preset={args.preset}",
+        f"loss.name={loss}",
+        f"train.epochs={args.epochs}",
+        f"data.batch_size={args.batch_size}",
+        "data.val_split=",
+        "data.test_split=",
+        "train.eval_every=0",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    rates = [json.loads(x)["images_per_s"] for x in lines if json.loads(x)["type"] == "train"]
+    ranks = [json.loads(p.read_text()) for p in (run_dir / "ranks").glob("rank*.json")]
+    shutil.rmtree(run_dir)
+    return {
+        "images_per_s": statistics.median(rates[1:] or rates),
+        "peak_rss_mib_per_process": max(r["peak_rss_mib"] for r in ranks),
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    candidates = [("ce", 1), ("gala", 1), ("gala", 2)]
+    samples: dict[str, list[dict]] = {f"{loss}_{n}proc": [] for loss, n in candidates}
+    with tempfile.TemporaryDirectory() as tmp:
+        for pass_ in range(args.passes):
+            for loss, n in candidates if pass_ % 2 == 0 else candidates[::-1]:
+                name = f"{loss}_{n}proc"
+                result = _run(args, loss, n, Path(tmp) / f"{name}-{pass_}")
+                samples[name].append(result)
+                print(f"{name}: {result}", flush=True)
+    summary = {
+        name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        for name, runs in samples.items()
+    }
+    rate = {name: s["images_per_s"] for name, s in summary.items()}
+    return {
+        "benchmark": "train",
+        "machine": machine(),
+        "model": args.model,
+        "shards": args.shards,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        **summary,
+        "gala_over_ce_images_per_s": rate["gala_1proc"] / rate["ce_1proc"],
+        "two_over_one_process_images_per_s": rate["gala_2proc"] / rate["gala_1proc"],
+    }
