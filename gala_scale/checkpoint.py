@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,8 +59,17 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep: int) -> Path:
-    """Write the full training state; every process must call this at the same point."""
+def save_checkpoint(
+    accelerator,
+    run_dir: Path,
+    state: TrainState,
+    keep: int,
+    per_rank: Callable[[Path, int], None] | None = None,
+) -> Path:
+    """Write the full training state; every process must call this at the same point.
+
+    ``per_rank(folder, rank)`` lets every process add its own files before the rename.
+    """
     root = checkpoint_root(run_dir)
     name = f"e{state.epoch:04d}-s{state.step:06d}"
     final, tmp = root / name, root / f".tmp-{name}"
@@ -68,6 +78,8 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainState, keep: int) ->
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if per_rank is not None:
+        per_rank(tmp, accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state.state_dict(), indent=1))

@@ -368,15 +368,23 @@ def train_epochs(run: Run, state: TrainState, log: RunLog, stop: StopFlag) -> in
         )
         bar.close()
         state.global_step += result.steps
-        sync_ledger(run.criterion)  # before any evaluation or checkpoint
         if result.stopped:
+            # Mid-epoch: each rank keeps its unsynced ledger delta (saved per rank), so the
+            # resumed run computes exactly what an uninterrupted one would.
             state.epoch, state.step = epoch, first + result.steps
-            where = save_checkpoint(acc, Path(cfg.run_dir), state, cfg.train.keep_checkpoints)
+            where = save_checkpoint(
+                acc,
+                Path(cfg.run_dir),
+                state,
+                cfg.train.keep_checkpoints,
+                per_rank=lambda folder, rank: _save_delta(run, folder, rank),
+            )
             acc.print(
                 f"stop requested (signal {stop.signal}): checkpoint {where}; resume with "
                 "--resume auto"
             )
             return EXIT_PREEMPTED
+        sync_ledger(run.criterion)  # before any evaluation or checkpoint
         world_images = result.samples * acc.num_processes
         log.write(
             {
@@ -398,6 +406,41 @@ def train_epochs(run: Run, state: TrainState, log: RunLog, stop: StopFlag) -> in
             save_checkpoint(acc, Path(cfg.run_dir), state, cfg.train.keep_checkpoints)
         acc.print(f"epoch {epoch + 1}: loss {result.loss:.4f}, {result.seconds:.1f} s")
     return 0
+
+
+DELTA_FILE = "ledger_delta_rank{}.safetensors"
+
+
+def _save_delta(run: Run, folder: Path, rank: int) -> None:
+    if hasattr(run.criterion, "theta_delta"):
+        save_file(
+            {"theta": run.criterion.theta_delta.cpu(), "phi": run.criterion.phi_delta.cpu()},
+            folder / DELTA_FILE.format(rank),
+        )
+
+
+def _restore_delta(run: Run, checkpoint: Path) -> None:
+    """Give each rank back its own unsynced ledger delta from a mid-epoch checkpoint.
+
+    With another number of processes than the checkpoint's, all deltas are folded into the
+    shared ledger instead (what a sync would have done).
+    """
+    files = sorted(checkpoint.glob(DELTA_FILE.format("*")))
+    criterion, acc = run.criterion, run.accelerator
+    if not files or not hasattr(criterion, "theta_delta"):
+        return
+    device = criterion.theta_delta.device
+    if len(files) == acc.num_processes:
+        delta = load_file(checkpoint / DELTA_FILE.format(acc.process_index))
+        criterion.theta_delta.copy_(delta["theta"].to(device))
+        criterion.phi_delta.copy_(delta["phi"].to(device))
+        return
+    criterion.theta_delta.zero_()
+    criterion.phi_delta.zero_()
+    for path in files:
+        delta = load_file(path)
+        criterion.theta_global += delta["theta"].to(device)
+        criterion.phi_global += delta["phi"].to(device)
 
 
 def _load_best(run: Run) -> bool:
@@ -540,6 +583,8 @@ def _rank_record(run: Run, state: TrainState, code: int) -> None:
         "exit": code,
         "peak_rss_mib": peak_rss_mib(),
     }
+    if acc.is_main_process:
+        (Path(run.cfg.run_dir) / "exit_status").write_text(f"{code}\n")
     folder = Path(run.cfg.run_dir) / "ranks"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"rank{acc.process_index}.json").write_text(json.dumps(record, indent=1))
@@ -557,6 +602,7 @@ def run_training(cfg: RunConfig, accelerator, resume: str) -> int:
         accelerator.register_for_checkpointing(run.criterion)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
+        _restore_delta(run, checkpoint)
         accelerator.print(
             f"resuming from {checkpoint} (epoch {state.epoch + 1}, step {state.step})"
         )

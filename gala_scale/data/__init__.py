@@ -129,17 +129,15 @@ class ShardLoader:
             pad=not self.train,
             sample_shape=shape,
         )
-        generator = None
-        if self.train and self.cutout:
-            generator = torch.Generator(self.device).manual_seed(
-                _seed(self.seed, epoch, self.rank, 1)
-            )
+        generator = torch.Generator(self.device) if self.train and self.cutout else None
         for step, (images, labels) in enumerate(batches):
             if step < start_step:
                 continue
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             if generator is not None:
+                # Seeded per step, so a run resumed inside an epoch cuts the same squares.
+                generator.manual_seed(_seed(self.seed, epoch, self.rank, step))
                 cutout_(images, self.cutout, generator)
             yield images, labels
 
