@@ -68,7 +68,6 @@ class TrainConfig:
     precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | no")
     log_every: int = _f(20, "steps between progress/metric updates")
     emulate_world: int = _f(1, "one process consumes the batches of N ranks (a check for tests)")
-    max_failures: int = _f(3, "restarts (Slurm requeues) allowed before the job stops retrying")
 
 
 @dataclass

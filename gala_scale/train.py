@@ -104,12 +104,18 @@ def check_world(accelerator) -> None:
         )
 
 
+def _say(accelerator, message: str) -> None:
+    """Print once per job (the global main process), not once per node."""
+    if accelerator.is_main_process:
+        print(message, flush=True)
+
+
 class StopFlag:
     """SIGTERM / SIGUSR1 ask every rank to checkpoint at the same step and stop."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self) -> None:
         self.signal: int | None = None
-        self.device = device
+        self.device = torch.device("cpu")
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
@@ -379,9 +385,10 @@ def train_epochs(run: Run, state: TrainState, log: RunLog, stop: StopFlag) -> in
                 cfg.train.keep_checkpoints,
                 per_rank=lambda folder, rank: _save_delta(run, folder, rank),
             )
-            acc.print(
+            _say(
+                acc,
                 f"stop requested (signal {stop.signal}): checkpoint {where}; resume with "
-                "--resume auto"
+                "--resume auto",
             )
             return EXIT_PREEMPTED
         sync_ledger(run.criterion)  # before any evaluation or checkpoint
@@ -404,7 +411,7 @@ def train_epochs(run: Run, state: TrainState, log: RunLog, stop: StopFlag) -> in
         state.epoch, state.step = epoch + 1, 0
         if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
             save_checkpoint(acc, Path(cfg.run_dir), state, cfg.train.keep_checkpoints)
-        acc.print(f"epoch {epoch + 1}: loss {result.loss:.4f}, {result.seconds:.1f} s")
+        _say(acc, f"epoch {epoch + 1}: loss {result.loss:.4f}, {result.seconds:.1f} s")
     return 0
 
 
@@ -590,7 +597,7 @@ def _rank_record(run: Run, state: TrainState, code: int) -> None:
     (folder / f"rank{acc.process_index}.json").write_text(json.dumps(record, indent=1))
 
 
-def run_training(cfg: RunConfig, accelerator, resume: str) -> int:
+def run_training(cfg: RunConfig, accelerator, resume: str, stop: StopFlag) -> int:
     run_dir = Path(cfg.run_dir)
     checkpoint = _resume_point(run_dir, resume)
     if accelerator.is_main_process:
@@ -603,12 +610,13 @@ def run_training(cfg: RunConfig, accelerator, resume: str) -> int:
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         _restore_delta(run, checkpoint)
-        accelerator.print(
-            f"resuming from {checkpoint} (epoch {state.epoch + 1}, step {state.step})"
+        _say(
+            accelerator, f"resuming from {checkpoint} (epoch {state.epoch + 1}, step {state.step})"
         )
     log = RunLog(run_dir, accelerator.is_main_process, state.epoch)
     try:
-        code = train_epochs(run, state, log, StopFlag(accelerator.device))
+        stop.device = accelerator.device
+        code = train_epochs(run, state, log, stop)
         if code == 0:
             finish(run, state)
         _rank_record(run, state, code)
@@ -622,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.help_config:
         print("\n".join(describe()))
         return 0
+    # Installed first: a stop signal during start-up is honoured at the first step.
+    stop = StopFlag()
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
@@ -631,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     world = accelerator.num_processes
     try:
         check_world(accelerator)
-        code = run_training(cfg, accelerator, args.resume)
+        code = run_training(cfg, accelerator, args.resume, stop)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         code = EXIT_CONFIG
