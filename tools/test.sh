@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Set up a fresh machine and run the whole test suite: bash tools/test.sh [pytest args]
-# This is the command CI runs (.ci/run) and the one the README gives.
+# Set up a fresh machine and run the linters and the whole test suite: bash tools/test.sh [pytest args]
+# This is the command CI runs (.ci/run) and the one the README gives. It also starts a private
+# two-node Slurm cluster for tests/test_slurm.py (tools/slurm_cluster.sh) and stops it at the end;
+# when the cluster cannot start, those tests skip and say why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/bootstrap.sh
 venv="${GALA_VENV:-.venv}"
 "$venv/bin/python" -m ruff check .
 "$venv/bin/python" -m ruff format --check .
-exec "$venv/bin/python" -m pytest -q "$@"
+if bash tools/slurm_cluster.sh start; then
+    trap 'bash tools/slurm_cluster.sh stop' EXIT
+fi
+"$venv/bin/python" -m pytest -q "$@"

@@ -1,0 +1,140 @@
+"""Crash recovery without Slurm: a killed rank, a kill during a checkpoint write."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from train_helpers import (
+    ENV,
+    ROOT,
+    accelerate_cmd,
+    debug_overrides,
+    explain,
+    ranks,
+    results,
+    run_single,
+)
+
+from gala_scale.checkpoint import newest_checkpoint
+from gala_scale.shards.__main__ import main as shards_main
+
+pytestmark = pytest.mark.slow
+LONGER = ("model.name=resnet20", "train.epochs=4", "data.num_workers=1")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("faults") / "synthetic"
+    assert shards_main(["build", "synthetic", "--out", str(out), "--workers", "1"]) == 0
+    return out
+
+
+def training_pids(run_dir: Path) -> dict[int, int]:
+    """{rank: pid} of the training processes of ``run_dir`` (read from /proc)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"gala_scale.train" in cmdline and f"run_dir={run_dir}".encode() in cmdline:
+            rank = [e for e in environ if e.startswith(b"RANK=")]
+            if rank and b"accelerate" not in cmdline[1]:
+                found[int(rank[0][5:])] = int(proc.name)
+    return found
+
+
+def test_killed_rank_fails_the_launch_fast_and_resume_finishes(shards, tmp_path, port):
+    reference = tmp_path / "reference"
+    proc = subprocess.run(
+        [*accelerate_cmd(port), *debug_overrides(shards, reference, *LONGER)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, explain(proc)
+
+    run_dir = tmp_path / "crashed"
+    args = debug_overrides(shards, run_dir, *LONGER)
+    launch = subprocess.Popen(
+        [*accelerate_cmd(port), *args],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints" / "e0001-s000000").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # into epoch 2
+    pids = training_pids(run_dir)
+    assert set(pids) == {0, 1}, pids
+    os.kill(pids[1], signal.SIGKILL)
+    killed = time.time()
+    launch.communicate(timeout=120)
+    detected = time.time() - killed
+    assert launch.returncode != 0
+    assert detected < 60, f"the launch took {detected:.1f} s to notice a dead rank"
+    assert newest_checkpoint(run_dir).name == "e0001-s000000"
+
+    started = time.time()
+    proc = subprocess.run(
+        [*accelerate_cmd(port), *args, "--resume", "auto"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, explain(proc)
+    assert "resuming from" in proc.stdout + proc.stderr
+    assert ranks(run_dir)[0]["ledger_sha256"] == ranks(reference)[0]["ledger_sha256"]
+    assert results(run_dir)["test"] == results(reference)["test"]
+    print(f"\ncrash: detected in {detected:.1f} s; resumed run took {time.time() - started:.1f} s")
+
+
+KILL_DURING_SAVE = """
+import os, sys
+import accelerate
+original = accelerate.Accelerator.save_state
+def save_then_die(self, output_dir=None, **kwargs):
+    result = original(self, output_dir, **kwargs)
+    if "e0002" in str(output_dir):
+        os.kill(os.getpid(), 9)  # the files are written, the folder not yet renamed
+    return result
+accelerate.Accelerator.save_state = save_then_die
+from gala_scale.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_checkpoint_killed_while_written_is_never_used(shards, tmp_path):
+    reference = tmp_path / "reference"
+    assert run_single(debug_overrides(shards, reference)).returncode == 0
+    run_dir = tmp_path / "killed"
+    args = debug_overrides(shards, run_dir)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_SAVE, *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL
+    root = run_dir / "checkpoints"
+    assert (root / ".tmp-e0002-s000000" / "model.safetensors").exists()
+    assert newest_checkpoint(run_dir) == root / "e0001-s000000"
+    resumed = run_single([*args, "--resume", "auto"])
+    assert resumed.returncode == 0, explain(resumed)
+    assert "e0001-s000000" in resumed.stdout
+    assert results(run_dir)["test"] == results(reference)["test"]
+    assert not list(root.glob(".tmp-*"))

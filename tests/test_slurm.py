@@ -1,0 +1,101 @@
+"""The real slurm/inat_gala.sh on a real two-node Slurm (tools/slurm_cluster.sh start)."""
+
+import time
+
+import pytest
+from slurm_helpers import cluster_env, job_log, submit, wait
+from train_helpers import explain, ranks, results, run_accelerate
+
+from gala_scale.shards.__main__ import main as shards_main
+
+pytestmark = pytest.mark.slow
+LONGER = "model.name=resnet20 train.epochs=4"
+
+
+@pytest.fixture(scope="module")
+def env():
+    return cluster_env()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("slurm") / "synthetic"
+    assert shards_main(["build", "synthetic", "--out", str(out), "--workers", "1"]) == 0
+    return out
+
+
+def extra(shards, *more: str) -> str:
+    return " ".join([f"data.shards={shards}", "data.num_workers=1", *more])
+
+
+def test_two_node_job_completes(env, shards, tmp_path, port):
+    run_dir = tmp_path / "run"
+    job = submit(env, run_dir, extra(shards), tmp_path, port=port)
+    info = wait(env, job)
+    assert info["JobState"] == "COMPLETED", job_log(tmp_path, job)[-4000:]
+    records = ranks(run_dir)
+    assert sorted((r["rank"], r["slurm_nodeid"]) for r in records) == [(0, "0"), (1, "1")]
+    assert records[0]["ledger_sha256"] == records[1]["ledger_sha256"]  # the ledger is synced
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "results.json",
+        "pn.json",
+        "final",
+        "best",
+        "plots/per_class_accuracy.png",
+        "checkpoints/e0003-s000000",
+    ):
+        assert (run_dir / name).exists(), name
+    assert "2 nodes x 1 processes" in job_log(tmp_path, job)
+
+
+def test_preempted_job_requeues_resumes_and_matches(env, shards, tmp_path, port):
+    reference = tmp_path / "reference"
+    args = [
+        "--config",
+        "configs/debug.yaml",
+        f"run_dir={reference}",
+        *extra(shards, LONGER).split(),
+    ]
+    proc = run_accelerate(args, port + 1)
+    assert proc.returncode == 0, explain(proc)
+
+    run_dir = tmp_path / "preempted"
+    job = submit(env, run_dir, extra(shards, LONGER), tmp_path, port=port)
+    wait(env, job, until=("RUNNING",))
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints" / "e0001-s000000").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    signalled = time.time()
+    import subprocess
+
+    subprocess.run(["scancel", "--signal=TERM", job], env=env, check=True)
+    info = wait(env, job, timeout=400)
+    log = job_log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert int(info["Restarts"]) >= 1
+    assert "stop requested (signal 15)" in log and "trainer exit 99" in log
+    assert "resuming from" in log
+    records = ranks(run_dir)
+    assert {r["slurm_restart_count"] for r in records} == {info["Restarts"]}
+    assert records[0]["ledger_sha256"] == ranks(reference)[0]["ledger_sha256"]
+    assert results(run_dir)["test"] == results(reference)["test"]
+    print(f"\npreemption: signal to completion {time.time() - signalled:.1f} s")
+
+
+def test_repeated_failures_stop_requeueing(env, tmp_path, port):
+    run_dir = tmp_path / "broken"
+    job = submit(
+        env,
+        run_dir,
+        f"data.shards={tmp_path / 'no-such-shards'}",
+        tmp_path,
+        port=port,
+        script_env={"MAX_RESTARTS": "1"},
+    )
+    info = wait(env, job, timeout=300)
+    log = job_log(tmp_path, job)
+    assert info["JobState"] == "FAILED", log[-3000:]
+    assert info["Restarts"] == "1"
+    assert "stopped after 1 restarts; not requeueing" in log
