@@ -1,5 +1,6 @@
 """The real slurm/inat_gala.sh on a real two-node Slurm (tools/slurm_cluster.sh start)."""
 
+import subprocess
 import time
 
 import pytest
@@ -68,9 +69,16 @@ def test_preempted_job_requeues_resumes_and_matches(env, shards, tmp_path, port)
     while not (run_dir / "checkpoints" / "e0001-s000000").exists() and time.time() < deadline:
         time.sleep(0.2)
     signalled = time.time()
-    import subprocess
-
     subprocess.run(["scancel", "--signal=TERM", job], env=env, check=True)
+    checkpointed = resumed = None
+    while time.time() < deadline + 300 and resumed is None:
+        if checkpointed is None and any(
+            not p.name.endswith("s000000") for p in (run_dir / "checkpoints").glob("e*")
+        ):
+            checkpointed = time.time()
+        if "resuming from" in job_log(tmp_path, job):
+            resumed = time.time()
+        time.sleep(0.2)
     info = wait(env, job, timeout=400)
     log = job_log(tmp_path, job)
     assert info["JobState"] == "COMPLETED", log[-4000:]
@@ -81,7 +89,11 @@ def test_preempted_job_requeues_resumes_and_matches(env, shards, tmp_path, port)
     assert {r["slurm_restart_count"] for r in records} == {info["Restarts"]}
     assert records[0]["ledger_sha256"] == ranks(reference)[0]["ledger_sha256"]
     assert results(run_dir)["test"] == results(reference)["test"]
-    print(f"\npreemption: signal to completion {time.time() - signalled:.1f} s")
+    print(
+        f"\npreemption: checkpoint written {checkpointed - signalled:.1f} s after the signal, "
+        f"training resumed {resumed - signalled:.1f} s after it, job done after "
+        f"{time.time() - signalled:.1f} s"
+    )
 
 
 def test_repeated_failures_stop_requeueing(env, tmp_path, port):
