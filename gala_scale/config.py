@@ -175,17 +175,20 @@ def get(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Defaults <- YAML at ``path`` <- ``key.sub=value`` overrides (values parsed as YAML)."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] = (), values: dict | None = None
+) -> RunConfig:
+    """Defaults <- YAML at ``path`` (or a ``values`` tree) <- ``key.sub=value`` overrides."""
     cfg, errors = RunConfig(), []
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-        _merge(cfg, loaded, "", errors)
+    if values:
+        _merge(cfg, values, "", errors)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:

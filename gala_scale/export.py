@@ -1,0 +1,224 @@
+"""Export a trained run as a self-contained serving artifact.
+
+    python -m gala_scale.export --run runs/x [--checkpoint best|last] --out runs/x/export [--triton]
+
+Writes ``model.onnx`` (dynamic batch axis; logits = classifier(features), nothing of the GALA
+ledger in the graph) and ``artifact.json`` (class names, training class counts, the eval
+preprocessing, the PN scales fitted on the val split and tau, and how the export was checked),
+all readable without torch. The graph passes ``onnx.checker`` (full check) and is compared with
+the torch model through ONNX Runtime on real images of the run's data; the largest difference is
+printed and stored. ``--triton`` also lays out a Triton model repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from gala_scale import rebalance
+from gala_scale.config import load_config
+from gala_scale.data import PAD_LABEL, create_loader, presets
+from gala_scale.data.common import open_split
+from gala_scale.models import create_model
+
+FORMAT_VERSION = 1
+OPSET = 17
+INPUT, OUTPUT = "input", "logits"
+CHECK_IMAGES = 64
+TOLERANCE = 1e-3  # max |logit difference| ONNX Runtime vs torch accepted by the export
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def _load_run(run_dir: Path, checkpoint: str):
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ExportError(f"{config_path}: missing; is {run_dir} a run directory?")
+    cfg = load_config(values=yaml.safe_load(config_path.read_text()))
+    folder = run_dir / ("best" if checkpoint == "best" else "final")
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise ExportError(f"{weights}: missing (did the run finish? try --checkpoint last)")
+    split = open_split(cfg.data.shards, cfg.data.train_split)
+    model = create_model(cfg.model.name, num_classes=cfg.num_classes or split.num_classes)
+    model.load_state_dict(load_file(weights))
+    info = json.loads((folder / "info.json").read_text()) if (folder / "info.json").exists() else {}
+    return cfg, model.eval(), split, info
+
+
+def _probs(model, cfg, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    loader = create_loader(
+        cfg.data.shards,
+        split,
+        preset=cfg.data.preset,
+        batch_size=64,
+        train=False,
+        kind="torch",
+        num_workers=0,
+    )
+    probs, labels, images = [], [], []
+    with torch.no_grad():
+        for x, y in loader.epoch(0):
+            keep = y != PAD_LABEL
+            probs.append(torch.softmax(model(x[keep]), 1).numpy())
+            labels.append(y[keep].numpy())
+            images.append(x[keep].numpy())
+            if limit and sum(len(b) for b in labels) >= limit:
+                break
+    return np.concatenate(probs), np.concatenate(labels), np.concatenate(images)
+
+
+def export_onnx(model: torch.nn.Module, crop: int, path: Path) -> None:
+    example = torch.zeros(2, 3, crop, crop)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.onnx.export(
+        model,
+        (example,),
+        str(tmp),
+        input_names=[INPUT],
+        output_names=[OUTPUT],
+        dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+        opset_version=OPSET,
+        dynamo=False,
+    )
+    import onnx
+
+    onnx.checker.check_model(str(tmp), full_check=True)
+    os.replace(tmp, path)
+
+
+def compare_with_torch(model, onnx_path: Path, images: np.ndarray) -> float:
+    """Largest |logit| difference between ONNX Runtime (CPU) and torch on ``images``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run([OUTPUT], {INPUT: images.astype(np.float32)})[0]
+    with torch.no_grad():
+        want = model(torch.from_numpy(images)).numpy()
+    return float(np.abs(got - want).max())
+
+
+def _scales(run_dir: Path, checkpoint: str, model, cfg) -> tuple[list[float] | None, float, str]:
+    """PN scales and tau: the trainer's (same weights) for best, else fitted on val here."""
+    pn = run_dir / "pn.json"
+    if checkpoint == "best" and pn.is_file():
+        stored = json.loads(pn.read_text())
+        return stored["scales"], stored["tau"], f"{stored['fitted_on']} (by the trainer)"
+    if not cfg.data.val_split:
+        return None, cfg.pn.tau, "none"
+    probs, labels, _ = _probs(model, cfg, cfg.data.val_split)
+    scales = rebalance.fit(probs)
+    tau = rebalance.fit_tau(probs, labels, scales) if cfg.pn.fit_tau else cfg.pn.tau
+    return [float(s) for s in scales], tau, cfg.data.val_split
+
+
+def write_triton(out: Path, name: str, preset, num_classes: int, max_batch: int = 64) -> Path:
+    """A Triton model repository: <out>/triton/<name>/{config.pbtxt, 1/model.onnx}."""
+    model_dir = out / "triton" / name
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / "model.onnx", model_dir / "1" / "model.onnx")
+    (model_dir / "config.pbtxt").write_text(f"""name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: {max_batch}
+input [
+  {{ name: "{INPUT}", data_type: TYPE_FP32, dims: [ 3, {preset.crop}, {preset.crop} ] }}
+]
+output [
+  {{ name: "{OUTPUT}", data_type: TYPE_FP32, dims: [ {num_classes} ] }}
+]
+dynamic_batching {{
+  max_queue_delay_microseconds: 5000
+}}
+""")
+    return model_dir
+
+
+def export(
+    run_dir: Path,
+    out: Path,
+    checkpoint: str = "best",
+    triton: bool = False,
+    model_name: str = "gala",
+) -> dict:
+    cfg, model, split, info = _load_run(run_dir, checkpoint)
+    preset = presets.get_preset(cfg.data.preset)
+    out.mkdir(parents=True, exist_ok=True)
+    export_onnx(model, preset.crop, out / "model.onnx")
+    check_split = cfg.data.test_split or cfg.data.val_split or cfg.data.train_split
+    _, _, images = _probs(model, cfg, check_split, limit=CHECK_IMAGES)
+    diff = compare_with_torch(model, out / "model.onnx", images[:CHECK_IMAGES])
+    print(
+        f"ONNX Runtime vs torch on {min(len(images), CHECK_IMAGES)} {check_split} images: "
+        f"max |logit difference| {diff:.3g}"
+    )
+    if diff > TOLERANCE:
+        raise ExportError(f"ONNX Runtime and torch disagree by {diff:.3g} (> {TOLERANCE})")
+    scales, tau, fitted_on = _scales(run_dir, checkpoint, model, cfg)
+    manifest = json.loads((Path(cfg.data.shards) / "manifest.json").read_text())
+    artifact = {
+        "format_version": FORMAT_VERSION,
+        "model_name": model_name,
+        "architecture": cfg.model.name,
+        "onnx": "model.onnx",
+        "input": {"name": INPUT, "datatype": "FP32", "shape": [-1, 3, preset.crop, preset.crop]},
+        "output": {"name": OUTPUT, "datatype": "FP32", "shape": [-1, split.num_classes]},
+        "num_classes": split.num_classes,
+        "class_names": manifest["class_names"],
+        "train_class_counts": list(split.class_counts),
+        "preprocess": preset.to_dict(),
+        "rebalance": {"scales": scales, "tau": tau, "fitted_on": fitted_on},
+        "source": {"run": str(run_dir.resolve()), "checkpoint": checkpoint, **info},
+        "check": {
+            "split": check_split,
+            "images": int(min(len(images), CHECK_IMAGES)),
+            "max_abs_logit_diff": diff,
+            "opset": OPSET,
+        },
+    }
+    tmp = out / ".artifact.json.tmp"
+    tmp.write_text(json.dumps(artifact, indent=1))
+    os.replace(tmp, out / "artifact.json")
+    if triton:
+        print(f"Triton repository: {write_triton(out, model_name, preset, split.num_classes)}")
+    return artifact
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gala_scale.export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--run", type=Path, required=True, help="a run directory")
+    parser.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    parser.add_argument("--out", type=Path, help="artifact folder (default <run>/export)")
+    parser.add_argument("--model-name", default="gala")
+    parser.add_argument("--triton", action="store_true", help="also write a Triton repository")
+    args = parser.parse_args(argv)
+    try:
+        artifact = export(
+            args.run, args.out or args.run / "export", args.checkpoint, args.triton, args.model_name
+        )
+    except (ExportError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"exported {artifact['architecture']} ({artifact['num_classes']} classes) to "
+        f"{args.out or args.run / 'export'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
