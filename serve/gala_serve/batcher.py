@@ -1,0 +1,82 @@
+"""Dynamic batching: concurrent requests share one ONNX Runtime call.
+
+Requests wait in a queue; a worker thread takes the first, then keeps collecting until the batch
+holds ``max_batch`` samples or ``max_delay`` has passed since the first arrived, runs the model
+once on the concatenation and hands every request its rows. A request larger than ``max_batch``
+is cut into pieces that go through the same queue.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import numpy as np
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        run: Callable[[np.ndarray], np.ndarray],
+        max_batch: int,
+        max_delay_s: float,
+        on_batch: Callable[[int, float], None] | None = None,
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.run, self.max_batch, self.max_delay = run, max_batch, max_delay_s
+        self.on_batch = on_batch
+        self.queue: queue.Queue = queue.Queue()
+        self._held = None  # a request that did not fit the last batch; it starts the next
+        self.worker = threading.Thread(target=self._loop, name="batcher", daemon=True)
+        self.worker.start()
+
+    def submit(self, batch: np.ndarray) -> np.ndarray:
+        """Model outputs for ``batch``, computed together with whatever else is waiting."""
+        futures = []
+        for start in range(0, len(batch), self.max_batch):
+            future: Future = Future()
+            self.queue.put((batch[start : start + self.max_batch], future))
+            futures.append(future)
+        return np.concatenate([f.result() for f in futures])
+
+    def _collect(self) -> list:
+        items = [self._held if self._held is not None else self.queue.get()]
+        self._held = None
+        size = len(items[0][0])
+        deadline = time.perf_counter() + self.max_delay
+        while size < self.max_batch:
+            remaining = deadline - time.perf_counter()
+            try:
+                item = (
+                    self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
+                )
+            except queue.Empty:
+                break
+            if size + len(item[0]) > self.max_batch:
+                self._held = item
+                break
+            items.append(item)
+            size += len(item[0])
+        return items
+
+    def _loop(self) -> None:
+        while True:
+            items = self._collect()
+            inputs = np.concatenate([x for x, _ in items])
+            start = time.perf_counter()
+            try:
+                outputs = self.run(inputs)
+            except Exception as err:  # the model failed: every waiting request learns why
+                for _, future in items:
+                    future.set_exception(err)
+                continue
+            if self.on_batch is not None:
+                self.on_batch(len(inputs), time.perf_counter() - start)
+            offset = 0
+            for x, future in items:
+                future.set_result(outputs[offset : offset + len(x)])
+                offset += len(x)

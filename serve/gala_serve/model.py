@@ -1,0 +1,105 @@
+"""The served model: an ONNX Runtime session over the artifact, plus the stored PN scales."""
+
+from __future__ import annotations
+
+import ctypes.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+REQUIRED = (
+    "format_version",
+    "onnx",
+    "input",
+    "output",
+    "num_classes",
+    "class_names",
+    "preprocess",
+    "rebalance",
+)
+
+
+class ArtifactError(ValueError):
+    pass
+
+
+def load_artifact(folder: Path) -> dict:
+    path = Path(folder) / "artifact.json"
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing (export with python -m gala_scale.export)")
+    artifact = json.loads(path.read_text())
+    missing = [k for k in REQUIRED if k not in artifact]
+    if missing:
+        raise ArtifactError(f"{path}: missing fields {missing}")
+    scales = artifact["rebalance"].get("scales")
+    if scales is not None and len(scales) != artifact["num_classes"]:
+        raise ArtifactError(
+            f"{path}: {len(scales)} PN scales for {artifact['num_classes']} classes"
+        )
+    return artifact
+
+
+def choose_providers(wanted: str) -> list[str]:
+    """Explicit providers: CUDA when asked for or (auto) when present, else CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if wanted == "cpu":
+        return ["CPUExecutionProvider"]
+    if wanted == "cuda" and "CUDAExecutionProvider" not in available:
+        raise ArtifactError(f"--providers cuda: this onnxruntime offers only {available}")
+    if wanted == "cuda" or ("CUDAExecutionProvider" in available and _gpu_present()):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _gpu_present() -> bool:
+    """A CUDA driver on this machine (without it the CUDA provider only logs errors)."""
+    return os.path.exists("/dev/nvidiactl") or ctypes.util.find_library("cuda") is not None
+
+
+class Model:
+    """Run the ONNX graph and turn logits into raw and re-balanced probabilities."""
+
+    def __init__(self, folder: Path, providers: str = "auto", threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        self.artifact = load_artifact(self.folder)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        asked = choose_providers(providers)
+        self.session = ort.InferenceSession(
+            str(self.folder / self.artifact["onnx"]), sess_options=options, providers=asked
+        )
+        # ONNX Runtime falls back to the CPU silently when CUDA cannot start: say what runs.
+        self.provider = self.session.get_providers()[0]
+        if providers == "cuda" and self.provider != "CUDAExecutionProvider":
+            raise ArtifactError(
+                "--providers cuda: the CUDA provider could not start "
+                f"(running {self.session.get_providers()})"
+            )
+        self.input_name = self.artifact["input"]["name"]
+        self.input_shape = tuple(self.artifact["input"]["shape"][1:])
+        self.num_classes = self.artifact["num_classes"]
+        rebalance = self.artifact["rebalance"]
+        self.tau = float(rebalance.get("tau", 1.0))
+        scales = rebalance.get("scales")
+        self.divisor = None if scales is None else np.asarray(scales, np.float64) ** self.tau
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
+
+    def probabilities(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(raw softmax, re-balanced ``p / m^tau`` renormalised); the same if no scales."""
+        z = logits.astype(np.float64)
+        raw = np.exp(z - z.max(1, keepdims=True))
+        raw /= raw.sum(1, keepdims=True)
+        if self.divisor is None:
+            return raw.astype(np.float32), raw.astype(np.float32)
+        adjusted = raw / self.divisor
+        adjusted /= adjusted.sum(1, keepdims=True)
+        return raw.astype(np.float32), adjusted.astype(np.float32)
