@@ -34,6 +34,7 @@ from gala_serve.metrics import BATCH_BUCKETS, Metrics
 from gala_serve.model import ArtifactError, Model
 from gala_serve.preprocess import decode, eval_array
 
+DRAIN_FACTOR = 4  # bodies up to 4x the limit are read and dropped before the 413
 MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?(/ready|/infer)?$")
 
 
@@ -116,21 +117,34 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(doc).encode())
 
     def _body(self) -> bytes:
+        if self._cached_body is not None:
+            return self._cached_body
         length = self.headers.get("Content-Length")
         if length is None:
             raise LengthRequired("a Content-Length header is required")
-        size = int(length)
-        if size > self.service.args.max_body_bytes:
-            self.close_connection = True  # the unread body would poison the connection
-            raise TooLarge(
-                f"request body of {size} bytes exceeds the limit of "
-                f"{self.service.args.max_body_bytes}"
-            )
-        return self.rfile.read(size)
+        try:
+            size = int(length)
+        except ValueError as err:
+            raise RequestError(f"Content-Length {length!r} is not a number") from err
+        limit = self.service.args.max_body_bytes
+        if size > limit:
+            if size <= DRAIN_FACTOR * limit:
+                # Read and drop it, so the client gets the 413 rather than a broken pipe and the
+                # connection stays usable; far larger bodies just get the connection closed.
+                while size > 0:
+                    size -= len(self.rfile.read(min(1 << 20, size))) or size
+            else:
+                self.close_connection = True
+            raise TooLarge(f"request body of {length} bytes exceeds the limit of {limit}")
+        self._cached_body = self.rfile.read(size)
+        return self._cached_body
 
     def _handle(self, method: str) -> None:
         start, endpoint, status = time.perf_counter(), "other", 500
+        self._cached_body = None
         try:
+            if method == "POST":
+                self._body()  # read first: an error answer must not leave the body unread
             endpoint, status = self._route(method)
         except RequestError as err:
             status = err.status

@@ -1,0 +1,419 @@
+"""Export and the real gala-serve server on 127.0.0.1, with the real gala-batch client."""
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from gala_serve import preprocess
+from gala_serve.batch import main as batch_main
+from gala_serve.client import Client, ServerError
+from PIL import Image
+from safetensors.torch import load_file
+from train_helpers import ENV, debug_overrides, explain, run_single
+
+from gala_scale.data import presets
+from gala_scale.export import export
+from gala_scale.models import create_model
+from gala_scale.shards import tario
+from gala_scale.shards.__main__ import main as shards_main
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base = tmp_path_factory.mktemp("serve")
+    shards = base / "synthetic"
+    assert (
+        shards_main(
+            [
+                "build",
+                "synthetic",
+                "--num-classes",
+                "6",
+                "--max-per-class",
+                "120",
+                "--imbalance-factor",
+                "20",
+                "--test-per-class",
+                "20",
+                "--out",
+                str(shards),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    run_dir = base / "run"
+    proc = run_single(debug_overrides(shards, run_dir, "train.epochs=4"))
+    assert proc.returncode == 0, explain(proc)
+    return shards, run_dir
+
+
+@pytest.fixture(scope="module")
+def artifact(trained):
+    _, run_dir = trained
+    out = run_dir / "export"
+    export(run_dir, out, "best", triton=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(artifact, tmp_path_factory):
+    from conftest import free_port
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [
+                str(BIN / "gala-serve"),
+                "--artifact",
+                str(artifact),
+                "--port",
+                str(port),
+                "--max-batch",
+                "16",
+                "--max-delay-ms",
+                "5",
+                "--max-body-bytes",
+                "2000000",
+                "--max-image-pixels",
+                "1000000",
+                "--max-request-batch",
+                "64",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=ENV,
+        )
+    client = Client(f"http://127.0.0.1:{port}", retries=0)
+    try:
+        client.wait_ready(60)
+    except TimeoutError:
+        proc.kill()
+        raise AssertionError(log.read_text()) from None
+    yield client
+    proc.terminate()
+    proc.wait(10)
+
+
+def sample_images(trained, count: int = 8) -> list[tuple[bytes, int]]:
+    shards, _ = trained
+    manifest = json.loads((shards / "manifest.json").read_text())
+    tar = shards / manifest["splits"]["test"]["shards"][0]["file"]
+    return [(files["jpg"], int(files["cls"])) for _, files in list(tario.iter_tar(tar))[:count]]
+
+
+def torch_model(run_dir: Path) -> torch.nn.Module:
+    model = create_model("tiny", num_classes=6)
+    model.load_state_dict(load_file(run_dir / "best" / "model.safetensors"))
+    return model.eval()
+
+
+def test_export_artifact(trained, artifact):
+    _, run_dir = trained
+    onnx.checker.check_model(str(artifact / "model.onnx"), full_check=True)
+    doc = json.loads((artifact / "artifact.json").read_text())
+    assert doc["check"]["max_abs_logit_diff"] < 1e-4 and doc["check"]["images"] == 64
+    pn = json.loads((run_dir / "pn.json").read_text())
+    assert doc["rebalance"]["scales"] == pn["scales"] and doc["rebalance"]["tau"] == 1.0
+    assert doc["preprocess"]["mean"] == list(presets.CIFAR_MEAN) and len(doc["class_names"]) == 6
+    session = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).normal(size=(5, 3, 32, 32)).astype(np.float32)
+    got = session.run(None, {"input": x})[0]  # a batch size never seen at export: dynamic axis
+    want = torch_model(run_dir)(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(got - want).max() < 1e-4
+    triton = artifact / "triton" / "gala"
+    assert (triton / "1" / "model.onnx").is_file()
+    assert "dynamic_batching" in (triton / "config.pbtxt").read_text()
+
+
+def test_server_preprocessing_is_the_training_eval_preset(trained):
+    pre = presets.get_preset("imagenet").to_dict()
+    rng = np.random.default_rng(1)
+    for w, h in ((300, 260), (257, 411), (256, 256)):
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        np.testing.assert_array_equal(
+            preprocess.eval_array(img, pre), presets.eval_array(img, presets.get_preset("imagenet"))
+        )
+    for data, _ in sample_images(trained, 4):
+        img = Image.open(io.BytesIO(data))
+        np.testing.assert_array_equal(
+            preprocess.eval_array(img, presets.get_preset("cifar").to_dict()),
+            presets.eval_array(img, presets.get_preset("cifar")),
+        )
+
+
+def test_health_and_metadata(server):
+    assert server.json("GET", "/v2/health/live") == {"live": True}
+    assert server.json("GET", "/v2/health/ready") == {"ready": True}
+    assert "binary_tensor_data" in server.json("GET", "/v2")["extensions"]
+    meta = server.json("GET", "/v2/models/gala")
+    assert meta["inputs"][0]["shape"] == [-1, 3, 32, 32]
+    assert meta["parameters"]["provider"] == "CPUExecutionProvider"
+    assert server.json("GET", "/v2/models/gala/ready")["ready"] is True
+
+
+def _infer_json(server, x: np.ndarray) -> dict:
+    doc = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.ravel().tolist(),
+            }
+        ]
+    }
+    return {
+        o["name"]: np.array(o["data"]).reshape(o["shape"])
+        for o in server.json("POST", "/v2/models/gala/infer", doc)["outputs"]
+    }
+
+
+def test_answers_equal_onnx_runtime_and_torch(server, trained, artifact):
+    _, run_dir = trained
+    pre = presets.get_preset("cifar")
+    images = sample_images(trained, 8)
+    x = np.stack([presets.eval_array(Image.open(io.BytesIO(d)), pre) for d, _ in images])
+    out = _infer_json(server, x)
+    want = torch_model(run_dir)(torch.from_numpy(x)).detach().numpy()
+    session = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(out["logits"], session.run(None, {"input": x})[0], atol=1e-6)
+    np.testing.assert_allclose(out["logits"], want, atol=1e-4)
+    scales = np.array(json.loads((artifact / "artifact.json").read_text())["rebalance"]["scales"])
+    raw = torch.softmax(torch.from_numpy(want), 1).numpy()
+    expected = raw / scales / (raw / scales).sum(1, keepdims=True)
+    np.testing.assert_allclose(out["raw_probabilities"], raw, atol=1e-5)
+    np.testing.assert_allclose(out["probabilities"], expected, atol=1e-5)
+    for (data, _), row in zip(images, out["probabilities"], strict=True):
+        answer = server.classify(data, top_k=3, full=True)
+        assert answer["top_k"][0]["index"] == int(row.argmax())
+        np.testing.assert_allclose(answer["probabilities"], row, atol=1e-5)
+
+
+def test_binary_tensor_extension(server):
+    x = np.random.default_rng(2).normal(size=(3, 3, 32, 32)).astype(np.float32)
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [3, 3, 32, 32],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    status, headers, body = server.request(
+        "POST",
+        "/v2/models/gala/infer",
+        header + x.tobytes(),
+        {
+            "Inference-Header-Content-Length": str(len(header)),
+            "Content-Type": "application/octet-stream",
+        },
+    )
+    assert status == 200
+    length = int(headers["Inference-Header-Content-Length"])
+    meta = json.loads(body[:length])["outputs"][0]
+    probs = np.frombuffer(body[length:], dtype="<f4").reshape(meta["shape"])
+    np.testing.assert_allclose(probs, _infer_json(server, x)["probabilities"], atol=1e-6)
+
+
+def _jpeg(size=(32, 32)) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.zeros((size[1], size[0], 3), np.uint8)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+BAD = {
+    "not an image": ("/v1/classify", b"plain text", {}, 400, "could not be decoded"),
+    "truncated JPEG": ("/v1/classify", _jpeg((64, 64))[:200], {}, 400, "could not be decoded"),
+    "empty image": ("/v1/classify", b"", {}, 400, "empty"),
+    "too many pixels": ("/v1/classify", _jpeg((1200, 1000)), {}, 413, "pixels"),
+    "body too large": ("/v1/classify", b"x" * 2_000_001, {}, 413, "exceeds the limit"),
+    "bad base64": (
+        "/v1/classify",
+        b'{"images": ["***"]}',
+        {"Content-Type": "application/json"},
+        400,
+        "base64",
+    ),
+    "not JSON": ("/v2/models/gala/infer", b"{nope", {}, 400, "not valid JSON"),
+    "wrong dtype": (
+        "/v2/models/gala/infer",
+        json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [1, 3, 32, 32],
+                        "datatype": "INT32",
+                        "data": [0] * 3072,
+                    }
+                ]
+            }
+        ).encode(),
+        {},
+        400,
+        "must be FP32",
+    ),
+    "wrong shape": (
+        "/v2/models/gala/infer",
+        json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [1, 3, 16, 16],
+                        "datatype": "FP32",
+                        "data": [0.0] * 768,
+                    }
+                ]
+            }
+        ).encode(),
+        {},
+        400,
+        "must have shape",
+    ),
+    "data count": (
+        "/v2/models/gala/infer",
+        json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [1, 3, 32, 32],
+                        "datatype": "FP32",
+                        "data": [0.0] * 7,
+                    }
+                ]
+            }
+        ).encode(),
+        {},
+        400,
+        "7 values",
+    ),
+    "empty batch": (
+        "/v2/models/gala/infer",
+        json.dumps(
+            {"inputs": [{"name": "input", "shape": [0, 3, 32, 32], "datatype": "FP32", "data": []}]}
+        ).encode(),
+        {},
+        400,
+        "N>0",
+    ),
+    "batch too large": (
+        "/v2/models/gala/infer",
+        json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [65, 3, 32, 32],
+                        "datatype": "FP32",
+                        "data": [0.0] * (65 * 3072),
+                    }
+                ]
+            }
+        ).encode(),
+        {},
+        413,
+        "limit is 64",
+    ),
+    "unknown model": ("/v2/models/other/infer", b"{}", {}, 404, "unknown model"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, case):
+    path, body, headers, status, message = BAD[case]
+    got, _, data = server.request("POST", path, body, headers)
+    assert got == status, data
+    assert message in json.loads(data)["error"]
+    assert server.classify(_jpeg())["top_k"]  # the next good request succeeds
+
+
+def test_concurrent_clients_all_answered_correctly(server, trained):
+    images = sample_images(trained, 8)
+    expected = [server.classify(d)["top_k"][0]["index"] for d, _ in images]
+    errors, results = [], {}
+
+    def client(n: int) -> None:
+        try:
+            for i in range(6):
+                data, _ = images[(n + i) % len(images)]
+                results[(n, i)] = (
+                    server.classify(data)["top_k"][0]["index"] == expected[(n + i) % len(images)]
+                )
+        except Exception as err:  # collected and asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 96 and all(results.values())
+    metrics = server.request("GET", "/metrics")[2].decode()
+    assert 'gala_requests_total{endpoint="classify"}' in metrics
+    assert "gala_batch_size_bucket" in metrics and "gala_request_errors_total" in metrics
+
+
+def test_batch_client_reproduces_the_trainer_accuracy_with_pn(server, trained, tmp_path, capsys):
+    shards, run_dir = trained
+    url = f"http://{server.host}:{server.port}"
+    expected = json.loads((run_dir / "results.json").read_text())["test"]
+    for flag, key in (
+        ([], "PN, val scales, tau 1"),
+        (["--transductive"], "PN, transductive on test, tau 1"),
+    ):
+        out = tmp_path / "preds.jsonl"
+        assert (
+            batch_main(
+                [
+                    "--server",
+                    url,
+                    "--input",
+                    str(shards),
+                    "--out",
+                    str(out),
+                    "--concurrency",
+                    "4",
+                    *flag,
+                ]
+            )
+            == 0
+        )
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert float(summary["top1"].rstrip("%")) == pytest.approx(
+            100 * expected[key]["top1"], abs=0.01
+        )
+        lines = [json.loads(x) for x in out.read_text().splitlines()]
+        assert len(lines) == 120 and lines[0]["id"].startswith("test_")
+
+
+def test_json_images_and_unreachable_server(server, trained):
+    images = [base64.b64encode(d).decode() for d, _ in sample_images(trained, 3)]
+    doc = server.json("POST", "/v1/classify?top_k=2", {"images": images})
+    assert len(doc["predictions"]) == 3 and len(doc["predictions"][0]["top_k"]) == 2
+    with pytest.raises(ServerError, match="404"):
+        server.json("GET", "/v2/models/nope")
+    dead = Client("http://127.0.0.1:9", retries=1, backoff=0.01)
+    with pytest.raises(OSError):
+        dead.json("GET", "/v2/health/live")
+    assert dead.retried == 1
