@@ -2,8 +2,10 @@
 
 Requests wait in a queue; a worker thread takes the first, then keeps collecting until the batch
 holds ``max_batch`` samples or ``max_delay`` has passed since the first arrived, runs the model
-once on the concatenation and hands every request its rows. A request larger than ``max_batch``
-is cut into pieces that go through the same queue.
+once on the concatenation and hands every request its rows. It waits only while more requests
+are on their way (announced with :meth:`DynamicBatcher.expect` when their HTTP handling starts),
+so a lone request runs at once instead of sitting out the delay. A request larger than
+``max_batch`` is cut into pieces that go through the same queue.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 import numpy as np
+
+POLL_S = 0.0005
 
 
 class DynamicBatcher:
@@ -31,8 +35,15 @@ class DynamicBatcher:
         self.on_batch = on_batch
         self.queue: queue.Queue = queue.Queue()
         self._held = None  # a request that did not fit the last batch; it starts the next
+        self._expected = 0  # requests announced but not yet submitted
+        self._lock = threading.Lock()
         self.worker = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self.worker.start()
+
+    def expect(self, change: int) -> None:
+        """+1 when a request that will submit starts being handled; -1 when it submits or fails."""
+        with self._lock:
+            self._expected += change
 
     def submit(self, batch: np.ndarray) -> np.ndarray:
         """Model outputs for ``batch``, computed together with whatever else is waiting."""
@@ -51,11 +62,14 @@ class DynamicBatcher:
         while size < self.max_batch:
             remaining = deadline - time.perf_counter()
             try:
-                item = (
-                    self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
-                )
+                item = self.queue.get_nowait()
             except queue.Empty:
-                break
+                if remaining <= 0 or self._expected <= 0:
+                    break  # nothing else is coming soon enough
+                try:  # short slices, so a withdrawn announcement ends the wait early
+                    item = self.queue.get(timeout=min(remaining, POLL_S))
+                except queue.Empty:
+                    continue
             if size + len(item[0]) > self.max_batch:
                 self._held = item
                 break
