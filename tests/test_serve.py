@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -417,3 +418,34 @@ def test_json_images_and_unreachable_server(server, trained):
     with pytest.raises(OSError):
         dead.json("GET", "/v2/health/live")
     assert dead.retried == 1
+
+
+def test_batcher_groups_concurrent_requests_and_never_delays_a_lone_one():
+    from gala_serve.batcher import DynamicBatcher
+
+    sizes = []
+    batcher = DynamicBatcher(
+        lambda x: (sizes.append(len(x)), x * 2)[1], max_batch=8, max_delay_s=1.0
+    )
+    start = time.perf_counter()
+    np.testing.assert_array_equal(batcher.submit(np.ones((1, 2))), np.full((1, 2), 2.0))
+    assert time.perf_counter() - start < 0.5  # nobody else announced: no wait
+    for _ in range(6):
+        batcher.expect(+1)
+    outputs = {}
+
+    def one(i: int) -> None:
+        batcher.expect(-1)
+        outputs[i] = batcher.submit(np.full((1, 2), float(i)))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(np.array_equal(outputs[i], np.full((1, 2), 2.0 * i)) for i in range(6))
+    assert max(sizes[1:]) > 1  # announced requests were batched together
+    np.testing.assert_array_equal(
+        batcher.submit(np.arange(20.0).reshape(10, 2)), np.arange(20.0).reshape(10, 2) * 2
+    )  # split over max_batch
+    assert max(sizes) <= 8
