@@ -78,3 +78,26 @@ def positive_predictions(train_counts, plain, pn, path: Path) -> None:
     ax.legend()
     ax.set_title("Positive predictions per class")
     _save(fig, path)
+
+
+def comparison(train_counts, per_class: dict[str, list], path: Path) -> None:
+    """Per-class test accuracy of several models against the training count."""
+    counts = np.asarray(train_counts)
+    order = np.argsort(-counts, kind="stable")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for (name, acc), marker in zip(per_class.items(), "os^dv", strict=False):
+        ax.plot(
+            np.arange(len(counts)),
+            np.asarray(acc, dtype=float)[order],
+            f"{marker}-",
+            ms=4,
+            label=name,
+        )
+    ax.set_xticks(np.arange(len(counts)), [str(c) for c in counts[order]], rotation=90, fontsize=7)
+    ax.set_xlabel("training images of the class (head to tail)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    ax.set_title("Per-class accuracy: CE vs GALA vs GALA + PN")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(fig, path)
