@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import matplotlib
@@ -85,7 +86,7 @@ def comparison(train_counts, per_class: dict[str, list], path: Path) -> None:
     counts = np.asarray(train_counts)
     order = np.argsort(-counts, kind="stable")
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for (name, acc), marker in zip(per_class.items(), "os^dv", strict=False):
+    for (name, acc), marker in zip(per_class.items(), itertools.cycle("os^dvp<>"), strict=False):
         ax.plot(
             np.arange(len(counts)),
             np.asarray(acc, dtype=float)[order],

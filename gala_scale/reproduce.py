@@ -114,18 +114,11 @@ def _report(args, results, seconds, counts, command: str) -> None:
     cfg = load_config(args.config)
     epochs = args.epochs or cfg.train.epochs
     image = args.report.parent / "img" / f"results_{args.config.stem}_{epochs}ep.png"
-    plots.comparison(
-        counts,
-        {
-            **{f"{n} (plain)": r["test"]["plain"]["per_class"] for n, r in results.items()},
-            "gala_reference + PN": list(results["gala_reference"]["test"].values())[1]["per_class"]
-            if "gala_reference" in results
-            else [],
-        }
-        if "gala_reference" in results
-        else {f"{n} (plain)": r["test"]["plain"]["per_class"] for n, r in results.items()},
-        image,
-    )
+    curves = {f"{name} (plain)": r["test"]["plain"]["per_class"] for name, r in results.items()}
+    if "gala_reference" in results:
+        pn = list(results["gala_reference"]["test"].values())[1]
+        curves["gala_reference + PN"] = pn["per_class"]
+    plots.comparison(counts, curves, image)
     section = [
         f"## {args.config.stem}, {epochs} epochs ({cfg.model.name}, seed {args.seed})",
         "",
