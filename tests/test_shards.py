@@ -76,7 +76,7 @@ def test_cifar_pickles_long_tailed_with_honest_val(tmp_path, factor):
     assert manifest["splits"]["test"]["class_counts"] == [5] * 10
     # Class 0 keeps all its 400 images, so it has none left for val (and says so).
     assert manifest["splits"]["val"]["class_counts"] == [0] + [8] * 9
-    assert "fewer than 8" in manifest["warnings"][0]
+    assert "fewer images than asked for classes 0 (0)" in manifest["warnings"][0]
     keys = keys_by_split(out)
     assert not keys["val"] & keys["train"]
     assert all(k.startswith("train_") for k in keys["train"] | keys["val"])
@@ -453,3 +453,17 @@ def test_real_cifar10_lt_if100(tmp_path):
     assert manifest["excluded"] == []
     keys = keys_by_split(out)
     assert not keys["val"] & keys["train"]
+
+
+def test_imagefolder_val_fraction_and_cifar100_default(tmp_path):
+    root = tmp_path / "folder"
+    write_image_tree(root, {"a": 20, "b": 10})
+    assert (
+        build("imagefolder", "--root", root, "--val-fraction", "0.2", "--out", tmp_path / "o") == 0
+    )
+    manifest = load_manifest(tmp_path / "o")
+    assert manifest["splits"]["val"]["class_counts"] == [4, 2]
+    assert manifest["splits"]["train"]["class_counts"] == [16, 8]
+    from gala_scale.shards.sources import cifar_val_default
+
+    assert (cifar_val_default(10), cifar_val_default(100)) == (50, 10)

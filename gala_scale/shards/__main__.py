@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_long_tail(cifar, None)
     folder = kinds.add_parser("imagefolder", help="root/<class>/<image> (or root/<split>/...)")
     _add_long_tail(folder, 0)
+    folder.add_argument(
+        "--val-fraction", type=float, default=0.0,
+        help="val: this fraction of each class (instead of --val-per-class)",
+    )
     listed = kinds.add_parser("list", help="'<path> <label>' list files plus an image root")
     listed.add_argument("--root", type=Path, required=True)
     listed.add_argument(
@@ -110,16 +114,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plan(args: argparse.Namespace) -> sources.Plan:
     common = {"dataset": args.dataset}
-    if args.kind in ("cifar", "imagefolder"):
-        root = args.root.resolve()
-        if args.val_per_class is None:  # cifar: 50 a class for CIFAR-10, 10 for CIFAR-100
-            args.val_per_class = 50
-        plan_fn = sources.plan_cifar if args.kind == "cifar" else sources.plan_imagefolder
-        plan = plan_fn(root, args.imbalance_factor, args.val_per_class, args.seed, **common)
-        if args.kind == "cifar" and len(plan.class_names) > 10 and args.val_per_class == 50:
-            plan = plan_fn(root, args.imbalance_factor, 10, args.seed, **common)
-            args.val_per_class = 10
-        return plan
+    if args.kind == "cifar":
+        return sources.plan_cifar(args.root.resolve(), args.imbalance_factor, args.val_per_class,
+                                  args.seed, **common)
+    if args.kind == "imagefolder":
+        return sources.plan_imagefolder(args.root.resolve(), args.imbalance_factor,
+                                        args.val_per_class, args.seed,
+                                        val_fraction=args.val_fraction, **common)
     if args.kind == "list":
         return sources.plan_list(
             args.root.resolve(),

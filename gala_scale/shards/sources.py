@@ -68,10 +68,12 @@ def split_long_tailed(
     imbalance_factor: float | None,
     val_per_class: int,
     rng: np.random.Generator,
+    val_fraction: float = 0.0,
 ) -> tuple[list[Item], list[Item], list[str]]:
     """Pick the long-tailed train subset and a val split from the images it leaves out.
 
-    The train subset does not depend on ``val_per_class``. Without an imbalance factor every
+    Val takes ``val_per_class`` images a class, or with ``val_fraction`` that fraction of each
+    class (at least one). The train subset does not depend on either. Without an imbalance factor every
     image not taken for val is kept. A class whose long-tailed count takes all its images (the
     head class, by the formula) has nothing left for val; that is reported, not hidden.
     """
@@ -82,19 +84,20 @@ def split_long_tailed(
     train, val, short = [], [], []
     for label, items in enumerate(per_class):
         order = rng.permutation(len(items))
+        want = max(1, round(val_fraction * len(items))) if val_fraction else val_per_class
         if counts is None:
-            val_idx, train_idx = order[:val_per_class], order[val_per_class:]
+            val_idx, train_idx = order[:want], order[want:]
         else:
             keep = min(counts[label], len(items))
-            train_idx, val_idx = order[:keep], order[keep : keep + val_per_class]
+            train_idx, val_idx = order[:keep], order[keep : keep + want]
         train += [items[i] for i in sorted(train_idx)]
         val += [items[i] for i in sorted(val_idx)]
-        if len(val_idx) < val_per_class:
+        if len(val_idx) < want:
             short.append(f"{label} ({len(val_idx)})")
     warnings = []
     if short:
         warnings.append(
-            f"val has fewer than {val_per_class} images for classes {', '.join(short[:10])}: "
+            f"val has fewer images than asked for classes {', '.join(short[:10])}: "
             "the long-tailed subset keeps (nearly) all their training images"
         )
     return train, val, warnings
@@ -107,15 +110,17 @@ def _by_class(items: list[Item], num_classes: int) -> list[list[Item]]:
     return per_class
 
 
-def _long_tailed_plan(dataset, class_names, pools, imbalance_factor, val_per_class, seed, **kw):
+def _long_tailed_plan(
+    dataset, class_names, pools, imbalance_factor, val_per_class, seed, val_fraction=0.0, **kw
+):
     """Train pool -> long-tailed train + val; every other pool kept whole."""
     train_pool = pools.pop("train")
     rng = np.random.default_rng(seed)
     train, val, warnings = split_long_tailed(
-        _by_class(train_pool, len(class_names)), imbalance_factor, val_per_class, rng
+        _by_class(train_pool, len(class_names)), imbalance_factor, val_per_class, rng, val_fraction
     )
     splits = {"train": train}
-    if val_per_class:
+    if val_per_class or val_fraction:
         if "val" in pools:
             raise SourceError("the source has its own val split; pass --val-per-class 0")
         splits["val"] = val
@@ -150,28 +155,30 @@ def _cifar_arrays(root: Path) -> tuple[list[str], dict[str, tuple[np.ndarray, li
     return names, pools
 
 
+def cifar_val_default(num_classes: int) -> int:
+    """Val images a class when not given: 50 for CIFAR-10, 10 for CIFAR-100."""
+    return max(10, 500 // num_classes)
+
+
 def plan_cifar(root: Path, imbalance_factor, val_per_class, seed, dataset=None) -> Plan:
-    """CIFAR-10/100 from the official python folder or an ImageFolder with train/ and test/."""
+    """CIFAR-10/100 from the official python folder or an ImageFolder with train/ and test/.
+
+    ``val_per_class`` None: :func:`cifar_val_default`.
+    """
     if (root / "train").is_dir():
         names, pools = folder_pools(root, ("train", "test"))
-        return _long_tailed_plan(
-            dataset or root.name, names, pools, imbalance_factor, val_per_class, seed
-        )
-    names, raw = _cifar_arrays(root)
-    pools = {
-        pool: [Item(f"{pool}_{i:08d}", label, ("array", pool, i)) for i, label in enumerate(labels)]
-        for pool, (_, labels) in raw.items()
-    }
-    arrays = {pool: data for pool, (data, _) in raw.items()}
-    return _long_tailed_plan(
-        dataset or f"cifar{len(names)}",
-        names,
-        pools,
-        imbalance_factor,
-        val_per_class,
-        seed,
-        arrays=arrays,
-    )
+        arrays, default_name = {}, root.name
+    else:
+        names, raw = _cifar_arrays(root)
+        pools = {
+            pool: [Item(f"{pool}_{i:08d}", lbl, ("array", pool, i)) for i, lbl in enumerate(labels)]
+            for pool, (_, labels) in raw.items()
+        }
+        arrays, default_name = {pool: data for pool, (data, _) in raw.items()}, f"cifar{len(names)}"
+    if val_per_class is None:
+        val_per_class = cifar_val_default(len(names))
+    return _long_tailed_plan(dataset or default_name, names, pools, imbalance_factor,
+                             val_per_class, seed, arrays=arrays)
 
 
 # --- folders ----------------------------------------------------------------------------------
@@ -201,7 +208,9 @@ def folder_pools(root: Path, split_names) -> tuple[list[str], dict[str, list[Ite
     return names, pools
 
 
-def plan_imagefolder(root: Path, imbalance_factor, val_per_class, seed, dataset=None) -> Plan:
+def plan_imagefolder(
+    root: Path, imbalance_factor, val_per_class, seed, dataset=None, val_fraction=0.0
+) -> Plan:
     """``root/<class>/<image>``, or ``root/{train,val,test}/<class>/<image>``."""
     if (root / "train").is_dir():
         names, pools = folder_pools(root, ("train", "val", "test"))
@@ -212,7 +221,7 @@ def plan_imagefolder(root: Path, imbalance_factor, val_per_class, seed, dataset=
         items = [(p, label) for label, name in enumerate(names) for p in _images_in(root / name)]
         pools = {"train": [Item(f"train_{i:08d}", lbl, str(p)) for i, (p, lbl) in enumerate(items)]}
     return _long_tailed_plan(
-        dataset or root.name, names, pools, imbalance_factor, val_per_class, seed
+        dataset or root.name, names, pools, imbalance_factor, val_per_class, seed, val_fraction
     )
 
 
