@@ -19,8 +19,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from safetensors.torch import load_file, save_file
+
 NAME = re.compile(r"^e(\d{4})-s(\d{6})$")
 STATE_FILE = "train_state.json"
+DELTA_FILE = "ledger_delta_rank{}.safetensors"
 
 
 @dataclass
@@ -98,3 +101,85 @@ def read_state(checkpoint: Path) -> TrainState:
     state = TrainState()
     state.load_state_dict(json.loads((checkpoint / STATE_FILE).read_text()))
     return state
+
+
+def resume_point(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint ``--resume`` names: auto (newest complete, or None), none, or a folder.
+
+    ``none`` refuses a run directory that already holds checkpoints, so nothing is overwritten
+    by accident.
+    """
+    newest = newest_checkpoint(run_dir)
+    if resume == "auto":
+        return newest
+    if resume == "none":
+        if newest is not None:
+            raise ValueError(
+                f"{run_dir} already holds checkpoints (newest {newest.name}); pass "
+                "--resume auto to continue it, or choose another run_dir"
+            )
+        return None
+    path = Path(resume)
+    if not path.is_dir():
+        raise ValueError(f"--resume {resume}: no such checkpoint folder")
+    return path
+
+
+def save_weights(accelerator, model, criterion, folder: Path, extra: dict) -> None:
+    """Model weights (safetensors, no pickle), the GALA ledger and ``extra`` into ``folder``.
+
+    Every process calls it (gathering the state dict can be a collective); the main one writes,
+    into a temporary folder that then replaces ``folder``.
+    """
+    state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / "model.safetensors"
+    )
+    if hasattr(criterion, "theta"):
+        save_file(
+            {"theta": criterion.theta.cpu(), "phi": criterion.phi.cpu()}, tmp / "ledger.safetensors"
+        )
+    (tmp / "info.json").write_text(json.dumps(extra, indent=1))
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old")
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(folder)
+
+
+def save_ledger_delta(criterion, folder: Path, rank: int) -> None:
+    """This rank's unsynced GALA ledger delta, for a mid-epoch checkpoint."""
+    if hasattr(criterion, "theta_delta"):
+        save_file(
+            {"theta": criterion.theta_delta.cpu(), "phi": criterion.phi_delta.cpu()},
+            folder / DELTA_FILE.format(rank),
+        )
+
+
+def restore_ledger_delta(criterion, accelerator, checkpoint: Path) -> None:
+    """Give each rank back its own unsynced ledger delta from a mid-epoch checkpoint.
+
+    With another number of processes than the checkpoint's, all deltas are folded into the
+    shared ledger instead (what a sync would have done).
+    """
+    files = sorted(checkpoint.glob(DELTA_FILE.format("*")))
+    if not files or not hasattr(criterion, "theta_delta"):
+        return
+    device = criterion.theta_delta.device
+    if len(files) == accelerator.num_processes:
+        delta = load_file(checkpoint / DELTA_FILE.format(accelerator.process_index))
+        criterion.theta_delta.copy_(delta["theta"].to(device))
+        criterion.phi_delta.copy_(delta["phi"].to(device))
+        return
+    criterion.theta_delta.zero_()
+    criterion.phi_delta.zero_()
+    for path in files:
+        delta = load_file(path)
+        criterion.theta_global += delta["theta"].to(device)
+        criterion.phi_global += delta["phi"].to(device)

@@ -29,6 +29,8 @@ class DataConfig:
     num_workers: int = _f(2, "DALI threads or DataLoader workers per process")
     autoaugment: bool = _f(False, "AutoAugment CIFAR-10 policy (cifar preset)")
     cutout: int = _f(0, "Cutout square side in pixels, 0 = off")
+    color_jitter: float = _f(0.0, "brightness/contrast/saturation jitter strength, 0 = off")
+    randaugment: bool = _f(False, "RandAugment (2 operations, magnitude 9 of 30)")
     train_split: str = _f("train", "split to train on")
     val_split: str = _f("val", "split for model selection and PN fitting ('' = none)")
     test_split: str = _f("test", "split reported at the end ('' = none)")

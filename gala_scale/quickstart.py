@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from gala_scale import plots
+from gala_scale.launch import train_command
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -44,14 +45,7 @@ def _run(step: str, cmd: list[str]) -> None:
 def _train(name: str, loss: str, args: argparse.Namespace) -> Path:
     run_dir = args.out / name
     cmd = [
-        str(BIN / "accelerate"),
-        "launch",
-        "--config_file",
-        "configs/accelerate/cpu_2proc.yaml",
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "gala_scale.train",
+        *train_command(2, _free_port()),
         "--config",
         "configs/quickstart.yaml",
         "--resume",

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from gala_scale import plots
 from gala_scale.config import load_config
+from gala_scale.launch import train_command
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -62,23 +63,7 @@ def _build_shards(args: argparse.Namespace, shards: Path) -> None:
 
 def _train(name: str, args: argparse.Namespace, shards: Path) -> tuple[Path, float]:
     run_dir = args.out / args.config.stem / name
-    launcher = [sys.executable, "-m", "gala_scale.train"]
-    if args.processes > 1:
-        launcher = [
-            str(Path(sys.executable).parent / "accelerate"),
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(args.processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "gala_scale.train",
-        ]
+    launcher = train_command(args.processes, args.port)
     cmd = [
         *launcher,
         "--config",
@@ -153,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, help="shorter than the config's recipe")
     p.add_argument("--losses", default=",".join(VARIANTS), help="comma-separated subset")
     p.add_argument("--processes", type=int, default=1)
+    p.add_argument("--port", type=int, default=29531, help="rendezvous port with --processes > 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/reproduce"))
     p.add_argument("--report", type=Path, default=Path("runs/reproduce/results.md"))

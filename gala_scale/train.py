@@ -30,18 +30,26 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from gala_scale import dist, metrics, plots, rebalance
+from gala_scale import dist, metrics
 from gala_scale.bench.common import peak_rss_mib
-from gala_scale.checkpoint import TrainState, newest_checkpoint, save_checkpoint
+from gala_scale.checkpoint import (
+    TrainState,
+    restore_ledger_delta,
+    resume_point,
+    save_checkpoint,
+    save_ledger_delta,
+    save_weights,
+)
 from gala_scale.config import ConfigError, RunConfig, describe, load_config, to_dict
 from gala_scale.data import ShardLoader, create_loader
 from gala_scale.data.common import open_split
+from gala_scale.data.presets import Augment
 from gala_scale.engine import predict, sync_ledger, train_one_epoch
 from gala_scale.losses import create_loss
 from gala_scale.models import create_model
+from gala_scale.report import finish
 from gala_scale.runlog import RunLog
 
 EXIT_PREEMPTED = 99
@@ -199,7 +207,7 @@ def _loaders(cfg: RunConfig, accelerator, num_classes: int):
             train=True,
             rank=accelerator.process_index * emulate + v,
             world=world,
-            autoaugment=d.autoaugment,
+            augment=Augment(d.autoaugment, d.color_jitter, d.randaugment),
             cutout=d.cutout,
             **common,
         )
@@ -292,33 +300,6 @@ def _epoch_batches(run: Run, epoch: int, first_step: int):
     )
 
 
-def _save_weights(run: Run, folder: Path, extra: dict) -> None:
-    """Model weights (safetensors, no pickle), the GALA ledger and ``extra`` into ``folder``."""
-    state = run.accelerator.get_state_dict(run.model)
-    if not run.accelerator.is_main_process:
-        return
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / "model.safetensors"
-    )
-    if hasattr(run.criterion, "theta"):
-        save_file(
-            {"theta": run.criterion.theta.cpu(), "phi": run.criterion.phi.cpu()},
-            tmp / "ledger.safetensors",
-        )
-    (tmp / "info.json").write_text(json.dumps(extra, indent=1))
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old")
-        folder.rename(old)
-        tmp.rename(folder)
-        for child in old.iterdir():
-            child.unlink()
-        old.rmdir()
-    else:
-        tmp.rename(folder)
-
-
 def _evaluate_val(run: Run, log: RunLog, state: TrainState, epoch: int) -> None:
     probs, labels = predict(run.model, run.val.epoch(0), run.accelerator, run.input_dtype)
     class_acc = metrics.per_class_accuracy(probs.argmax(1), labels, probs.shape[1])
@@ -334,8 +315,12 @@ def _evaluate_val(run: Run, log: RunLog, state: TrainState, epoch: int) -> None:
     )
     if score > state.best_metric:
         state.best_metric, state.best_epoch = score, epoch
-        _save_weights(
-            run, Path(run.cfg.run_dir) / "best", {"epoch": epoch, "val_mean_class_acc": score}
+        save_weights(
+            run.accelerator,
+            run.model,
+            run.criterion,
+            Path(run.cfg.run_dir) / "best",
+            {"epoch": epoch, "val_mean_class_acc": score},
         )
 
 
@@ -383,7 +368,7 @@ def train_epochs(run: Run, state: TrainState, log: RunLog, stop: StopFlag) -> in
                 Path(cfg.run_dir),
                 state,
                 cfg.train.keep_checkpoints,
-                per_rank=lambda folder, rank: _save_delta(run, folder, rank),
+                per_rank=lambda folder, rank: save_ledger_delta(run.criterion, folder, rank),
             )
             _say(
                 acc,
@@ -413,153 +398,6 @@ def train_epochs(run: Run, state: TrainState, log: RunLog, stop: StopFlag) -> in
             save_checkpoint(acc, Path(cfg.run_dir), state, cfg.train.keep_checkpoints)
         _say(acc, f"epoch {epoch + 1}: loss {result.loss:.4f}, {result.seconds:.1f} s")
     return 0
-
-
-DELTA_FILE = "ledger_delta_rank{}.safetensors"
-
-
-def _save_delta(run: Run, folder: Path, rank: int) -> None:
-    if hasattr(run.criterion, "theta_delta"):
-        save_file(
-            {"theta": run.criterion.theta_delta.cpu(), "phi": run.criterion.phi_delta.cpu()},
-            folder / DELTA_FILE.format(rank),
-        )
-
-
-def _restore_delta(run: Run, checkpoint: Path) -> None:
-    """Give each rank back its own unsynced ledger delta from a mid-epoch checkpoint.
-
-    With another number of processes than the checkpoint's, all deltas are folded into the
-    shared ledger instead (what a sync would have done).
-    """
-    files = sorted(checkpoint.glob(DELTA_FILE.format("*")))
-    criterion, acc = run.criterion, run.accelerator
-    if not files or not hasattr(criterion, "theta_delta"):
-        return
-    device = criterion.theta_delta.device
-    if len(files) == acc.num_processes:
-        delta = load_file(checkpoint / DELTA_FILE.format(acc.process_index))
-        criterion.theta_delta.copy_(delta["theta"].to(device))
-        criterion.phi_delta.copy_(delta["phi"].to(device))
-        return
-    criterion.theta_delta.zero_()
-    criterion.phi_delta.zero_()
-    for path in files:
-        delta = load_file(path)
-        criterion.theta_global += delta["theta"].to(device)
-        criterion.phi_global += delta["phi"].to(device)
-
-
-def _load_best(run: Run) -> bool:
-    best = Path(run.cfg.run_dir) / "best" / "model.safetensors"
-    if not best.exists():
-        return False
-    run.accelerator.unwrap_model(run.model).load_state_dict(load_file(best))
-    return True
-
-
-def _table(results: dict) -> str:
-    rows = [
-        f"{'test (' + str(results['test_samples']) + ' images)':<34}{'top1':>7}{'many':>7}"
-        f"{'medium':>8}{'few':>7}"
-    ]
-    for name, summary in results["test"].items():
-        cells = [summary[k] for k in ("top1", "many", "medium", "few")]
-        rows.append(
-            f"{name:<34}"
-            + "".join(
-                f"{'-' if v is None else f'{100 * v:.1f}':>{w}}"
-                for v, w in zip(cells, (7, 7, 8, 7), strict=True)
-            )
-        )
-    return "\n".join(rows)
-
-
-def finish(run: Run, state: TrainState) -> dict | None:
-    """Final weights, then the best-on-val model tested with and without PN; results + plots."""
-    cfg, acc, run_dir = run.cfg, run.accelerator, Path(run.cfg.run_dir)
-    _save_weights(run, run_dir / "final", {"epoch": cfg.train.epochs - 1})
-    used_best = _load_best(run)
-    if run.test is None:
-        return None
-    scales, tau = None, cfg.pn.tau
-    if run.val is not None:
-        val_probs, val_labels = predict(run.model, run.val.epoch(0), acc, run.input_dtype)
-        scales = rebalance.fit(val_probs)
-        if cfg.pn.fit_tau:
-            tau = rebalance.fit_tau(val_probs, val_labels, scales)
-    probs, labels = predict(run.model, run.test.epoch(0), acc, run.input_dtype)
-    test = {"plain": metrics.summarize(probs, labels, run.class_counts)}
-    if scales is not None:
-        test[f"PN, val scales, tau {tau:g}"] = metrics.summarize(
-            rebalance.apply(probs, scales, tau), labels, run.class_counts
-        )
-    test[f"PN, transductive on test, tau {tau:g}"] = metrics.summarize(
-        rebalance.transductive(probs, tau), labels, run.class_counts
-    )
-    results = {
-        "weights": "best" if used_best else "final",
-        "best_epoch": state.best_epoch,
-        "test_samples": len(labels),
-        "tau": tau,
-        "test": test,
-    }
-    if acc.is_main_process:
-        _write_results(run, results, scales, tau)
-    return results
-
-
-def _write_results(run: Run, results: dict, scales, tau: float) -> None:
-    run_dir = Path(run.cfg.run_dir)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
-    if scales is not None:
-        (run_dir / "pn.json").write_text(
-            json.dumps(
-                {
-                    "scales": [float(s) for s in scales],
-                    "tau": tau,
-                    "fitted_on": run.cfg.data.val_split,
-                    "class_names": run.class_names,
-                },
-                indent=1,
-            )
-        )
-    (run_dir / "plots").mkdir(exist_ok=True)
-    names = list(results["test"])
-    plain, pn = results["test"][names[0]], results["test"][names[1]]
-    plots.per_class_accuracy(
-        run.class_counts,
-        plain["per_class"],
-        pn["per_class"],
-        run_dir / "plots" / "per_class_accuracy.png",
-    )
-    plots.positive_predictions(
-        run.class_counts,
-        plain["positive_predictions"],
-        pn["positive_predictions"],
-        run_dir / "plots" / "positive_predictions.png",
-    )
-    history = RunLog(run_dir, False, 0).ledger_history()
-    if history is not None:
-        plots.ledger(*history, run.class_counts, run_dir / "plots" / "ledger.png")
-    print(_table(results), flush=True)
-
-
-def _resume_point(run_dir: Path, resume: str) -> Path | None:
-    newest = newest_checkpoint(run_dir)
-    if resume == "auto":
-        return newest
-    if resume == "none":
-        if newest is not None:
-            raise ConfigError(
-                f"{run_dir} already holds checkpoints (newest {newest.name}); pass "
-                "--resume auto to continue it, or choose another run_dir"
-            )
-        return None
-    path = Path(resume)
-    if not path.is_dir():
-        raise ConfigError(f"--resume {resume}: no such checkpoint folder")
-    return path
 
 
 def _write_run_files(cfg: RunConfig) -> None:
@@ -599,7 +437,10 @@ def _rank_record(run: Run, state: TrainState, code: int) -> None:
 
 def run_training(cfg: RunConfig, accelerator, resume: str, stop: StopFlag) -> int:
     run_dir = Path(cfg.run_dir)
-    checkpoint = _resume_point(run_dir, resume)
+    try:
+        checkpoint = resume_point(run_dir, resume)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     if accelerator.is_main_process:
         _write_run_files(cfg)
     run = build_run(cfg, accelerator)
@@ -609,7 +450,7 @@ def run_training(cfg: RunConfig, accelerator, resume: str, stop: StopFlag) -> in
         accelerator.register_for_checkpointing(run.criterion)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        _restore_delta(run, checkpoint)
+        restore_ledger_delta(run.criterion, accelerator, checkpoint)
         _say(
             accelerator, f"resuming from {checkpoint} (epoch {state.epoch + 1}, step {state.step})"
         )

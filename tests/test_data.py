@@ -9,8 +9,17 @@ from PIL import Image, ImageFilter
 from shard_fixtures import jpeg_bytes, random_rgb
 
 from gala_scale.data import PAD_LABEL, create_loader
-from gala_scale.data.autoaugment import CIFAR10_POLICY, _apply, autoaugment_pil
+from gala_scale.data.autoaugment import (
+    CIFAR10_POLICY,
+    RANDAUGMENT_OPS,
+    _apply,
+    _randaugment_op,
+    autoaugment_pil,
+    color_jitter_pil,
+    randaugment_pil,
+)
 from gala_scale.data.common import cutout_, rebatch
+from gala_scale.data.presets import Augment
 from gala_scale.shards import tario
 from gala_scale.shards.__main__ import main as shards_main
 from gala_scale.shards.check import adopt
@@ -160,7 +169,9 @@ def test_eval_outputs_of_both_loaders_agree_imagenet(large_images):
 def test_train_batches_have_the_model_shape(kind, large_images, unique_set):
     x, _ = next(iter(make(large_images, kind, True, preset="imagenet", batch_size=4).epoch(0)))
     assert x.shape == (4, 3, 224, 224) and x.device.type == "cpu"
-    x, _ = next(iter(make(unique_set, kind, True, autoaugment=True, cutout=16).epoch(0)))
+    x, _ = next(
+        iter(make(unique_set, kind, True, augment=Augment(autoaugment=True), cutout=16).epoch(0))
+    )
     assert x.shape == (8, 3, 32, 32) and torch.isfinite(x).all()
 
 
@@ -239,3 +250,28 @@ def test_autoaugment_pil_runs_every_operation():
         np.any(np.asarray(autoaugment_pil(img, rng)) != np.asarray(img)) for _ in range(50)
     )
     assert 10 < changed < 50  # sub-policies fire with their probabilities
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_color_jitter_and_randaugment_in_both_loaders(kind, large_images):
+    options = Augment(color_jitter=0.4, randaugment=True)
+    loader = make(large_images, kind, True, preset="imagenet", batch_size=4, augment=options)
+    x, _ = next(iter(loader.epoch(0)))
+    assert x.shape == (4, 3, 224, 224) and torch.isfinite(x).all()
+    with pytest.raises(ValueError, match="CIFAR policy"):
+        make(large_images, kind, True, preset="imagenet", augment=Augment(autoaugment=True))
+
+
+def test_randaugment_and_jitter_operations():
+    img = Image.fromarray(random_rgb(3, 32) // 2 + 50)
+    assert len(RANDAUGMENT_OPS) == 14
+    for name in RANDAUGMENT_OPS:
+        out = _randaugment_op(img, name, 0.6, 1.0)
+        assert out.size == img.size and out.mode == "RGB"
+        assert (name == "identity") == np.array_equal(np.asarray(out), np.asarray(img)), name
+    rng = np.random.default_rng(0)
+    assert not np.array_equal(np.asarray(randaugment_pil(img, rng)), np.asarray(img))
+    jittered = np.asarray(color_jitter_pil(img, 0.4, rng), dtype=float)
+    assert np.abs(jittered - np.asarray(img)).mean() > 1
+    with pytest.raises(ValueError, match="color_jitter"):
+        Augment(color_jitter=1.5)

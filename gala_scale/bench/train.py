@@ -16,11 +16,11 @@ import json
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from gala_scale.bench.common import machine
+from gala_scale.launch import train_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,32 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=29561)
 
 
-def _command(processes: int, port: int) -> list[str]:
-    if processes == 1:
-        return [sys.executable, "-m", "gala_scale.train"]
-    accelerate = str(Path(sys.executable).parent / "accelerate")
-    return [
-        accelerate,
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
-        "-m",
-        "gala_scale.train",
-    ]
-
-
 def _run(args: argparse.Namespace, loss: str, processes: int, run_dir: Path) -> dict:
     cmd = [
-        *_command(processes, args.port),
+        *train_command(processes, args.port),
         "--config",
         str(ROOT / "configs" / "debug.yaml"),
         f"data.shards={args.shards}",

@@ -55,7 +55,7 @@ class ShardLoader:
         seed: int = 0,
         device: torch.device | str = "cpu",
         num_workers: int | None = None,
-        autoaugment: bool = False,
+        augment: presets.Augment | None = None,
         cutout: int = 0,
         num_classes: int | None = None,
     ):
@@ -66,7 +66,8 @@ class ShardLoader:
                 f"need batch_size >= 1 and 0 <= rank < world, got {batch_size}, {rank}, {world}"
             )
         self.preset = presets.get_preset(preset)
-        if autoaugment and self.preset.name != "cifar":
+        self.augment = augment or presets.Augment()
+        if self.augment.autoaugment and self.preset.name != "cifar":
             raise ValueError("autoaugment is the CIFAR policy: use it with preset 'cifar'")
         self.info = open_split(root, split, num_classes)
         self._check_images_fit()
@@ -74,7 +75,7 @@ class ShardLoader:
         self.batch_size, self.train, self.rank, self.world = batch_size, train, rank, world
         self.seed, self.device = seed, torch.device(device)
         self.num_workers = os.cpu_count() if num_workers is None else num_workers
-        self.autoaugment, self.cutout = autoaugment, cutout
+        self.cutout = cutout
         self.steps_per_epoch = steps_per_epoch(self.info.num_samples, world, batch_size, train)
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -91,32 +92,34 @@ class ShardLoader:
 
     def _chunks(self, epoch: int):
         shards = epoch_shards(self.info.shards, self.seed, epoch, shuffle=self.train)
-        common = {"train": self.train, "autoaugment": self.autoaugment}
         if self.kind == "dali":
             from gala_scale.data import dali
 
             cuda = self.device.type == "cuda"
-            return dali.rank_chunks(
+            pipe = dali.build_pipeline(
                 shards,
                 self.info.image_ext,
                 self.preset,
+                self.augment,
+                train=self.train,
                 batch_size=self.batch_size,
                 rank=self.rank,
                 world=self.world,
                 seed=_seed(self.seed, epoch, self.rank),
                 device_id=(self.device.index or 0) if cuda else None,
                 num_threads=max(1, self.num_workers),
-                **common,
             )
+            return dali.iterate(pipe)
         from gala_scale.data import torch_loader
 
         return torch_loader.rank_chunks(
             rank_segments(shards, self.rank, self.world),
             self.info.image_ext,
             self.preset,
+            train=self.train,
+            options=self.augment,
             seed=(self.seed, epoch, self.rank),
             num_workers=self.num_workers,
-            **common,
         )
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

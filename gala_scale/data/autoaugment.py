@@ -1,9 +1,12 @@
-"""AutoAugment's CIFAR-10 policy (Cubuk et al., CVPR 2019) for both loaders.
+"""AutoAugment's CIFAR-10 policy (Cubuk et al., CVPR 2019), RandAugment (Cubuk et al., 2020)
+and colour jitter for the torch loader, matching what the DALI loader runs.
 
-The DALI loader runs DALI's own implementation of this policy (``reduced_cifar10``); the torch
-loader runs :func:`autoaugment_pil`, the same 25 sub-policies with the same magnitude ranges
-(11 magnitude bins) written with PIL. Translations move at most ``150/331`` of the image side
-(the paper's 150 px on 331 px), rotations 30 degrees, shears 0.3; empty areas are grey (128).
+The DALI loader runs DALI's own ``reduced_cifar10`` policy, ``rand_augment`` and
+``color_twist``; here are the same operations, probabilities and magnitude ranges written with
+PIL. AutoAugment: 25 sub-policies, 11 magnitude bins, translations up to ``150/331`` of the side
+(the paper's 150 px on 331 px). RandAugment: 2 of 14 operations at magnitude 9 of 30,
+translations up to ``100/224`` of the side. Rotations up to 30 degrees, shears 0.3; empty areas
+are grey (128).
 """
 
 from __future__ import annotations
@@ -15,6 +18,24 @@ from gala_scale.data.presets import AUTOAUGMENT_MAX_TRANSLATE_REL
 
 MAGNITUDE_BINS = 11
 FILL = (128, 128, 128)
+RANDAUGMENT_N, RANDAUGMENT_M, RANDAUGMENT_BINS = 2, 9, 31
+RANDAUGMENT_MAX_TRANSLATE_REL = 100 / 224
+RANDAUGMENT_OPS = (
+    "translate_x",
+    "translate_y",
+    "shear_x",
+    "shear_y",
+    "rotate",
+    "brightness",
+    "contrast",
+    "color",
+    "sharpness",
+    "posterize",
+    "solarize",
+    "equalize",
+    "auto_contrast",
+    "identity",
+)
 
 # (operation, probability, magnitude bin) pairs; the published CIFAR-10 policy.
 CIFAR10_POLICY = (
@@ -96,5 +117,55 @@ def autoaugment_pil(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def translate_pixels(side: int) -> int:
-    """The DALI policy's absolute translate bound for ``side``-pixel images."""
+    """The DALI AutoAugment policy's absolute translate bound for ``side``-pixel images."""
     return round(AUTOAUGMENT_MAX_TRANSLATE_REL * side)
+
+
+def randaugment_translate_pixels(side: int) -> int:
+    return round(RANDAUGMENT_MAX_TRANSLATE_REL * side)
+
+
+def _randaugment_op(img: Image.Image, name: str, level: float, sign: float) -> Image.Image:
+    """One RandAugment operation at ``level`` in [0, 1] (magnitude / (bins - 1))."""
+    if name == "identity":
+        return img
+    if name in ("brightness", "contrast", "color", "sharpness"):
+        enhancer = {
+            "brightness": ImageEnhance.Brightness,
+            "contrast": ImageEnhance.Contrast,
+            "color": ImageEnhance.Color,
+            "sharpness": ImageEnhance.Sharpness,
+        }[name]
+        return enhancer(img).enhance(1 + sign * 0.9 * level)
+    if name in ("translate_x", "translate_y"):
+        shift = sign * level * RANDAUGMENT_MAX_TRANSLATE_REL
+        if name == "translate_x":
+            return _affine(img, (1, 0, shift * img.width, 0, 1, 0))
+        return _affine(img, (1, 0, 0, 0, 1, shift * img.height))
+    if name == "shear_x":
+        return _affine(img, (1, sign * 0.3 * level, 0, 0, 1, 0))
+    if name == "shear_y":
+        return _affine(img, (1, 0, 0, sign * 0.3 * level, 1, 0))
+    if name == "rotate":
+        return img.rotate(sign * 30 * level, fillcolor=FILL)
+    if name == "posterize":
+        return ImageOps.posterize(img, round(8 - 4 * level))
+    if name == "solarize":
+        return ImageOps.solarize(img, round(256 - 256 * level))
+    return _apply(img, name, None, sign)  # equalize, auto_contrast
+
+
+def randaugment_pil(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """RandAugment: ``RANDAUGMENT_N`` operations drawn uniformly, at magnitude ``RANDAUGMENT_M``."""
+    level = RANDAUGMENT_M / (RANDAUGMENT_BINS - 1)
+    for index in rng.integers(len(RANDAUGMENT_OPS), size=RANDAUGMENT_N):
+        sign = 1.0 if rng.random() < 0.5 else -1.0
+        img = _randaugment_op(img, RANDAUGMENT_OPS[index], level, sign)
+    return img
+
+
+def color_jitter_pil(img: Image.Image, strength: float, rng: np.random.Generator) -> Image.Image:
+    """Brightness, contrast and saturation, each scaled by a factor in [1 - s, 1 + s]."""
+    for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        img = enhancer(img).enhance(rng.uniform(1 - strength, 1 + strength))
+    return img

@@ -15,9 +15,15 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from gala_scale.data import presets
-from gala_scale.data.autoaugment import translate_pixels
+from gala_scale.data.autoaugment import (
+    RANDAUGMENT_BINS,
+    RANDAUGMENT_M,
+    RANDAUGMENT_N,
+    randaugment_translate_pixels,
+    translate_pixels,
+)
 from gala_scale.data.common import Shard
-from gala_scale.data.presets import Preset
+from gala_scale.data.presets import Augment, Preset
 
 LABEL_DIGITS = 10  # cls holds up to this many ASCII digits
 SHUFFLE_BUFFER = 1024
@@ -33,23 +39,62 @@ def parse_cls(cls: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _augment(images, preset: Preset, train: bool, autoaugment: bool, device: str):
-    mean = [m * 255 for m in preset.mean]
-    std = [s * 255 for s in preset.std]
-    common = {"dtype": types.FLOAT, "output_layout": "CHW", "mean": mean, "std": std}
-    if not train:
-        if preset.eval_resize is not None:
-            images = fn.resize(
-                images,
-                device=device,
-                resize_shorter=preset.eval_resize,
-                interp_type=types.INTERP_LINEAR,
-                antialias=True,
-            )
-        return fn.crop_mirror_normalize(
-            images, device=device, crop=(preset.crop, preset.crop), **common
+def _normalise(images, preset: Preset, device: str, mirror=None, crop: bool = False):
+    kwargs = {
+        "dtype": types.FLOAT,
+        "output_layout": "CHW",
+        "mean": [m * 255 for m in preset.mean],
+        "std": [s * 255 for s in preset.std],
+    }
+    if mirror is not None:
+        kwargs["mirror"] = mirror
+    if crop:
+        kwargs["crop"] = (preset.crop, preset.crop)
+    return fn.crop_mirror_normalize(images, device=device, **kwargs)
+
+
+def _eval(images, preset: Preset, device: str):
+    if preset.eval_resize is not None:
+        images = fn.resize(
+            images,
+            device=device,
+            resize_shorter=preset.eval_resize,
+            interp_type=types.INTERP_LINEAR,
+            antialias=True,
         )
-    if autoaugment:
+    return _normalise(images, preset, device, crop=True)
+
+
+def _train_crop(images, preset: Preset, device: str):
+    """uint8 crop x crop: resize of the random-resized-crop window, or pad + random crop."""
+    if preset.random_resized_crop:
+        return fn.resize(
+            images,
+            device=device,
+            resize_x=preset.crop,
+            resize_y=preset.crop,
+            interp_type=types.INTERP_LINEAR,
+            antialias=True,
+        )
+    side = preset.crop + 2 * preset.pad
+    images = fn.crop(
+        images, device=device, crop=(side, side), out_of_bounds_policy="pad", fill_values=0
+    )
+    # Integer offsets 0..2*pad, each equally likely, like the torch loader's.
+    offsets = [i / (2 * preset.pad) for i in range(2 * preset.pad + 1)]
+    return fn.crop(
+        images,
+        device=device,
+        crop=(preset.crop, preset.crop),
+        crop_pos_x=fn.random.uniform(values=offsets),
+        crop_pos_y=fn.random.uniform(values=offsets),
+    )
+
+
+def _train(images, preset: Preset, options: Augment, device: str):
+    """Crop, then the optional policies (as in the torch loader, same order), flip, normalise."""
+    images = _train_crop(images, preset, device)
+    if options.autoaugment:
         from nvidia.dali.auto_aug import auto_augment
 
         images = auto_augment.auto_augment(
@@ -58,41 +103,36 @@ def _augment(images, preset: Preset, train: bool, autoaugment: bool, device: str
             max_translate_abs=translate_pixels(preset.crop),
             fill_value=128,
         )
-    mirror = fn.random.coin_flip(probability=0.5)
-    if preset.random_resized_crop:
-        images = fn.resize(
+    if options.color_jitter:
+        low, high = 1 - options.color_jitter, 1 + options.color_jitter
+        images = fn.color_twist(
             images,
             device=device,
-            resize_x=preset.crop,
-            resize_y=preset.crop,
-            interp_type=types.INTERP_LINEAR,
-            antialias=True,
+            brightness=fn.random.uniform(range=(low, high)),
+            contrast=fn.random.uniform(range=(low, high)),
+            saturation=fn.random.uniform(range=(low, high)),
         )
-        return fn.crop_mirror_normalize(images, device=device, mirror=mirror, **common)
-    side = preset.crop + 2 * preset.pad
-    images = fn.crop(
-        images, device=device, crop=(side, side), out_of_bounds_policy="pad", fill_values=0
-    )
-    # Integer offsets 0..2*pad, each equally likely, like the torch loader's.
-    offsets = [i / (2 * preset.pad) for i in range(2 * preset.pad + 1)]
-    return fn.crop_mirror_normalize(
-        images,
-        device=device,
-        crop=(preset.crop, preset.crop),
-        mirror=mirror,
-        crop_pos_x=fn.random.uniform(values=offsets),
-        crop_pos_y=fn.random.uniform(values=offsets),
-        **common,
-    )
+    if options.randaugment:
+        from nvidia.dali.auto_aug import rand_augment
+
+        images = rand_augment.rand_augment(
+            images,
+            n=RANDAUGMENT_N,
+            m=RANDAUGMENT_M,
+            num_magnitude_bins=RANDAUGMENT_BINS,
+            max_translate_abs=randaugment_translate_pixels(preset.crop),
+            fill_value=128,
+        )
+    return _normalise(images, preset, device, mirror=fn.random.coin_flip(probability=0.5))
 
 
 def build_pipeline(
     shards: list[Shard],
     image_ext: str,
     preset: Preset,
+    options: Augment,
     *,
     train: bool,
-    autoaugment: bool,
     batch_size: int,
     rank: int,
     world: int,
@@ -101,13 +141,14 @@ def build_pipeline(
     num_threads: int,
 ):
     gpu = device_id is not None
+    conditionals = options.autoaugment or options.randaugment
 
     @pipeline_def(
         batch_size=batch_size,
         num_threads=num_threads,
         device_id=device_id,
         seed=seed,
-        enable_conditionals=autoaugment,
+        enable_conditionals=conditionals,
         prefetch_queue_depth=2,
     )
     def pipeline():
@@ -124,53 +165,27 @@ def build_pipeline(
             name="reader",
         )
         device = "gpu" if gpu else "cpu"
+        decoder = "mixed" if gpu else "cpu"
         if train and preset.random_resized_crop:
             images = fn.decoders.image_random_crop(
                 encoded,
-                device="mixed" if gpu else "cpu",
+                device=decoder,
                 output_type=types.RGB,
                 random_area=list(presets.RRC_SCALE),
                 random_aspect_ratio=list(presets.RRC_RATIO),
                 num_attempts=10,
             )
         else:
-            images = fn.decoders.image(
-                encoded, device="mixed" if gpu else "cpu", output_type=types.RGB
-            )
+            images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
         labels = fn.pad(cls, axes=(0,), shape=(LABEL_DIGITS,), fill_value=0)
-        return _augment(images, preset, train, autoaugment, device), labels
+        images = _train(images, preset, options, device) if train else _eval(images, preset, device)
+        return images, labels
 
     return pipeline()
 
 
-def rank_chunks(
-    shards: list[Shard],
-    image_ext: str,
-    preset: Preset,
-    *,
-    train: bool,
-    autoaugment: bool,
-    batch_size: int,
-    rank: int,
-    world: int,
-    seed: int,
-    device_id: int | None,
-    num_threads: int,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's (images, labels) batches for one epoch, the last one partial."""
-    pipe = build_pipeline(
-        shards,
-        image_ext,
-        preset,
-        train=train,
-        autoaugment=autoaugment,
-        batch_size=batch_size,
-        rank=rank,
-        world=world,
-        seed=seed,
-        device_id=device_id,
-        num_threads=num_threads,
-    )
+def iterate(pipe) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A built pipeline's (images, labels) batches for one epoch, the last one partial."""
     iterator = DALIGenericIterator(
         [pipe],
         ["images", "cls"],

@@ -67,6 +67,19 @@ PRESETS = {
 }
 
 
+@dataclass(frozen=True)
+class Augment:
+    """Optional train-time policies, applied after the crop in this order by both loaders."""
+
+    autoaugment: bool = False  # AutoAugment, CIFAR-10 policy
+    color_jitter: float = 0.0  # brightness, contrast, saturation factors in [1 - s, 1 + s]
+    randaugment: bool = False  # RandAugment, 2 operations at magnitude 9 of 30
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.color_jitter < 1:
+            raise ValueError(f"color_jitter must be in [0, 1), got {self.color_jitter}")
+
+
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid: {', '.join(sorted(PRESETS))}")

@@ -17,9 +17,10 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from gala_scale.data import autoaugment as policies
 from gala_scale.data import presets
 from gala_scale.data.common import Shard
-from gala_scale.data.presets import Preset
+from gala_scale.data.presets import Augment, Preset
 
 CHUNK = 32  # samples per worker -> main process message
 SHUFFLE_BUFFER = 1024  # as DALI's reader's initial_fill
@@ -43,19 +44,23 @@ def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator) -
 
 
 def train_array(
-    img: Image.Image, preset: Preset, rng: np.random.Generator, autoaugment: bool
+    img: Image.Image, preset: Preset, rng: np.random.Generator, options: Augment
 ) -> np.ndarray:
+    """Crop, the optional policies (the DALI pipeline's order), flip, normalise."""
     img = img.convert("RGB")
-    if autoaugment:
-        from gala_scale.data.autoaugment import autoaugment_pil
-
-        img = autoaugment_pil(img, rng)
     if preset.random_resized_crop:
-        arr = np.asarray(random_resized_crop(img, preset.crop, rng))
+        img = random_resized_crop(img, preset.crop, rng)
     else:
         padded = np.pad(np.asarray(img), ((preset.pad,) * 2, (preset.pad,) * 2, (0, 0)))
         top, left = rng.integers(0, 2 * preset.pad + 1, size=2)
-        arr = padded[top : top + preset.crop, left : left + preset.crop]
+        img = Image.fromarray(padded[top : top + preset.crop, left : left + preset.crop])
+    if options.autoaugment:
+        img = policies.autoaugment_pil(img, rng)
+    if options.color_jitter:
+        img = policies.color_jitter_pil(img, options.color_jitter, rng)
+    if options.randaugment:
+        img = policies.randaugment_pil(img, rng)
+    arr = np.asarray(img)
     if rng.random() < 0.5:
         arr = arr[:, ::-1]
     return presets.normalise(arr, preset)
@@ -70,12 +75,12 @@ class _RankStream(IterableDataset):
         image_ext: str,
         preset: Preset,
         train: bool,
-        autoaugment: bool,
+        options: Augment,
         seed: tuple[int, ...],
     ) -> None:
         super().__init__()
         self.segments, self.image_ext, self.preset = segments, image_ext, preset
-        self.train, self.autoaugment, self.seed = train, autoaugment, seed
+        self.train, self.options, self.seed = train, options, seed
 
     def _samples(self, segments) -> Iterator[tuple[bytes, int, str]]:
         for shard, first, end in segments:
@@ -118,7 +123,7 @@ class _RankStream(IterableDataset):
             try:
                 img = Image.open(io.BytesIO(data))
                 arr = (
-                    train_array(img, self.preset, rng, self.autoaugment)
+                    train_array(img, self.preset, rng, self.options)
                     if self.train
                     else presets.eval_array(img, self.preset)
                 )
@@ -139,12 +144,12 @@ def rank_chunks(
     preset: Preset,
     *,
     train: bool,
-    autoaugment: bool,
+    options: Augment,
     seed: tuple[int, ...],
     num_workers: int,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Chunks of (images, labels) of this rank for one epoch."""
-    stream = _RankStream(segments, image_ext, preset, train, autoaugment, seed)
+    stream = _RankStream(segments, image_ext, preset, train, options, seed)
     workers = min(num_workers, len(segments))
     loader = DataLoader(
         stream,

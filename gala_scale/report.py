@@ -1,0 +1,110 @@
+"""The end of a run: the best-on-val model tested with and without PN, results and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from gala_scale import metrics, plots, rebalance
+from gala_scale.checkpoint import TrainState, save_weights
+from gala_scale.engine import predict
+from gala_scale.runlog import RunLog
+
+
+def table(results: dict) -> str:
+    """The test results as a small fixed-width table (top-1, many, medium, few, in %)."""
+    rows = [
+        f"{'test (' + str(results['test_samples']) + ' images)':<34}{'top1':>7}{'many':>7}"
+        f"{'medium':>8}{'few':>7}"
+    ]
+    for name, summary in results["test"].items():
+        cells = [summary[k] for k in ("top1", "many", "medium", "few")]
+        rows.append(
+            f"{name:<34}"
+            + "".join(
+                f"{'-' if v is None else f'{100 * v:.1f}':>{w}}"
+                for v, w in zip(cells, (7, 7, 8, 7), strict=True)
+            )
+        )
+    return "\n".join(rows)
+
+
+def _load_best(run) -> bool:
+    best = Path(run.cfg.run_dir) / "best" / "model.safetensors"
+    if not best.exists():
+        return False
+    run.accelerator.unwrap_model(run.model).load_state_dict(load_file(best))
+    return True
+
+
+def finish(run, state: TrainState) -> dict | None:
+    """Final weights, then the best-on-val model tested plain, with PN scales fitted on val,
+    and with the paper's transductive PN; writes results.json, pn.json and the plots."""
+    cfg, acc, run_dir = run.cfg, run.accelerator, Path(run.cfg.run_dir)
+    save_weights(acc, run.model, run.criterion, run_dir / "final", {"epoch": cfg.train.epochs - 1})
+    used_best = _load_best(run)
+    if run.test is None:
+        return None
+    scales, tau = None, cfg.pn.tau
+    if run.val is not None:
+        val_probs, val_labels = predict(run.model, run.val.epoch(0), acc, run.input_dtype)
+        scales = rebalance.fit(val_probs)
+        if cfg.pn.fit_tau:
+            tau = rebalance.fit_tau(val_probs, val_labels, scales)
+    probs, labels = predict(run.model, run.test.epoch(0), acc, run.input_dtype)
+    test = {"plain": metrics.summarize(probs, labels, run.class_counts)}
+    if scales is not None:
+        test[f"PN, val scales, tau {tau:g}"] = metrics.summarize(
+            rebalance.apply(probs, scales, tau), labels, run.class_counts
+        )
+    test[f"PN, transductive on test, tau {tau:g}"] = metrics.summarize(
+        rebalance.transductive(probs, tau), labels, run.class_counts
+    )
+    results = {
+        "weights": "best" if used_best else "final",
+        "best_epoch": state.best_epoch,
+        "test_samples": len(labels),
+        "tau": tau,
+        "test": test,
+    }
+    if acc.is_main_process:
+        _write(run, results, scales, tau)
+    return results
+
+
+def _write(run, results: dict, scales, tau: float) -> None:
+    run_dir = Path(run.cfg.run_dir)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    if scales is not None:
+        (run_dir / "pn.json").write_text(
+            json.dumps(
+                {
+                    "scales": [float(s) for s in scales],
+                    "tau": tau,
+                    "fitted_on": run.cfg.data.val_split,
+                    "class_names": run.class_names,
+                },
+                indent=1,
+            )
+        )
+    (run_dir / "plots").mkdir(exist_ok=True)
+    variants = list(results["test"].values())
+    plain, pn = variants[0], variants[1]
+    plots.per_class_accuracy(
+        run.class_counts,
+        plain["per_class"],
+        pn["per_class"],
+        run_dir / "plots" / "per_class_accuracy.png",
+    )
+    plots.positive_predictions(
+        run.class_counts,
+        plain["positive_predictions"],
+        pn["positive_predictions"],
+        run_dir / "plots" / "positive_predictions.png",
+    )
+    history = RunLog(run_dir, False, 0).ledger_history()
+    if history is not None:
+        plots.ledger(*history, run.class_counts, run_dir / "plots" / "ledger.png")
+    print(table(results), flush=True)
