@@ -29,9 +29,12 @@ def extra(shards, *more: str) -> str:
     return " ".join([f"data.shards={shards}", "data.num_workers=1", *more])
 
 
-def test_two_node_job_completes(env, shards, tmp_path, port):
+@pytest.mark.parametrize("deepspeed", ["none", "configs/deepspeed/zero2.json"])
+def test_two_node_job_completes(env, shards, tmp_path, port, deepspeed):
     run_dir = tmp_path / "run"
-    job = submit(env, run_dir, extra(shards), tmp_path, port=port)
+    job = submit(
+        env, run_dir, extra(shards), tmp_path, port=port, script_env={"DEEPSPEED_CONFIG": deepspeed}
+    )
     info = wait(env, job)
     assert info["JobState"] == "COMPLETED", job_log(tmp_path, job)[-4000:]
     records = ranks(run_dir)
@@ -48,7 +51,10 @@ def test_two_node_job_completes(env, shards, tmp_path, port):
         "checkpoints/e0003-s000000",
     ):
         assert (run_dir / name).exists(), name
-    assert "2 nodes x 1 processes" in job_log(tmp_path, job)
+    log = job_log(tmp_path, job)
+    assert "2 nodes x 1 processes" in log
+    if deepspeed != "none":  # DeepSpeed ran, with its launcher that needs no pdsh
+        assert (run_dir / "checkpoints" / "e0003-s000000" / "latest").is_file()
 
 
 def test_preempted_job_requeues_resumes_and_matches(env, shards, tmp_path, port):
