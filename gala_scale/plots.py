@@ -99,6 +99,6 @@ def comparison(train_counts, per_class: dict[str, list], path: Path) -> None:
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.02)
     ax.legend()
-    ax.set_title("Per-class accuracy: CE vs GALA vs GALA + PN")
+    ax.set_title("Per-class test accuracy against training count")
     path.parent.mkdir(parents=True, exist_ok=True)
     _save(fig, path)
