@@ -24,7 +24,9 @@ from gala_scale.shards.__main__ import main
 from gala_scale.shards.manifest import load_manifest
 from gala_scale.shards.sources import long_tailed_counts
 
-CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+# The real data beside the project (../shared/data), or wherever GALA_DATA points.
+DATA = Path(os.environ.get("GALA_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+CIFAR10 = DATA / "cifar10"
 
 
 def build(*args: str) -> int:
