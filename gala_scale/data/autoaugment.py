@@ -16,6 +16,12 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from gala_scale.data.presets import AUTOAUGMENT_MAX_TRANSLATE_REL
 
+ENHANCERS = {
+    "brightness": ImageEnhance.Brightness,
+    "contrast": ImageEnhance.Contrast,
+    "color": ImageEnhance.Color,
+    "sharpness": ImageEnhance.Sharpness,
+}
 MAGNITUDE_BINS = 11
 FILL = (128, 128, 128)
 RANDAUGMENT_N, RANDAUGMENT_M, RANDAUGMENT_BINS = 2, 9, 31
@@ -84,14 +90,8 @@ def _apply(img: Image.Image, name: str, magnitude: int | None, sign: float) -> I
             "equalize": ImageOps.equalize,
             "auto_contrast": ImageOps.autocontrast,
         }[name](img)
-    if name in ("contrast", "color", "brightness", "sharpness"):
-        enhancer = {
-            "contrast": ImageEnhance.Contrast,
-            "color": ImageEnhance.Color,
-            "brightness": ImageEnhance.Brightness,
-            "sharpness": ImageEnhance.Sharpness,
-        }
-        return enhancer[name](img).enhance(_level(magnitude, 0.1, 1.9))
+    if name in ENHANCERS:
+        return ENHANCERS[name](img).enhance(_level(magnitude, 0.1, 1.9))
     if name == "rotate":
         return img.rotate(sign * _level(magnitude, 0, 30), fillcolor=FILL)
     if name in ("translate_x", "translate_y"):
@@ -129,14 +129,8 @@ def _randaugment_op(img: Image.Image, name: str, level: float, sign: float) -> I
     """One RandAugment operation at ``level`` in [0, 1] (magnitude / (bins - 1))."""
     if name == "identity":
         return img
-    if name in ("brightness", "contrast", "color", "sharpness"):
-        enhancer = {
-            "brightness": ImageEnhance.Brightness,
-            "contrast": ImageEnhance.Contrast,
-            "color": ImageEnhance.Color,
-            "sharpness": ImageEnhance.Sharpness,
-        }[name]
-        return enhancer(img).enhance(1 + sign * 0.9 * level)
+    if name in ENHANCERS:
+        return ENHANCERS[name](img).enhance(1 + sign * 0.9 * level)
     if name in ("translate_x", "translate_y"):
         shift = sign * level * RANDAUGMENT_MAX_TRANSLATE_REL
         if name == "translate_x":
