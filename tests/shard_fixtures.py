@@ -48,3 +48,22 @@ def write_image_tree(root: Path, counts: dict[str, int], suffix: str = ".jpg") -
             path.write_bytes(jpeg_bytes(random_rgb(hash((cls, i)) % 2**32)))
             paths.append(path)
     return paths
+
+
+def build_small_synthetic(out: Path, **options: int) -> Path:
+    """A 6-class synthetic set (IF 20, 120 images in the head class, 20 test images a class)."""
+    from gala_scale.shards.__main__ import main as shards_main
+
+    settings = {
+        "num-classes": 6,
+        "max-per-class": 120,
+        "imbalance-factor": 20,
+        "test-per-class": 20,
+        "workers": 1,
+        **options,
+    }
+    argv = ["build", "synthetic", "--out", str(out)]
+    for key, value in settings.items():
+        argv += [f"--{key}", str(value)]
+    assert shards_main(argv) == 0
+    return out

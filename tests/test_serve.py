@@ -19,13 +19,13 @@ from gala_serve.batch import main as batch_main
 from gala_serve.client import Client, ServerError
 from PIL import Image
 from safetensors.torch import load_file
+from shard_fixtures import build_small_synthetic
 from train_helpers import ENV, debug_overrides, explain, run_single
 
 from gala_scale.data import presets
 from gala_scale.export import export
 from gala_scale.models import create_model
 from gala_scale.shards import tario
-from gala_scale.shards.__main__ import main as shards_main
 
 BIN = Path(sys.executable).parent
 
@@ -34,27 +34,7 @@ BIN = Path(sys.executable).parent
 def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("serve")
     shards = base / "synthetic"
-    assert (
-        shards_main(
-            [
-                "build",
-                "synthetic",
-                "--num-classes",
-                "6",
-                "--max-per-class",
-                "120",
-                "--imbalance-factor",
-                "20",
-                "--test-per-class",
-                "20",
-                "--out",
-                str(shards),
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
+    build_small_synthetic(shards)
     run_dir = base / "run"
     proc = run_single(debug_overrides(shards, run_dir, "train.epochs=4"))
     assert proc.returncode == 0, explain(proc)

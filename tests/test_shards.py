@@ -205,38 +205,13 @@ def test_missing_files_error_or_skip(tmp_path, capsys):
 
 def test_labels_out_of_range_and_empty_classes_are_errors(tmp_path, capsys):
     root, train, _ = make_list_dataset(tmp_path)
-    assert (
-        build(
-            "list",
-            "--root",
-            root,
-            "--list",
-            f"train={train}",
-            "--num-classes",
-            2,
-            "--out",
-            tmp_path / "o",
-        )
-        == 2
-    )
+    lists = ("list", "--root", root, "--list", f"train={train}", "--out", tmp_path / "o")
+    assert build(*lists, "--num-classes", 2) == 2
     assert "labels outside [0, 2)" in capsys.readouterr().err
-    assert (
-        build(
-            "list",
-            "--root",
-            root,
-            "--list",
-            f"train={train}",
-            "--num-classes",
-            5,
-            "--out",
-            tmp_path / "o",
-        )
-        == 2
-    )
+    assert build(*lists, "--num-classes", 5) == 2
     assert "no training image: [3, 4]" in capsys.readouterr().err
     train.write_text("just-a-path\n")
-    assert build("list", "--root", root, "--list", f"train={train}", "--out", tmp_path / "o") == 2
+    assert build(*lists) == 2
     assert "train.txt:1" in capsys.readouterr().err
 
 

@@ -4,6 +4,7 @@ import subprocess
 
 import pytest
 import torch
+from shard_fixtures import build_small_synthetic
 from train_helpers import (
     ROOT,
     debug_overrides,
@@ -17,35 +18,12 @@ from train_helpers import (
 )
 
 from gala_scale.config import ConfigError, load_config
-from gala_scale.shards.__main__ import main as shards_main
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "synthetic"
-    assert (
-        shards_main(
-            [
-                "build",
-                "synthetic",
-                "--num-classes",
-                "6",
-                "--max-per-class",
-                "120",
-                "--imbalance-factor",
-                "20",
-                "--val-per-class",
-                "10",
-                "--test-per-class",
-                "20",
-                "--out",
-                str(out),
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
+    build_small_synthetic(out, **{"val-per-class": 10})
     return out
 
 
