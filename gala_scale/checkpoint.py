@@ -97,12 +97,6 @@ def save_checkpoint(
     return final
 
 
-def read_state(checkpoint: Path) -> TrainState:
-    state = TrainState()
-    state.load_state_dict(json.loads((checkpoint / STATE_FILE).read_text()))
-    return state
-
-
 def resume_point(run_dir: Path, resume: str) -> Path | None:
     """The checkpoint ``--resume`` names: auto (newest complete, or None), none, or a folder.
 

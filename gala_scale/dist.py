@@ -19,24 +19,11 @@ def world_size() -> int:
     return torch_dist.get_world_size() if is_initialized() else 1
 
 
-def rank() -> int:
-    return torch_dist.get_rank() if is_initialized() else 0
-
-
-def is_main_process() -> bool:
-    return rank() == 0
-
-
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over all ranks in place; the identity with one process."""
     if world_size() > 1:
         torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
     return tensor
-
-
-def barrier() -> None:
-    if world_size() > 1:
-        torch_dist.barrier()
 
 
 def destroy() -> None:
