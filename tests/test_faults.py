@@ -16,6 +16,7 @@ from train_helpers import (
     explain,
     ranks,
     results,
+    run_accelerate,
     run_single,
 )
 
@@ -51,14 +52,7 @@ def training_pids(run_dir: Path) -> dict[int, int]:
 
 def test_killed_rank_fails_the_launch_fast_and_resume_finishes(shards, tmp_path, port):
     reference = tmp_path / "reference"
-    proc = subprocess.run(
-        [*accelerate_cmd(port), *debug_overrides(shards, reference, *LONGER)],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    proc = run_accelerate(debug_overrides(shards, reference, *LONGER), port)
     assert proc.returncode == 0, explain(proc)
 
     run_dir = tmp_path / "crashed"
@@ -86,14 +80,7 @@ def test_killed_rank_fails_the_launch_fast_and_resume_finishes(shards, tmp_path,
     assert newest_checkpoint(run_dir).name == "e0001-s000000"
 
     started = time.time()
-    proc = subprocess.run(
-        [*accelerate_cmd(port), *args, "--resume", "auto"],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    proc = run_accelerate([*args, "--resume", "auto"], port)
     assert proc.returncode == 0, explain(proc)
     assert "resuming from" in proc.stdout + proc.stderr
     assert ranks(run_dir)[0]["ledger_sha256"] == ranks(reference)[0]["ledger_sha256"]
