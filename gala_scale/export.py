@@ -165,7 +165,6 @@ def export(
     if diff > TOLERANCE:
         raise ExportError(f"ONNX Runtime and torch disagree by {diff:.3g} (> {TOLERANCE})")
     scales, tau, fitted_on = _scales(run_dir, checkpoint, model, cfg)
-    manifest = json.loads((Path(cfg.data.shards) / "manifest.json").read_text())
     artifact = {
         "format_version": FORMAT_VERSION,
         "model_name": model_name,
@@ -174,7 +173,7 @@ def export(
         "input": {"name": INPUT, "datatype": "FP32", "shape": [-1, 3, preset.crop, preset.crop]},
         "output": {"name": OUTPUT, "datatype": "FP32", "shape": [-1, split.num_classes]},
         "num_classes": split.num_classes,
-        "class_names": manifest["class_names"],
+        "class_names": list(split.class_names),
         "train_class_counts": list(split.class_counts),
         "preprocess": preset.to_dict(),
         "rebalance": {"scales": scales, "tau": tau, "fitted_on": fitted_on},

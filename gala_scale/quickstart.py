@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from gala_scale import plots
+from gala_scale.data.common import open_split
 from gala_scale.launch import train_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n== results on the balanced test split ({served['images']} images), top-1 %\n")
     print(_table(runs, served))
     results = {n: json.loads((d / "results.json").read_text())["test"] for n, d in runs.items()}
-    counts = json.loads((args.shards / "manifest.json").read_text())["splits"]["train"][
-        "class_counts"
-    ]
+    counts = open_split(args.shards, "train").class_counts
     plots.comparison(
         counts,
         {

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from gala_scale import plots
 from gala_scale.config import load_config
+from gala_scale.data.common import open_split
 from gala_scale.launch import train_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.losses.split(","):
         run_dir, seconds[name] = _train(name, args, shards)
         results[name] = json.loads((run_dir / "results.json").read_text())
-    counts = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["class_counts"]
+    counts = open_split(shards, "train").class_counts
     _report(
         args,
         results,

@@ -232,7 +232,6 @@ def _loaders(cfg: RunConfig, accelerator, num_classes: int):
 
 def build_run(cfg: RunConfig, accelerator) -> Run:
     split = open_split(cfg.data.shards, cfg.data.train_split)
-    manifest = json.loads((Path(cfg.data.shards) / "manifest.json").read_text())
     num_classes = cfg.num_classes or split.num_classes
     counts = list(split.class_counts)
     train, val, test = _loaders(cfg, accelerator, num_classes)
@@ -270,7 +269,7 @@ def build_run(cfg: RunConfig, accelerator) -> Run:
         val,
         test,
         counts,
-        manifest["class_names"],
+        list(split.class_names),
         input_dtype,
     )
 

@@ -44,6 +44,7 @@ class SplitInfo:
     num_classes: int
     class_counts: tuple[int, ...]
     image_ext: str
+    class_names: tuple[str, ...]
 
 
 def open_split(root: Path | str, split: str, num_classes: int | None = None) -> SplitInfo:
@@ -75,6 +76,7 @@ def open_split(root: Path | str, split: str, num_classes: int | None = None) -> 
         manifest["num_classes"],
         tuple(info["class_counts"]),
         manifest["image_ext"],
+        tuple(manifest["class_names"]),
     )
 
 
