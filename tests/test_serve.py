@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -327,6 +328,65 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, case):
     assert got == status, data
     assert message in json.loads(data)["error"]
     assert server.classify(_jpeg())["top_k"]  # the next good request succeeds
+
+
+def _raw(server, data: bytes) -> list[bytes]:
+    """Send raw bytes on one connection; the answers' status lines, until the server closes."""
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(1 << 16):
+            received += chunk
+    statuses = []
+    while received:
+        head, _, received = received.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        statuses.append(lines[0])
+        length = [int(x.split(b":")[1]) for x in lines if x.lower().startswith(b"content-length")]
+        received = received[length[0] if length else 0 :]
+    return statuses
+
+
+RAW = {
+    # two pipelined requests on one keep-alive connection, both answered in order
+    "keep-alive": (
+        b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\nGET /v2/nope HTTP/1.1\r\nHost: x\r\n\r\n",
+        [b"HTTP/1.1 200 OK", b"HTTP/1.1 404 Not Found"],
+    ),
+    "HTTP/1.0 closes": (
+        b"GET /v2/health/live HTTP/1.0\r\n\r\nGET /v2/health/live HTTP/1.0\r\n\r\n",
+        [b"HTTP/1.1 200 OK"],
+    ),
+    "bad request line": (b"HELLO\r\n\r\n", [b"HTTP/1.1 400 Bad Request"]),
+    "bad header": (b"GET / HTTP/1.1\r\nno colon\r\n\r\n", [b"HTTP/1.1 400 Bad Request"]),
+    "head too large": (
+        b"GET / HTTP/1.1\r\nX: " + b"a" * 70_000 + b"\r\n\r\n",
+        [b"HTTP/1.1 431 Request Header Fields Too Large"],
+    ),
+    "chunked": (
+        b"POST /v1/classify HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n",
+        [b"HTTP/1.1 411 Length Required"],
+    ),
+    "no length": (b"POST /v1/classify HTTP/1.1\r\n\r\n", [b"HTTP/1.1 411 Length Required"]),
+    "expect 100-continue": (
+        b"POST /v2/models/gala/infer HTTP/1.1\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 5\r\n\r\n{nope",
+        [b"HTTP/1.1 100 Continue", b"HTTP/1.1 400 Bad Request"],
+    ),
+    "unread body of a GET is skipped": (
+        b"GET /v2/health/live HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"
+        b"GET /v2/health/ready HTTP/1.1\r\n\r\n",
+        [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RAW))
+def test_http_framing_edge_cases(server, case):
+    data, expected = RAW[case]
+    assert _raw(server, data) == expected
+    assert server.json("GET", "/v2/health/live") == {"live": True}  # still serving
 
 
 def test_concurrent_clients_all_answered_correctly(server, trained):

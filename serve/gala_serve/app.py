@@ -16,26 +16,28 @@ Bad requests get a 4xx JSON ``{"error": ...}`` and the server keeps serving.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import json
+import os
 import re
-import socket
+import signal
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from gala_serve import __version__, protocol
 from gala_serve.batcher import DynamicBatcher
-from gala_serve.errors import LengthRequired, NotFound, RequestError, TooLarge
+from gala_serve.errors import NotFound, RequestError, TooLarge
+from gala_serve.httpio import Request, Response, Server
 from gala_serve.metrics import BATCH_BUCKETS, Metrics
 from gala_serve.model import ArtifactError, Model
 from gala_serve.preprocess import decode, eval_array
 
-DRAIN_FACTOR = 4  # bodies up to 4x the limit are read and dropped before the 413
+OFFLOAD_BYTES = 1 << 20  # infer bodies above this are parsed in the pool, off the event loop
 MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?(/ready|/infer)?$")
 
 
@@ -47,6 +49,7 @@ class Service:
         self.model: Model | None = None
         self.batcher: DynamicBatcher | None = None
         self.ready = threading.Event()
+        self.pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="decode")
 
     def load(self) -> None:
         self.model = Model(self.args.artifact, self.args.providers, self.args.threads)
@@ -55,16 +58,27 @@ class Service:
             self.metrics.observe("gala_batch_size", size, BATCH_BUCKETS)
             self.metrics.observe("gala_inference_seconds", seconds)
 
+        # The batcher thread also computes the softmax and re-balancing, once a batch.
         self.batcher = DynamicBatcher(
-            self.model.logits, self.args.max_batch, self.args.max_delay_ms / 1000, record
+            self.model.outputs, self.args.max_batch, self.args.max_delay_ms / 1000, record
         )
         self.ready.set()
 
-    def predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        logits = self.batcher.submit(batch)
-        raw, adjusted = self.model.probabilities(logits)
+    async def handle(self, request: Request) -> Response:
+        return await Exchange(self, request).answer()
+
+    async def predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        out, k = await self.batcher.infer(batch), self.model.num_classes
         self.metrics.inc("gala_images_total", len(batch))
-        return {"probabilities": adjusted, "raw_probabilities": raw, "logits": logits}
+        return {
+            "logits": out[:, :k],
+            "raw_probabilities": out[:, k : 2 * k],
+            "probabilities": out[:, 2 * k :],
+        }
+
+    async def offload(self, fn, *args):
+        """``fn(*args)`` in the worker pool (CPU work that would stall the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     def metadata(self) -> dict:
         m, art = self.model, self.model.artifact
@@ -90,124 +104,59 @@ class Service:
         }
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = f"gala-serve/{__version__}"
-    service: Service  # set on the subclass made by make_server
+class Exchange:
+    """One request on its way to a :class:`Response`: routing, parsing, the model, errors."""
 
-    def setup(self) -> None:
-        super().setup()
-        # Headers and body leave in separate writes; without TCP_NODELAY, Nagle's algorithm and
-        # delayed ACKs add about 40 ms to every answer.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def log_message(self, format, *args) -> None:
-        if self.service.args.access_log:
-            super().log_message(format, *args)
-
-    def _send(
-        self,
-        status: int,
-        body: bytes,
-        content_type: str = "application/json",
-        headers: dict | None = None,
-    ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, status: int, doc: dict) -> None:
-        self._send(status, json.dumps(doc).encode())
-
-    def _body(self) -> bytes:
-        if self._cached_body is not None:
-            return self._cached_body
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise LengthRequired("a Content-Length header is required")
-        try:
-            size = int(length)
-        except ValueError as err:
-            raise RequestError(f"Content-Length {length!r} is not a number") from err
-        limit = self.service.args.max_body_bytes
-        if size > limit:
-            if size <= DRAIN_FACTOR * limit:
-                # Read and drop it, so the client gets the 413 rather than a broken pipe and the
-                # connection stays usable; far larger bodies just get the connection closed.
-                while size > 0:
-                    size -= len(self.rfile.read(min(1 << 20, size))) or size
-            else:
-                self.close_connection = True
-            raise TooLarge(f"request body of {length} bytes exceeds the limit of {limit}")
-        self._cached_body = self.rfile.read(size)
-        return self._cached_body
-
-    def _handle(self, method: str) -> None:
-        start, endpoint, status = time.perf_counter(), "other", 500
-        self._cached_body = None
-        # Tell the batcher a sample is on its way while the request is parsed, so a batch being
+    def __init__(self, service: Service, request: Request) -> None:
+        self.service, self.request = service, request
+        # Tell the batcher a sample is on its way while the request is read, so a batch being
         # formed waits for it (and a lone request does not wait at all).
-        self._announced = method == "POST" and self.service.ready.is_set()
-        if self._announced:
-            self.service.batcher.expect(+1)
+        self.announced = request.method == "POST" and service.ready.is_set()
+        if self.announced:
+            service.batcher.expect(+1)
+
+    async def answer(self) -> Response:
+        start, endpoint = time.perf_counter(), "other"
         try:
-            if method == "POST":
-                self._body()  # read first: an error answer must not leave the body unread
-            endpoint, status = self._route(method)
+            if self.request.method == "POST":
+                await self.request.body()  # read first: an error must not leave it unread
+            endpoint, response = await self._route()
         except RequestError as err:
-            status = err.status
-            self._json(status, {"error": str(err)})
+            response = _json(err.status, {"error": str(err)})
         except Exception as err:  # a bug or the model failing: 500, and keep serving
-            status = 500
-            self._json(500, {"error": f"internal error: {type(err).__name__}: {err}"})
+            response = _json(500, {"error": f"internal error: {type(err).__name__}: {err}"})
         finally:
             self._withdraw()
-            m = self.service.metrics
-            m.inc("gala_requests_total", endpoint=endpoint)
-            if status >= 400:
-                m.inc("gala_request_errors_total", endpoint=endpoint, code=str(status))
-            m.observe(
-                "gala_request_latency_seconds", time.perf_counter() - start, endpoint=endpoint
-            )
+        m = self.service.metrics
+        m.inc("gala_requests_total", endpoint=endpoint)
+        if response.status >= 400:
+            m.inc("gala_request_errors_total", endpoint=endpoint, code=str(response.status))
+        m.observe("gala_request_latency_seconds", time.perf_counter() - start, endpoint=endpoint)
+        return response
 
-    def do_GET(self) -> None:
-        self._handle("GET")
-
-    def do_POST(self) -> None:
-        self._handle("POST")
-
-    def _route(self, method: str) -> tuple[str, int]:
-        url = urlparse(self.path)
-        path, svc = url.path.rstrip("/") or "/", self.service
-        if method == "GET" and path == "/v2/health/live":
-            self._json(200, {"live": True})
-            return "live", 200
-        if method == "GET" and path == "/v2/health/ready":
-            ready = svc.ready.is_set()
-            self._json(200 if ready else 503, {"ready": ready})
-            return "ready", 200 if ready else 503
-        if method == "GET" and path == "/metrics":
-            self._send(200, svc.metrics.render().encode(), "text/plain; version=0.0.4")
-            return "metrics", 200
-        if method == "GET" and path == "/v2":
-            self._json(
-                200,
-                {
+    async def _route(self) -> tuple[str, Response]:
+        method, path, svc = self.request.method, self.request.path, self.service
+        if method in ("GET", "HEAD"):
+            if path == "/v2/health/live":
+                return "live", _json(200, {"live": True})
+            if path == "/v2/health/ready":
+                ready = svc.ready.is_set()
+                return "ready", _json(200 if ready else 503, {"ready": ready})
+            if path == "/metrics":
+                return "metrics", Response(
+                    200, svc.metrics.render().encode(), "text/plain; version=0.0.4"
+                )
+            if path == "/v2":
+                doc = {
                     "name": "gala-serve",
                     "version": __version__,
                     "extensions": ["binary_tensor_data"],
-                },
-            )
-            return "server_metadata", 200
+                }
+                return "server_metadata", _json(200, doc)
         if not svc.ready.is_set():
-            self._json(503, {"error": "the model is still loading"})
-            return "not_ready", 503
+            return "not_ready", _json(503, {"error": "the model is still loading"})
         if method == "POST" and path == "/v1/classify":
-            return self._classify(parse_qs(url.query))
+            return "classify", await self._classify()
         match = MODEL_ROUTE.match(path)
         if match is None:
             raise NotFound(f"no endpoint {method} {path}")
@@ -217,19 +166,21 @@ class Handler(BaseHTTPRequestHandler):
             )
         action = match.group(2)
         if method == "GET" and action is None:
-            self._json(200, svc.metadata())
-            return "model_metadata", 200
+            return "model_metadata", _json(200, svc.metadata())
         if method == "GET" and action == "/ready":
-            self._json(200, {"name": svc.args.model_name, "ready": True})
-            return "model_ready", 200
+            return "model_ready", _json(200, {"name": svc.args.model_name, "ready": True})
         if method == "POST" and action == "/infer":
-            return self._infer()
+            return "infer", await self._infer()
         raise NotFound(f"no endpoint {method} {path}")
 
-    def _infer(self) -> tuple[str, int]:
-        svc = self.service
-        header = self.headers.get(protocol.HEADER)
-        request = protocol.parse_request(self._body(), int(header) if header else None)
+    async def _infer(self) -> Response:
+        svc, body = self.service, await self.request.body()
+        header = self.request.header(protocol.HEADER)
+        length = int(header) if header else None
+        if len(body) > OFFLOAD_BYTES:  # long JSON parses off the loop, which keeps serving
+            request = await svc.offload(protocol.parse_request, body, length)
+        else:
+            request = protocol.parse_request(body, length)
         name = svc.model.input_name
         if set(request.inputs) != {name}:
             raise RequestError(f"expected one input named {name!r}, got {sorted(request.inputs)}")
@@ -246,21 +197,22 @@ class Handler(BaseHTTPRequestHandler):
         if not np.isfinite(batch).all():
             raise RequestError(f"input {name!r} contains NaN or inf")
         body, header_length = protocol.encode_response(
-            svc.args.model_name, request, self._predict(np.ascontiguousarray(batch))
+            svc.args.model_name, request, await self._predict(np.ascontiguousarray(batch))
         )
-        headers = {protocol.HEADER: str(header_length)} if header_length is not None else None
-        content = "application/octet-stream" if header_length is not None else "application/json"
-        self._send(200, body, content, headers)
-        return "infer", 200
+        if header_length is None:
+            return Response(200, body)
+        return Response(
+            200, body, "application/octet-stream", {protocol.HEADER: str(header_length)}
+        )
 
     def _withdraw(self) -> None:
-        if self._announced:
-            self._announced = False
+        if self.announced:
+            self.announced = False
             self.service.batcher.expect(-1)
 
-    def _predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+    async def _predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         self._withdraw()  # from here on the request waits in the batcher's queue
-        return self.service.predict(batch)
+        return await self.service.predict(batch)
 
     def _check_batch(self, size: int) -> None:
         if size > self.service.args.max_request_batch:
@@ -268,9 +220,9 @@ class Handler(BaseHTTPRequestHandler):
                 f"{size} samples in one request; the limit is {self.service.args.max_request_batch}"
             )
 
-    def _images(self) -> list[bytes]:
-        body = self._body()
-        kind = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+    async def _images(self) -> list[bytes]:
+        body = await self.request.body()
+        kind = (self.request.header("content-type") or "").split(";")[0].strip()
         if kind != "application/json":
             return [body]
         doc = json.loads(body) if body else {}
@@ -282,23 +234,27 @@ class Handler(BaseHTTPRequestHandler):
         except (ValueError, TypeError) as err:
             raise RequestError(f"an image is not valid base64 ({err})") from err
 
-    def _classify(self, query: dict) -> tuple[str, int]:
+    def _decode(self, images: list[bytes]) -> np.ndarray:
         svc = self.service
-        try:
-            top_k = int(query.get("top_k", ["5"])[0])
-        except ValueError as err:
-            raise RequestError("top_k must be an integer") from err
-        full = query.get("full", ["0"])[0] in ("1", "true")
-        images = self._images()
-        self._check_batch(len(images))
         pre = svc.model.artifact["preprocess"]
-        batch = np.stack(
+        return np.stack(
             [
                 eval_array(decode(data, svc.args.max_image_pixels, f"image {i}"), pre)
                 for i, data in enumerate(images)
             ]
         )
-        out = self._predict(batch)
+
+    async def _classify(self) -> Response:
+        svc, query = self.service, self.request.query
+        try:
+            top_k = int(query.get("top_k", ["5"])[0])
+        except ValueError as err:
+            raise RequestError("top_k must be an integer") from err
+        full = query.get("full", ["0"])[0] in ("1", "true")
+        images = await self._images()
+        self._check_batch(len(images))
+        # Decoding is the costly part of this endpoint: in the pool, while the loop serves on.
+        out = await self._predict(await svc.offload(self._decode, images))
         names = svc.model.artifact["class_names"]
         k = max(1, min(top_k, svc.model.num_classes))
         predictions = []
@@ -319,17 +275,11 @@ class Handler(BaseHTTPRequestHandler):
                 entry["probabilities"] = adjusted.tolist()
                 entry["raw_probabilities"] = raw.tolist()
             predictions.append(entry)
-        self._json(200, {"model_name": svc.args.model_name, "predictions": predictions})
-        return "classify", 200
+        return _json(200, {"model_name": svc.args.model_name, "predictions": predictions})
 
 
-def make_server(args: argparse.Namespace) -> tuple[ThreadingHTTPServer, Service]:
-    service = Service(args)
-    handler = type("GalaHandler", (Handler,), {"service": service})
-    server_class = type("GalaServer", (ThreadingHTTPServer,), {"request_queue_size": 256})
-    server = server_class((args.host, args.port), handler)
-    server.daemon_threads = True
-    return server, service
+def _json(status: int, doc: dict) -> Response:
+    return Response(status, json.dumps(doc).encode())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -353,26 +303,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    server, service = make_server(args)
-    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     try:
-        service.load()  # at start-up, not at import; /v2/health/ready says when it is done
+        return asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Listen, load the model (live at once, ready when loaded), serve until SIGTERM/SIGINT."""
+    service = Service(args)
+    http = Server(service.handle, args.max_body_bytes, f"gala-serve/{__version__}", args.access_log)
+    try:
+        server = await http.start(args.host, args.port)
+    except OSError as err:
+        print(f"error: cannot listen on {args.host}:{args.port}: {err}", file=sys.stderr)
+        return 2
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.run_in_executor(None, service.load)  # at start-up, not at import
     except (ArtifactError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
-        server.shutdown()
+        server.close()
         return 2
-    host, port = server.server_address[:2]
+    host, port = server.sockets[0].getsockname()[:2]
     print(
         f"gala-serve: model {args.model_name!r} on {service.model.provider}, "
         f"max batch {args.max_batch}, listening on http://{host}:{port}",
         flush=True,
     )
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.shutdown()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    server.close()
+    service.pool.shutdown(wait=False, cancel_futures=True)
     return 0
 
 

@@ -6,13 +6,19 @@ once on the concatenation and hands every request its rows. It waits only while 
 are on their way (announced with :meth:`DynamicBatcher.expect` when their HTTP handling starts),
 so a lone request runs at once instead of sitting out the delay. A request larger than
 ``max_batch`` is cut into pieces that go through the same queue.
+
+Threads call :meth:`DynamicBatcher.submit`; coroutines await :meth:`DynamicBatcher.infer`. The
+results of one batch reach an event loop in a single ``call_soon_threadsafe``, so a batch of 32
+wakes the loop once rather than 32 threads that would then queue for the GIL.
 """
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -50,9 +56,19 @@ class DynamicBatcher:
         futures = []
         for start in range(0, len(batch), self.max_batch):
             future: Future = Future()
-            self.queue.put((batch[start : start + self.max_batch], future))
+            self.queue.put((batch[start : start + self.max_batch], future, None))
             futures.append(future)
         return np.concatenate([f.result() for f in futures])
+
+    async def infer(self, batch: np.ndarray) -> np.ndarray:
+        """:meth:`submit` for a coroutine: the event loop keeps running while the batch waits."""
+        loop = asyncio.get_running_loop()
+        futures = []
+        for start in range(0, len(batch), self.max_batch):
+            future = loop.create_future()
+            self.queue.put((batch[start : start + self.max_batch], future, loop))
+            futures.append(future)
+        return np.concatenate([await f for f in futures])
 
     def _collect(self) -> list:
         items = [self._held if self._held is not None else self.queue.get()]
@@ -80,17 +96,41 @@ class DynamicBatcher:
     def _loop(self) -> None:
         while True:
             items = self._collect()
-            inputs = np.concatenate([x for x, _ in items])
+            inputs = np.concatenate([item[0] for item in items])
             start = time.perf_counter()
             try:
                 outputs = self.run(inputs)
             except Exception as err:  # the model failed: every waiting request learns why
-                for _, future in items:
-                    future.set_exception(err)
+                _deliver([(future, loop, None) for _, future, loop in items], err)
                 continue
             if self.on_batch is not None:
                 self.on_batch(len(inputs), time.perf_counter() - start)
-            offset = 0
-            for x, future in items:
-                future.set_result(outputs[offset : offset + len(x)])
+            answers, offset = [], 0
+            for x, future, loop in items:
+                answers.append((future, loop, outputs[offset : offset + len(x)]))
                 offset += len(x)
+            _deliver(answers, None)
+
+
+def _deliver(answers: list, error: Exception | None) -> None:
+    """Settle thread futures here and each event loop's futures in one call on that loop."""
+    by_loop = defaultdict(list)
+    for future, loop, result in answers:
+        if loop is not None:
+            by_loop[loop].append((future, result))
+        elif error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    for loop, pairs in by_loop.items():
+        loop.call_soon_threadsafe(_settle, pairs, error)
+
+
+def _settle(pairs: list, error: Exception | None) -> None:
+    for future, result in pairs:
+        if future.done():  # its request was cancelled (the client went away)
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)

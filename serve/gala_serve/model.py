@@ -93,6 +93,11 @@ class Model:
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0]
 
+    def outputs(self, batch: np.ndarray) -> np.ndarray:
+        """``[logits | raw | re-balanced]`` side by side, [N, 3K]: one array a batch to split."""
+        logits = self.logits(batch)
+        return np.concatenate([logits, *self.probabilities(logits)], axis=1)
+
     def probabilities(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(raw softmax, re-balanced ``p / m^tau`` renormalised); the same if no scales."""
         z = logits.astype(np.float64)
