@@ -1,6 +1,7 @@
 """Export and the real gala-serve server on 127.0.0.1, with the real gala-batch client."""
 
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -50,44 +51,37 @@ def artifact(trained):
     return out
 
 
-@pytest.fixture(scope="module")
-def server(artifact, tmp_path_factory):
+@contextlib.contextmanager
+def running_server(artifact: Path, log: Path, *flags: str):
+    """A gala-serve process on a free port; yields a client once it is ready."""
     from conftest import free_port
 
     port = free_port()
-    log = tmp_path_factory.mktemp("log") / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [
-                str(BIN / "gala-serve"),
-                "--artifact",
-                str(artifact),
-                "--port",
-                str(port),
-                "--max-batch",
-                "16",
-                "--max-delay-ms",
-                "5",
-                "--max-body-bytes",
-                "2000000",
-                "--max-image-pixels",
-                "1000000",
-                "--max-request-batch",
-                "64",
-            ],
+            [str(BIN / "gala-serve"), "--artifact", str(artifact), "--port", str(port), *flags],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=ENV,
         )
-    client = Client(f"http://127.0.0.1:{port}", retries=0)
     try:
-        client.wait_ready(60)
-    except TimeoutError:
-        proc.kill()
-        raise AssertionError(log.read_text()) from None
-    yield client
-    proc.terminate()
-    proc.wait(10)
+        client = Client(f"http://127.0.0.1:{port}", retries=0)
+        try:
+            client.wait_ready(120)
+        except TimeoutError:
+            raise AssertionError(log.read_text()) from None
+        yield client
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(artifact, tmp_path_factory):
+    flags = ["--max-batch", "16", "--max-delay-ms", "5", "--max-body-bytes", "2000000"]
+    flags += ["--max-image-pixels", "1000000", "--max-request-batch", "64", "--providers", "cpu"]
+    with running_server(artifact, tmp_path_factory.mktemp("log") / "server.log", *flags) as c:
+        yield c
 
 
 def sample_images(trained, count: int = 8) -> list[tuple[bytes, int]]:
@@ -489,3 +483,66 @@ def test_batcher_groups_concurrent_requests_and_never_delays_a_lone_one():
         batcher.submit(np.arange(20.0).reshape(10, 2)), np.arange(20.0).reshape(10, 2) * 2
     )  # split over max_batch
     assert max(sizes) <= 8
+
+
+def test_serve_benchmark_prints_its_measurements_as_json_last(artifact):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gala_serve.bench",
+            "--artifact",
+            str(artifact),
+            "--seconds",
+            "0.3",
+            "--levels",
+            "1",
+            "4",
+            "--client-procs",
+            "2",
+            "--providers",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert proc.returncode == 0, explain(proc)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["provider"] == "CPUExecutionProvider" and set(result["levels"]) == {"1", "4"}
+    for row in result["levels"].values():
+        assert row["dynamic"]["requests"] > 0 and row["max_batch_1"]["requests"] > 0
+        assert row["throughput_ratio"] > 0
+    assert result["model_alone"]["batch_gain"] > 0
+    assert result["ort_vs_torch_cpu"]["batch64"]["ort_speedup"] > 0
+    assert "ort_vs_torch_cuda" not in result  # only when the servers run on CUDA
+
+
+@pytest.mark.gpu
+def test_cuda_provider_serves_the_same_answers(artifact, tmp_path):
+    log = tmp_path / "server.log"
+    with running_server(artifact, log, "--providers", "cuda") as client:
+        meta = client.json("GET", "/v2/models/gala")
+        assert meta["parameters"]["provider"] == "CUDAExecutionProvider", log.read_text()
+        x = np.random.default_rng(5).normal(size=(4, 3, 32, 32)).astype(np.float32)
+        cpu = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+        want = cpu.run(None, {"input": x})[0]
+        np.testing.assert_allclose(_infer_json(client, x)["logits"], want, atol=1e-3)
+
+
+def test_startup_errors_exit_2_and_say_why(artifact, tmp_path):
+    def start(*args: str) -> subprocess.CompletedProcess:
+        cmd = [str(BIN / "gala-serve"), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=60)
+
+    missing = start("--artifact", str(tmp_path / "nowhere"), "--port", "0")
+    assert missing.returncode == 2 and "artifact.json: missing" in missing.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = start("--artifact", str(artifact), "--port", str(taken.getsockname()[1]))
+    assert busy.returncode == 2 and "cannot listen on 127.0.0.1" in busy.stderr
+    if not torch.cuda.is_available():
+        cuda = start("--artifact", str(artifact), "--port", "0", "--providers", "cuda")
+        assert cuda.returncode == 2 and "the CUDA provider could not start" in cuda.stderr

@@ -72,6 +72,10 @@ class Model:
         if threads:
             options.intra_op_num_threads = threads
         asked = choose_providers(providers)
+        if asked[0] == "CUDAExecutionProvider" and hasattr(ort, "preload_dlls"):
+            # CUDA and cuDNN installed as pip packages (onnxruntime-gpu[cuda,cudnn], or torch's
+            # nvidia-* wheels) are not on the loader's path: load them from site-packages.
+            ort.preload_dlls()
         self.session = ort.InferenceSession(
             str(self.folder / self.artifact["onnx"]), sess_options=options, providers=asked
         )
