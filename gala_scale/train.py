@@ -425,8 +425,13 @@ def _rank_record(run: Run, state: TrainState, code: int) -> None:
         "epoch": state.epoch,
         "step": state.step,
         "exit": code,
+        "device": str(acc.device),
+        "mixed_precision": acc.mixed_precision,
+        "loader": run.train[0].kind,
         "peak_rss_mib": peak_rss_mib(),
     }
+    if acc.device.type == "cuda":
+        record["peak_gpu_mib"] = torch.cuda.max_memory_allocated(acc.device) / 2**20
     if acc.is_main_process:
         (Path(run.cfg.run_dir) / "exit_status").write_text(f"{code}\n")
     folder = Path(run.cfg.run_dir) / "ranks"

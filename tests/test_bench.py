@@ -31,3 +31,17 @@ def test_shards_benchmark_builds_with_one_and_all_cores(capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["images"] == 1236 + 200 + 1000  # the synthetic default's three splits
     assert result["1_process_images_per_s"] > 0 and result["speedup"] > 0
+
+
+def test_train_benchmark_runs_each_candidate_and_reports_ratios(tmp_path, capsys):
+    from conftest import free_port
+    from shard_fixtures import build_small_synthetic
+
+    shards = build_small_synthetic(tmp_path / "set")
+    argv = ["train", "--shards", str(shards), "--model", "tiny", "--epochs", "2", "--passes", "1"]
+    argv += ["--loader", "torch", "--processes", "2", "--port", str(free_port())]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"ce_1proc", "gala_1proc", "gala_2proc"} <= set(result)
+    assert result["gala_2proc"]["images_per_s"] > 0
+    assert result["gala_over_ce_images_per_s"] > 0 and result["2_over_1_process_images_per_s"] > 0

@@ -236,3 +236,19 @@ def test_two_process_sync_equals_one_process_over_the_union(tmp_path, port):
     torch.testing.assert_close(ranks[0]["theta"], single.theta, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ranks[0]["phi"], single.phi, rtol=1e-12, atol=1e-12)
     assert bool((single.theta > 0).all())  # both ranks' classes received gradient
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_cuda_loss_gradient_and_ledger_equal_the_cpu(variant):
+    on_cpu, on_gpu = seeded_loss(variant), seeded_loss(variant).cuda()
+    logits, labels = batch()
+    x_cpu, x_gpu = logits.clone().requires_grad_(True), logits.cuda().requires_grad_(True)
+    value_cpu, value_gpu = on_cpu(x_cpu, labels), on_gpu(x_gpu, labels.cuda())
+    value_cpu.backward()
+    value_gpu.backward()
+    torch.testing.assert_close(value_gpu.cpu(), value_cpu, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x_gpu.grad.cpu(), x_cpu.grad, rtol=1e-4, atol=1e-6)
+    assert on_gpu.theta.dtype == torch.float64 and on_gpu.theta.is_cuda
+    torch.testing.assert_close(on_gpu.theta.cpu(), on_cpu.theta, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(on_gpu.phi.cpu(), on_cpu.phi, rtol=1e-6, atol=1e-6)

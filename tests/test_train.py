@@ -78,6 +78,9 @@ def test_bad_config_on_the_command_line_exits_2(shards, tmp_path):
 @pytest.mark.slow
 def test_single_process_run_directory(shards, reference):
     run_dir = reference
+    record = ranks(run_dir)[0]
+    assert record["device"] == "cpu" and record["mixed_precision"] == "no"
+    assert record["loader"] == "dali" and "peak_gpu_mib" not in record
     config = (run_dir / "config.yaml").read_text()
     assert "emulate_world: 2" in config and (run_dir / "git_revision.txt").read_text().strip()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -223,3 +226,15 @@ def test_non_finite_loss_stops_the_run(shards, tmp_path):
     proc = run_single(debug_overrides(shards, tmp_path / "nan", "optim.lr=1e30", "train.epochs=2"))
     assert proc.returncode != 0
     assert "not finite" in proc.stderr or "non-finite" in proc.stderr
+
+
+@pytest.mark.gpu
+def test_one_gpu_run_trains_on_cuda_in_bf16_with_dali_mixed(shards, tmp_path):
+    run_dir = tmp_path / "gpu"
+    proc = run_single(debug_overrides(shards, run_dir))
+    assert proc.returncode == 0, explain(proc)
+    record = ranks(run_dir)[0]
+    assert record["device"].startswith("cuda") and record["mixed_precision"] == "bf16"
+    assert record["loader"] == "dali" and record["peak_gpu_mib"] > 0
+    assert ledger(run_dir)["theta"].dtype == torch.float64 and ledger(run_dir)["theta"].sum() > 0
+    assert results(run_dir)["test_samples"] == 120
