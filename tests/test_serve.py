@@ -57,9 +57,10 @@ def running_server(artifact: Path, log: Path, *flags: str):
     from conftest import free_port
 
     port = free_port()
+    cmd = [sys.executable, "-m", "gala_serve.app", "--artifact", str(artifact), "--port", str(port)]
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [str(BIN / "gala-serve"), "--artifact", str(artifact), "--port", str(port), *flags],
+            [*cmd, *flags],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=ENV,

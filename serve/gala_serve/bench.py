@@ -39,11 +39,12 @@ LEVELS = (1, 8, 32)
 def _server(
     artifact: Path, port: int, max_batch: int, providers: str, log: Path
 ) -> subprocess.Popen:
-    exe = Path(sys.executable).parent / "gala-serve"
     with open(log, "w") as out:
         return subprocess.Popen(
             [
-                str(exe),
+                sys.executable,  # not the gala-serve script: works from a plain PYTHONPATH too
+                "-m",
+                "gala_serve.app",
                 "--artifact",
                 str(artifact),
                 "--port",
