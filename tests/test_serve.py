@@ -81,6 +81,7 @@ def running_server(artifact: Path, log: Path, *flags: str):
 def server(artifact, tmp_path_factory):
     flags = ["--max-batch", "16", "--max-delay-ms", "5", "--max-body-bytes", "2000000"]
     flags += ["--max-image-pixels", "1000000", "--max-request-batch", "64", "--providers", "cpu"]
+    flags += ["--idle-timeout", "2"]
     with running_server(artifact, tmp_path_factory.mktemp("log") / "server.log", *flags) as c:
         yield c
 
@@ -375,6 +376,14 @@ RAW = {
         [b"HTTP/1.1 200 OK", b"HTTP/1.1 200 OK"],
     ),
 }
+
+
+def test_idle_keep_alive_connections_are_closed(server):
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        start = time.perf_counter()
+        assert sock.recv(100) == b""  # the server closed it (--idle-timeout 2)
+        assert 1.5 < time.perf_counter() - start < 8
+    assert server.json("GET", "/v2/health/live") == {"live": True}
 
 
 @pytest.mark.parametrize("case", sorted(RAW))

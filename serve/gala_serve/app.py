@@ -37,7 +37,9 @@ from gala_serve.metrics import BATCH_BUCKETS, Metrics
 from gala_serve.model import ArtifactError, Model
 from gala_serve.preprocess import decode, eval_array
 
-OFFLOAD_BYTES = 1 << 20  # infer bodies above this are parsed in the pool, off the event loop
+# Bigger requests are parsed, and bigger answers encoded, in the pool, off the event loop.
+OFFLOAD_BYTES = 1 << 20
+OFFLOAD_VALUES = 1 << 16
 MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?(/ready|/infer)?$")
 
 
@@ -196,9 +198,12 @@ class Exchange:
         self._check_batch(len(batch))
         if not np.isfinite(batch).all():
             raise RequestError(f"input {name!r} contains NaN or inf")
-        body, header_length = protocol.encode_response(
-            svc.args.model_name, request, await self._predict(np.ascontiguousarray(batch))
-        )
+        outputs = await self._predict(np.ascontiguousarray(batch))
+        encode = (protocol.encode_response, svc.args.model_name, request, outputs)
+        if len(batch) * svc.model.num_classes > OFFLOAD_VALUES:  # e.g. 8,142 classes as JSON
+            body, header_length = await svc.offload(*encode)
+        else:
+            body, header_length = encode[0](*encode[1:])
         if header_length is None:
             return Response(200, body)
         return Response(
@@ -297,6 +302,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-body-bytes", type=int, default=64 << 20)
     p.add_argument("--max-image-pixels", type=int, default=40_000_000)
     p.add_argument("--max-request-batch", type=int, default=1024, help="samples per request")
+    p.add_argument(
+        "--idle-timeout", type=float, default=300.0, help="close idle keep-alive connections (s)"
+    )
     p.add_argument("--access-log", action="store_true")
     return p.parse_args(argv)
 
@@ -312,7 +320,13 @@ def main(argv: list[str] | None = None) -> int:
 async def serve(args: argparse.Namespace) -> int:
     """Listen, load the model (live at once, ready when loaded), serve until SIGTERM/SIGINT."""
     service = Service(args)
-    http = Server(service.handle, args.max_body_bytes, f"gala-serve/{__version__}", args.access_log)
+    http = Server(
+        service.handle,
+        args.max_body_bytes,
+        f"gala-serve/{__version__}",
+        args.access_log,
+        args.idle_timeout,
+    )
     try:
         server = await http.start(args.host, args.port)
     except OSError as err:

@@ -10,6 +10,8 @@ import time
 from urllib.parse import urlparse
 
 RETRY_STATUS = (429, 500, 502, 503, 504)
+# What a reused keep-alive connection that the server closed in the meantime raises.
+STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
 
 
 class ServerError(RuntimeError):
@@ -28,35 +30,46 @@ class Client:
         self.local = threading.local()
         self.retried = 0
 
-    def _connection(self) -> http.client.HTTPConnection:
-        if getattr(self.local, "conn", None) is None:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-            conn.connect()
-            # http.client sends headers and body apart: avoid Nagle's 40 ms stalls.
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.local.conn = conn
-        return self.local.conn
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's connection, and whether it served a request before."""
+        conn = getattr(self.local, "conn", None)
+        if conn is not None:
+            return conn, True
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        conn.connect()
+        # http.client sends headers and body apart: avoid Nagle's 40 ms stalls.
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.local.conn = conn
+        return conn, False
 
     def request(
         self, method: str, path: str, body: bytes | None = None, headers: dict | None = None
     ) -> tuple[int, dict, bytes]:
-        """One request, retried on connection failures and 429/5xx with exponential backoff."""
-        for attempt in range(self.retries + 1):
+        """One request, retried on connection failures and 429/5xx with exponential backoff.
+
+        A kept-alive connection the server has closed meanwhile (idle timeout, restart) is
+        replaced at once, without counting as a retry.
+        """
+        attempt = 0
+        while True:
+            reused = False
             try:
-                conn = self._connection()
+                conn, reused = self._connection()
                 conn.request(method, path, body=body, headers=headers or {})
                 response = conn.getresponse()
                 data = response.read()
                 if response.status in RETRY_STATUS and attempt < self.retries:
                     raise ConnectionError(f"HTTP {response.status}")
                 return response.status, dict(response.getheaders()), data
-            except (ConnectionError, OSError, http.client.HTTPException):
+            except (ConnectionError, OSError, http.client.HTTPException) as err:
                 self.local.conn = None
+                if reused and isinstance(err, STALE):
+                    continue
                 if attempt == self.retries:
                     raise
+                attempt += 1
                 self.retried += 1
-                time.sleep(self.backoff * 2**attempt)
-        raise AssertionError("unreachable")
+                time.sleep(self.backoff * 2 ** (attempt - 1))
 
     def json(self, method: str, path: str, doc: dict | None = None) -> dict:
         body = None if doc is None else json.dumps(doc).encode()

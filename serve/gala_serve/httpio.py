@@ -133,9 +133,12 @@ class Server:
         max_body: int,
         name: str,
         access_log: bool = False,
+        idle_timeout: float = 300.0,
     ) -> None:
         self.handle, self.max_body, self.name = handle, max_body, name
-        self.access_log = access_log
+        # A keep-alive connection with no new request for this long is closed, so clients that
+        # vanished without closing do not pile up.
+        self.access_log, self.idle_timeout = access_log, idle_timeout
         self._date = (0, "")
 
     async def start(self, host: str, port: int) -> asyncio.Server:
@@ -157,7 +160,9 @@ class Server:
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Read and answer one request; False when the connection should close."""
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.idle_timeout)
+        except asyncio.TimeoutError:  # the builtin TimeoutError from 3.11 on
+            return False
         except asyncio.IncompleteReadError as err:
             if err.partial.strip():
                 await self._write(writer, _error(BadHead("request head cut short")), False)
