@@ -33,7 +33,7 @@ LOG=$OUT/gpu_check.log RESULTS=$OUT/results.jsonl
 : >"$RESULTS"
 exec > >(tee -a "$LOG") 2>&1
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+export PYTHONUNBUFFERED=1
 
 [ -d .whl ] && stage
 if ls "$STAGE"/*.part-000 >/dev/null 2>&1 || ls "$STAGE"/*.whl >/dev/null 2>&1; then
@@ -108,7 +108,7 @@ step export 180 "$PY" -m gala_scale.export --run "$WORK/r32"
 if ort_cuda "$WORK/r32/export"; then
     step serve_bench 420 "$PY" -m gala_serve.bench --artifact "$WORK/r32/export" --providers cuda
 else
-    echo "=== serve_bench: no CUDA provider in this onnxruntime; measuring the CPU provider"
+    echo "=== serve_bench: the CUDA provider does not start here; measuring the CPU provider"
     step serve_bench_cpu 420 "$PY" -m gala_serve.bench --artifact "$WORK/r32/export" \
         --providers cpu
 fi
