@@ -16,6 +16,7 @@ Every function takes numpy arrays or torch tensors and returns the same kind.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,10 +67,33 @@ def check_scales(scales: Array, tau: float) -> None:
         raise ValueError(f"tau must be finite and >= 0, got {tau}")
 
 
+def _fill_zero_mass(mass: Array) -> Array:
+    """Classes without any probability mass get the smallest mass of the others.
+
+    PN divides by the mass, so it is undefined for a class that the model never gives any
+    probability (softmax underflows to exactly 0, e.g. for a tail class early in training).
+    Treating such a class as the rarest class that was seen keeps every prediction finite.
+    """
+    empty = mass <= 0
+    if not _all(~empty):
+        if _all(empty):
+            raise ValueError("no class has any probability mass; PN is undefined")
+        classes = (empty.nonzero()[0] if not _is_torch(mass) else empty.nonzero()[:, 0]).tolist()
+        warnings.warn(
+            f"PN: classes {classes[:20]}{'...' if len(classes) > 20 else ''} have zero "
+            "probability mass; they get the smallest mass of the other classes",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        mass = mass.clone() if _is_torch(mass) else mass.copy()
+        mass[empty] = mass[~empty].min()
+    return mass
+
+
 def fit(probs: Array) -> Array:
     """Per-class scales m_k: the mean probability of class k over a calibration set."""
     check_probs(probs)
-    return probs.mean(0)
+    return _fill_zero_mass(probs.mean(0))
 
 
 def _normalise_by(probs: Array, scales: Array, tau: float) -> Array:
@@ -89,10 +113,7 @@ def apply(probs: Array, scales: Array, tau: float = 1.0) -> Array:
 def transductive(probs: Array, tau: float = 1.0) -> Array:
     """The paper's transductive PN over the scored set itself: ``p / (sum_b p)^tau``."""
     check_probs(probs)
-    column_mass = probs.sum(0)
-    if not _all(column_mass > 0):
-        raise ValueError("a class has zero total probability over the set; PN is undefined")
-    return _normalise_by(probs, column_mass, tau)
+    return _normalise_by(probs, _fill_zero_mass(probs.sum(0)), tau)
 
 
 def fit_tau(

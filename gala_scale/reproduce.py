@@ -41,8 +41,26 @@ VARIANTS = {
 PN_NAMES = ("plain", "PN (val scales)", "PN (transductive, paper's protocol)")
 
 
+def _factor(args: argparse.Namespace) -> int:
+    if args.imbalance_factor:
+        return args.imbalance_factor
+    found = re.search(r"_if(\d+)", args.config.stem)
+    if found is None:
+        raise SystemExit(f"{args.config}: no _if<N> in its name; pass --imbalance-factor")
+    return int(found.group(1))
+
+
+def _name(args: argparse.Namespace) -> str:
+    """The config's name with the imbalance factor actually used (shard set, runs, report)."""
+    if args.root is None:
+        return args.config.stem
+    tagged = f"_if{_factor(args)}"
+    stem = args.config.stem
+    return re.sub(r"_if\d+", tagged, stem) if "_if" in stem else stem + tagged
+
+
 def _build_shards(args: argparse.Namespace, shards: Path) -> None:
-    factor = args.imbalance_factor or int(re.search(r"_if(\d+)", args.config.stem).group(1))
+    factor = _factor(args)
     cmd = [
         sys.executable,
         "-m",
@@ -63,7 +81,7 @@ def _build_shards(args: argparse.Namespace, shards: Path) -> None:
 
 
 def _train(name: str, args: argparse.Namespace, shards: Path) -> tuple[Path, float]:
-    run_dir = args.out / args.config.stem / name
+    run_dir = args.out / _name(args) / name
     launcher = train_command(args.processes, args.port)
     cmd = [
         *launcher,
@@ -99,14 +117,14 @@ def _rows(results: dict[str, dict]) -> list[str]:
 def _report(args, results, seconds, counts, command: str) -> None:
     cfg = load_config(args.config)
     epochs = args.epochs or cfg.train.epochs
-    image = args.report.parent / "img" / f"results_{args.config.stem}_{epochs}ep.png"
+    image = args.report.parent / "img" / f"results_{_name(args)}_{epochs}ep.png"
     curves = {f"{name} (plain)": r["test"]["plain"]["per_class"] for name, r in results.items()}
     if "gala_reference" in results:
         pn = list(results["gala_reference"]["test"].values())[1]
         curves["gala_reference + PN"] = pn["per_class"]
     plots.comparison(counts, curves, image)
     section = [
-        f"## {args.config.stem}, {epochs} epochs ({cfg.model.name}, seed {args.seed})",
+        f"## {_name(args)}, {epochs} epochs ({cfg.model.name}, seed {args.seed})",
         "",
         f"Command: `{command}`",
         "",
@@ -149,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown losses {sorted(unknown)}; valid: {', '.join(VARIANTS)}")
     shards = args.shards or Path(load_config(args.config).data.shards)
     if args.root is not None:
-        shards = args.out / "shards" / args.config.stem
+        shards = args.out / "shards" / _name(args)
         _build_shards(args, shards)
     results, seconds = {}, {}
     for name in args.losses.split(","):

@@ -41,3 +41,44 @@ def test_main_job_end_to_end(tmp_path):
         assert json.loads((out / run / "results.json").read_text())["test_samples"] == 1000
         assert (out / run / "plots" / "ledger.png").exists() or run == "ce"
     assert (out / "served_predictions.jsonl").read_text().count("\n") == 1000
+
+
+def _tiny_cifar_folder(root, classes: int = 10, train: int = 60, test: int = 5):
+    """An ImageFolder with train/ and test/ shaped like CIFAR-10 (32x32 JPEGs, noise)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for pool, count in (("train", train), ("test", test)):
+        for c in range(classes):
+            folder = root / pool / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    return root
+
+
+def test_reproduce_builds_trains_and_reports_under_the_factor_used(tmp_path):
+    root = _tiny_cifar_folder(tmp_path / "cifar")
+    out, report = tmp_path / "out", tmp_path / "docs" / "results.md"
+    argv = ["--config", str(ROOT / "configs" / "cifar10_lt_if100.yaml"), "--root", str(root)]
+    argv += ["--imbalance-factor", "10", "--epochs", "1", "--losses", "ce,gala_reference"]
+    argv += ["--out", str(out), "--report", str(report)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "gala_scale.reproduce", *argv],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    manifest = json.loads((out / "shards" / "cifar10_lt_if10" / "manifest.json").read_text())
+    assert manifest["build"]["imbalance_factor"] == 10
+    text = report.read_text()
+    assert "## cifar10_lt_if10, 1 epochs (resnet32, seed 0)" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert sum(line.startswith(("| ce |", "| gala_reference |")) for line in rows) == 6
+    assert (report.parent / "img" / "results_cifar10_lt_if10_1ep.png").stat().st_size > 1000
+    assert (out / "cifar10_lt_if10" / "gala_reference" / "results.json").is_file()

@@ -63,6 +63,22 @@ def test_bad_probabilities_raise(probs, match):
         rebalance.transductive(probs)
 
 
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_a_class_without_probability_mass_gets_the_smallest_mass_of_the_others(kind):
+    probs, _ = long_tailed_probs()
+    probs[:, 5] = 0.0  # the model never gives class 5 any probability (softmax underflow)
+    probs /= probs.sum(1, keepdims=True)
+    if kind == "torch":
+        probs = torch.from_numpy(probs)
+    with pytest.warns(RuntimeWarning, match=r"classes \[5\] have zero probability mass"):
+        scales = rebalance.fit(probs)
+    assert float(scales[5]) == float(scales[:5].min()) > 0
+    with pytest.warns(RuntimeWarning, match="zero probability mass"):
+        transductive = rebalance.transductive(probs)
+    for adjusted in (rebalance.apply(probs, scales), transductive):
+        assert bool((adjusted[:, 5] == 0).all()) and np.allclose(np.asarray(adjusted.sum(1)), 1)
+
+
 def test_bad_scales_and_tau_raise():
     probs, _ = long_tailed_probs(k=4)
     with pytest.raises(ValueError, match="4 classes, the scales have 3"):
