@@ -364,6 +364,10 @@ RAW = {
         b"POST /v1/classify HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n",
         [b"HTTP/1.1 411 Length Required"],
     ),
+    "negative length": (
+        b"POST /v1/classify HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+        [b"HTTP/1.1 400 Bad Request"],
+    ),
     "no length": (b"POST /v1/classify HTTP/1.1\r\n\r\n", [b"HTTP/1.1 411 Length Required"]),
     "expect 100-continue": (
         b"POST /v2/models/gala/infer HTTP/1.1\r\nExpect: 100-continue\r\n"

@@ -51,7 +51,7 @@ class Service:
         self.model: Model | None = None
         self.batcher: DynamicBatcher | None = None
         self.ready = threading.Event()
-        self.pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="decode")
+        self.pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="offload")
 
     def load(self) -> None:
         self.model = Model(self.args.artifact, self.args.providers, self.args.threads)

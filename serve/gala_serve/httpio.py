@@ -78,13 +78,10 @@ class Request:
                 return self._body
             self.keep_alive = False
             raise LengthRequired("a Content-Length header is required")
-        try:
-            size = int(length)
-            if size < 0:
-                raise ValueError
-        except ValueError as err:
+        if not (length.isascii() and length.isdigit()):
             self.keep_alive = False
-            raise RequestError(f"Content-Length {length!r} is not a number") from err
+            raise RequestError(f"Content-Length {length!r} is not a number")
+        size = int(length)
         if size > self.max_body:
             if size <= DRAIN_FACTOR * self.max_body and not self._expects_continue():
                 # Read and drop it, so the client gets the 413 rather than a broken pipe.
@@ -105,11 +102,7 @@ class Request:
 
 def parse_head(data: bytes) -> tuple[str, str, str, dict[str, str]]:
     """(method, target, version, headers) of a request head ending in a blank line."""
-    try:
-        text = data.decode("latin-1")
-    except UnicodeDecodeError as err:  # pragma: no cover - latin-1 decodes any byte
-        raise BadHead("request head is not text") from err
-    lines = text.split("\r\n")
+    lines = data.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
         raise BadHead(f"malformed request line {lines[0][:100]!r}")
