@@ -499,6 +499,32 @@ def test_batcher_groups_concurrent_requests_and_never_delays_a_lone_one():
     assert max(sizes) <= 8
 
 
+def test_batcher_serves_coroutines_and_passes_model_errors_on():
+    import asyncio
+
+    from gala_serve.batcher import DynamicBatcher
+
+    sizes = []
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if (x < 0).any():
+            raise RuntimeError("model failed")
+        sizes.append(len(x))
+        return x * 2
+
+    batcher = DynamicBatcher(run, max_batch=4, max_delay_s=0.05)
+
+    async def main() -> list:
+        calls = [batcher.infer(np.full((1 + i % 3, 2), float(i))) for i in range(8)]
+        return await asyncio.gather(*calls)
+
+    for i, out in enumerate(asyncio.run(main())):
+        np.testing.assert_array_equal(out, np.full((1 + i % 3, 2), 2.0 * i))
+    assert sum(sizes) == sum(1 + i % 3 for i in range(8)) and max(sizes) <= 4
+    with pytest.raises(RuntimeError, match="model failed"):
+        asyncio.run(batcher.infer(-np.ones((6, 2))))  # two pieces; the error reaches the caller
+
+
 def test_serve_benchmark_prints_its_measurements_as_json_last(artifact):
     proc = subprocess.run(
         [

@@ -68,7 +68,7 @@ class DynamicBatcher:
             future = loop.create_future()
             self.queue.put((batch[start : start + self.max_batch], future, loop))
             futures.append(future)
-        return np.concatenate([await f for f in futures])
+        return np.concatenate(await asyncio.gather(*futures))
 
     def _collect(self) -> list:
         items = [self._held if self._held is not None else self.queue.get()]
