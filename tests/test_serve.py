@@ -468,35 +468,35 @@ def test_json_images_and_unreachable_server(server, trained):
     assert dead.retried == 1
 
 
-def test_batcher_groups_concurrent_requests_and_never_delays_a_lone_one():
+def test_batcher_groups_announced_requests_and_never_delays_a_lone_one():
+    import asyncio
+
     from gala_serve.batcher import DynamicBatcher
 
     sizes = []
     batcher = DynamicBatcher(
         lambda x: (sizes.append(len(x)), x * 2)[1], max_batch=8, max_delay_s=1.0
     )
-    start = time.perf_counter()
-    np.testing.assert_array_equal(batcher.submit(np.ones((1, 2))), np.full((1, 2), 2.0))
-    assert time.perf_counter() - start < 0.5  # nobody else announced: no wait
-    for _ in range(6):
-        batcher.expect(+1)
-    outputs = {}
 
-    def one(i: int) -> None:
+    async def one(i: int) -> np.ndarray:
+        await asyncio.sleep(0.01 * i)  # requests arrive one after another
         batcher.expect(-1)
-        outputs[i] = batcher.submit(np.full((1, 2), float(i)))
+        return await batcher.infer(np.full((1, 2), float(i)))
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(np.array_equal(outputs[i], np.full((1, 2), 2.0 * i)) for i in range(6))
-    assert max(sizes[1:]) > 1  # announced requests were batched together
-    np.testing.assert_array_equal(
-        batcher.submit(np.arange(20.0).reshape(10, 2)), np.arange(20.0).reshape(10, 2) * 2
-    )  # split over max_batch
-    assert max(sizes) <= 8
+    async def main() -> None:
+        start = time.perf_counter()
+        np.testing.assert_array_equal(await batcher.infer(np.ones((1, 2))), np.full((1, 2), 2.0))
+        assert time.perf_counter() - start < 0.5  # nobody else announced: no wait
+        for _ in range(6):
+            batcher.expect(+1)
+        outputs = await asyncio.gather(*(one(i) for i in range(6)))
+        assert all(np.array_equal(outputs[i], np.full((1, 2), 2.0 * i)) for i in range(6))
+        assert sizes[1:] == [6]  # the announced requests made one batch
+        split = await batcher.infer(np.arange(20.0).reshape(10, 2))
+        np.testing.assert_array_equal(split, np.arange(20.0).reshape(10, 2) * 2)
+        assert sizes[2:] == [8, 2]  # cut at max_batch
+
+    asyncio.run(main())
 
 
 def test_batcher_serves_coroutines_and_passes_model_errors_on():

@@ -7,9 +7,9 @@ are on their way (announced with :meth:`DynamicBatcher.expect` when their HTTP h
 so a lone request runs at once instead of sitting out the delay. A request larger than
 ``max_batch`` is cut into pieces that go through the same queue.
 
-Threads call :meth:`DynamicBatcher.submit`; coroutines await :meth:`DynamicBatcher.infer`. The
-results of one batch reach an event loop in a single ``call_soon_threadsafe``, so a batch of 32
-wakes the loop once rather than 32 threads that would then queue for the GIL.
+Coroutines await :meth:`DynamicBatcher.infer`; the model runs in the batcher's own thread, and
+the results of one batch reach each event loop in a single ``call_soon_threadsafe``, so a batch
+of 32 wakes the loop once rather than 32 threads that would then queue for the GIL.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import Future
 
 import numpy as np
 
@@ -51,17 +50,8 @@ class DynamicBatcher:
         with self._lock:
             self._expected += change
 
-    def submit(self, batch: np.ndarray) -> np.ndarray:
-        """Model outputs for ``batch``, computed together with whatever else is waiting."""
-        futures = []
-        for start in range(0, len(batch), self.max_batch):
-            future: Future = Future()
-            self.queue.put((batch[start : start + self.max_batch], future, None))
-            futures.append(future)
-        return np.concatenate([f.result() for f in futures])
-
     async def infer(self, batch: np.ndarray) -> np.ndarray:
-        """:meth:`submit` for a coroutine: the event loop keeps running while the batch waits."""
+        """Model outputs for ``batch``, computed together with whatever else is waiting."""
         loop = asyncio.get_running_loop()
         futures = []
         for start in range(0, len(batch), self.max_batch):
@@ -113,15 +103,10 @@ class DynamicBatcher:
 
 
 def _deliver(answers: list, error: Exception | None) -> None:
-    """Settle thread futures here and each event loop's futures in one call on that loop."""
+    """Settle each event loop's futures in one call on that loop."""
     by_loop = defaultdict(list)
     for future, loop, result in answers:
-        if loop is not None:
-            by_loop[loop].append((future, result))
-        elif error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
+        by_loop[loop].append((future, result))
     for loop, pairs in by_loop.items():
         loop.call_soon_threadsafe(_settle, pairs, error)
 
