@@ -1,31 +1,17 @@
 """The README's main job, end to end (shortened to 2 epochs a run)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
-from train_helpers import ENV, ROOT
+from train_helpers import ROOT, run_module
 
 pytestmark = pytest.mark.slow
 
 
-def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-
-
 def test_main_job_end_to_end(tmp_path):
     out, shards = tmp_path / "quickstart", tmp_path / "synthetic"
-    proc = run_module(
-        "gala_scale.quickstart", "--out", str(out), "--shards", str(shards), "--epochs", "2"
-    )
+    args = ["--out", str(out), "--shards", str(shards), "--epochs", "2"]
+    proc = run_module("gala_scale.quickstart", *args, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     table = proc.stdout[proc.stdout.index("== results") :]
     rows = {line[:44].strip(): line[44:].split() for line in table.splitlines()[4:11]}
@@ -61,7 +47,7 @@ def test_reproduce_builds_trains_and_reports_under_the_factor_used(tmp_path):
     argv = ["--config", str(ROOT / "configs" / "cifar10_lt_if100.yaml"), "--root", str(root)]
     argv += ["--imbalance-factor", "10", "--epochs", "1", "--losses", "ce,gala_reference"]
     argv += ["--out", str(out), "--report", str(report)]
-    proc = run_module("gala_scale.reproduce", *argv)
+    proc = run_module("gala_scale.reproduce", *argv, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     manifest = json.loads((out / "shards" / "cifar10_lt_if10" / "manifest.json").read_text())
     assert manifest["build"]["imbalance_factor"] == 10

@@ -22,7 +22,7 @@ from gala_serve.client import Client, ServerError
 from PIL import Image
 from safetensors.torch import load_file
 from shard_fixtures import build_small_synthetic
-from train_helpers import ENV, debug_overrides, explain, run_single
+from train_helpers import ENV, debug_overrides, explain, run_module, run_single
 
 from gala_scale.data import presets
 from gala_scale.export import export
@@ -68,8 +68,8 @@ def running_server(artifact: Path, log: Path, *flags: str):
     try:
         client = Client(f"http://127.0.0.1:{port}", retries=0)
         try:
-            client.wait_ready(120)
-        except TimeoutError:
+            client.wait_ready(120, alive=lambda: proc.poll() is None)
+        except (TimeoutError, RuntimeError):
             raise AssertionError(log.read_text()) from None
         yield client
     finally:
@@ -526,28 +526,8 @@ def test_batcher_serves_coroutines_and_passes_model_errors_on():
 
 
 def test_serve_benchmark_prints_its_measurements_as_json_last(artifact):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gala_serve.bench",
-            "--artifact",
-            str(artifact),
-            "--seconds",
-            "0.3",
-            "--levels",
-            "1",
-            "4",
-            "--client-procs",
-            "2",
-            "--providers",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
+    args = ["--artifact", str(artifact), "--seconds", "0.3", "--levels", "1", "4"]
+    proc = run_module("gala_serve.bench", *args, "--client-procs", "2", "--providers", "cpu")
     assert proc.returncode == 0, explain(proc)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["provider"] == "CPUExecutionProvider" and set(result["levels"]) == {"1", "4"}

@@ -28,15 +28,20 @@ def debug_overrides(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def run_single(args: list[str], timeout: int = 300, env: dict | None = None):
+def run_module(module: str, *args: str, timeout: int = 300, env: dict | None = None):
+    """``python -m module args`` from the repository root, output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "gala_scale.train", *args],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
         env=env or ENV,
     )
+
+
+def run_single(args: list[str], timeout: int = 300, env: dict | None = None):
+    return run_module("gala_scale.train", *args, timeout=timeout, env=env)
 
 
 def accelerate_cmd(

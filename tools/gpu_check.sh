@@ -62,8 +62,7 @@ step() {  # step NAME SECONDS COMMAND...: run, log, keep the last JSON line
     echo "=== $name: exit $rc after $((SECONDS - start)) s"
     local last
     last=$(grep '^{' "$WORK/$name.out" | tail -1)
-    [ -n "$last" ] && echo "{\"check\": \"$name\", \"exit\": $rc, \"result\": $last}" >>"$RESULTS"
-    [ -z "$last" ] && echo "{\"check\": \"$name\", \"exit\": $rc}" >>"$RESULTS"
+    echo "{\"check\": \"$name\", \"exit\": $rc${last:+, \"result\": $last}}" >>"$RESULTS"
 }
 
 echo "=== machine"

@@ -32,7 +32,7 @@ import numpy as np
 from gala_serve import __version__, protocol
 from gala_serve.batcher import DynamicBatcher
 from gala_serve.errors import NotFound, RequestError, TooLarge
-from gala_serve.httpio import Request, Response, Server
+from gala_serve.httpio import Request, Response, Server, error_response, json_response
 from gala_serve.metrics import BATCH_BUCKETS, Metrics
 from gala_serve.model import ArtifactError, Model
 from gala_serve.preprocess import decode, eval_array
@@ -78,8 +78,10 @@ class Service:
             "probabilities": out[:, 2 * k :],
         }
 
-    async def offload(self, fn, *args):
-        """``fn(*args)`` in the worker pool (CPU work that would stall the event loop)."""
+    async def offload(self, fn, *args, big: bool = True):
+        """``fn(*args)``, in the worker pool when ``big`` (CPU work that would stall the loop)."""
+        if not big:
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     def metadata(self) -> dict:
@@ -124,9 +126,9 @@ class Exchange:
                 await self.request.body()  # read first: an error must not leave it unread
             endpoint, response = await self._route()
         except RequestError as err:
-            response = _json(err.status, {"error": str(err)})
+            response = error_response(err)
         except Exception as err:  # a bug or the model failing: 500, and keep serving
-            response = _json(500, {"error": f"internal error: {type(err).__name__}: {err}"})
+            response = json_response(500, {"error": f"internal error: {type(err).__name__}: {err}"})
         finally:
             self._withdraw()
         m = self.service.metrics
@@ -140,10 +142,10 @@ class Exchange:
         method, path, svc = self.request.method, self.request.path, self.service
         if method in ("GET", "HEAD"):
             if path == "/v2/health/live":
-                return "live", _json(200, {"live": True})
+                return "live", json_response(200, {"live": True})
             if path == "/v2/health/ready":
                 ready = svc.ready.is_set()
-                return "ready", _json(200 if ready else 503, {"ready": ready})
+                return "ready", json_response(200 if ready else 503, {"ready": ready})
             if path == "/metrics":
                 return "metrics", Response(
                     200, svc.metrics.render().encode(), "text/plain; version=0.0.4"
@@ -154,9 +156,9 @@ class Exchange:
                     "version": __version__,
                     "extensions": ["binary_tensor_data"],
                 }
-                return "server_metadata", _json(200, doc)
+                return "server_metadata", json_response(200, doc)
         if not svc.ready.is_set():
-            return "not_ready", _json(503, {"error": "the model is still loading"})
+            return "not_ready", json_response(503, {"error": "the model is still loading"})
         if method == "POST" and path == "/v1/classify":
             return "classify", await self._classify()
         match = MODEL_ROUTE.match(path)
@@ -168,9 +170,9 @@ class Exchange:
             )
         action = match.group(2)
         if method == "GET" and action is None:
-            return "model_metadata", _json(200, svc.metadata())
+            return "model_metadata", json_response(200, svc.metadata())
         if method == "GET" and action == "/ready":
-            return "model_ready", _json(200, {"name": svc.args.model_name, "ready": True})
+            return "model_ready", json_response(200, {"name": svc.args.model_name, "ready": True})
         if method == "POST" and action == "/infer":
             return "infer", await self._infer()
         raise NotFound(f"no endpoint {method} {path}")
@@ -179,10 +181,8 @@ class Exchange:
         svc, body = self.service, await self.request.body()
         header = self.request.header(protocol.HEADER)
         length = int(header) if header else None
-        if len(body) > OFFLOAD_BYTES:  # long JSON parses off the loop, which keeps serving
-            request = await svc.offload(protocol.parse_request, body, length)
-        else:
-            request = protocol.parse_request(body, length)
+        big = len(body) > OFFLOAD_BYTES  # long JSON parses off the loop, which keeps serving
+        request = await svc.offload(protocol.parse_request, body, length, big=big)
         name = svc.model.input_name
         if set(request.inputs) != {name}:
             raise RequestError(f"expected one input named {name!r}, got {sorted(request.inputs)}")
@@ -199,11 +199,13 @@ class Exchange:
         if not np.isfinite(batch).all():
             raise RequestError(f"input {name!r} contains NaN or inf")
         outputs = await self._predict(np.ascontiguousarray(batch))
-        encode = (protocol.encode_response, svc.args.model_name, request, outputs)
-        if len(batch) * svc.model.num_classes > OFFLOAD_VALUES:  # e.g. 8,142 classes as JSON
-            body, header_length = await svc.offload(*encode)
-        else:
-            body, header_length = encode[0](*encode[1:])
+        body, header_length = await svc.offload(
+            protocol.encode_response,
+            svc.args.model_name,
+            request,
+            outputs,
+            big=len(batch) * svc.model.num_classes > OFFLOAD_VALUES,  # e.g. 8,142 classes as JSON
+        )
         if header_length is None:
             return Response(200, body)
         return Response(
@@ -280,11 +282,7 @@ class Exchange:
                 entry["probabilities"] = adjusted.tolist()
                 entry["raw_probabilities"] = raw.tolist()
             predictions.append(entry)
-        return _json(200, {"model_name": svc.args.model_name, "predictions": predictions})
-
-
-def _json(status: int, doc: dict) -> Response:
-    return Response(status, json.dumps(doc).encode())
+        return json_response(200, {"model_name": svc.args.model_name, "predictions": predictions})
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -61,16 +61,14 @@ def _server(
         )
 
 
-def _wait_ready(server: subprocess.Popen, port: int, log: Path, timeout: float = 120.0) -> None:
-    client, deadline = Client(f"http://127.0.0.1:{port}", retries=0), time.time() + timeout
-    while server.poll() is None and time.time() < deadline:
-        try:
-            if client.request("GET", "/v2/health/ready")[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"gala-serve on port {port} did not get ready:\n{log.read_text()}")
+def _wait_ready(server: subprocess.Popen, port: int, log: Path) -> None:
+    client = Client(f"http://127.0.0.1:{port}", retries=0)
+    try:
+        client.wait_ready(120, alive=lambda: server.poll() is None)
+    except (TimeoutError, RuntimeError) as err:
+        raise RuntimeError(
+            f"gala-serve on port {port} did not get ready:\n{log.read_text()}"
+        ) from err
 
 
 def _free_port() -> int:
@@ -81,8 +79,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _inputs(shape: tuple[int, ...], batch: int) -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(batch, *shape)).astype(np.float32)
+
+
 def _body(shape: tuple[int, ...]) -> tuple[bytes, dict]:
-    x = np.random.default_rng(0).normal(size=(1, *shape)).astype(np.float32)
+    x = _inputs(shape, 1)
     header = json.dumps(
         {
             "inputs": [
@@ -166,10 +168,6 @@ def _medians(calls: dict, repeats: int) -> dict[str, float]:
             if i >= 2:  # two warm-up rounds
                 times[name].append(time.perf_counter() - start)
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
-
-
-def _inputs(shape: tuple[int, ...], batch: int) -> np.ndarray:
-    return np.random.default_rng(0).normal(size=(batch, *shape)).astype(np.float32)
 
 
 def model_alone(artifact: Path, providers: str, repeats: int = 20) -> dict:

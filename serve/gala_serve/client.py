@@ -7,6 +7,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from urllib.parse import urlparse
 
 RETRY_STATUS = (429, 500, 502, 503, 504)
@@ -87,9 +88,12 @@ class Client:
             raise ServerError(status, data.decode(errors="replace"))
         return json.loads(data)["predictions"][0]
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def wait_ready(self, timeout: float = 60.0, alive: Callable[[], bool] | None = None) -> None:
+        """Poll readiness; ``alive`` (e.g. the server process still runs) ends the wait early."""
         deadline = time.time() + timeout
         while time.time() < deadline:
+            if alive is not None and not alive():
+                raise RuntimeError(f"server {self.host}:{self.port} stopped before it was ready")
             try:
                 status, _, _ = self.request("GET", "/v2/health/ready")
                 if status == 200:

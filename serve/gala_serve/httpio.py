@@ -52,7 +52,7 @@ class Request:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     max_body: int
-    keep_alive: bool = True
+    keep_alive: bool = field(init=False)  # HTTP/1.1 unless "Connection: close"; set false on errors
     path: str = field(init=False)
     query: dict[str, list[str]] = field(init=False)
     _body: bytes | None = None
@@ -60,6 +60,10 @@ class Request:
     def __post_init__(self) -> None:
         url = urlsplit(self.target)
         self.path, self.query = url.path.rstrip("/") or "/", parse_qs(url.query)
+        connection = self.header("connection", "").lower()
+        self.keep_alive = connection != "close" and (
+            self.version != "HTTP/1.0" or connection == "keep-alive"
+        )
 
     def header(self, name: str, default: str | None = None) -> str | None:
         return self.headers.get(name.lower(), default)
@@ -158,24 +162,20 @@ class Server:
             head = await reader.readuntil(b"\r\n\r\n")
         except asyncio.IncompleteReadError as err:
             if err.partial.strip():
-                await self._write(writer, _error(BadHead("request head cut short")), False)
+                await self._write(writer, error_response(BadHead("request head cut short")), False)
             return False
         except asyncio.LimitOverrunError:
             limit = HeadTooLarge(f"request line and headers exceed {HEAD_LIMIT} bytes")
-            await self._write(writer, _error(limit), False)
+            await self._write(writer, error_response(limit), False)
             return False
         finally:
             timer.cancel()
         try:
             method, target, version, headers = parse_head(head[:-4])
         except BadHead as err:
-            await self._write(writer, _error(err), False)
+            await self._write(writer, error_response(err), False)
             return False
         request = Request(method, target, version, headers, reader, writer, self.max_body)
-        connection = request.header("connection", "").lower()
-        request.keep_alive = connection != "close" and (
-            version != "HTTP/1.0" or connection == "keep-alive"
-        )
         response = await self.handle(request)
         if request.keep_alive and request._body is None:
             try:  # the handler did not need the body: skip it to reach the next request
@@ -219,5 +219,10 @@ def _phrase(status: int) -> str:
         return "Unknown"
 
 
-def _error(err: RequestError) -> Response:
-    return Response(err.status, json.dumps({"error": str(err)}).encode())
+def json_response(status: int, doc: dict) -> Response:
+    return Response(status, json.dumps(doc).encode())
+
+
+def error_response(err: RequestError) -> Response:
+    """The 4xx answer for a bad request: ``{"error": "<what is wrong>"}``."""
+    return json_response(err.status, {"error": str(err)})
