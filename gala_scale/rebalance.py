@@ -74,10 +74,8 @@ def _fill_zero_mass(mass: Array) -> Array:
     probability (softmax underflows to exactly 0, e.g. for a tail class early in training).
     Treating such a class as the rarest class that was seen keeps every prediction finite.
     """
-    empty = mass <= 0
+    empty = mass <= 0  # never all of them: the rows were checked to sum to 1
     if not _all(~empty):
-        if _all(empty):
-            raise ValueError("no class has any probability mass; PN is undefined")
         classes = (empty.nonzero()[0] if not _is_torch(mass) else empty.nonzero()[:, 0]).tolist()
         warnings.warn(
             f"PN: classes {classes[:20]}{'...' if len(classes) > 20 else ''} have zero "
