@@ -44,6 +44,10 @@ class TrainState:
             setattr(self, key, value)
 
 
+def checkpoint_name(state: TrainState) -> str:
+    return f"e{state.epoch:04d}-s{state.step:06d}"
+
+
 def checkpoint_root(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -74,7 +78,7 @@ def save_checkpoint(
     ``per_rank(folder, rank)`` lets every process add its own files before the rename.
     """
     root = checkpoint_root(run_dir)
-    name = f"e{state.epoch:04d}-s{state.step:06d}"
+    name = checkpoint_name(state)
     final, tmp = root / name, root / f".tmp-{name}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)

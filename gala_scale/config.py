@@ -67,8 +67,14 @@ class TrainConfig:
     sync_every_steps: int = _f(0, "also sync the GALA ledger every N steps (0 = epoch ends only)")
     checkpoint_every: int = _f(1, "checkpoint every N epochs")
     keep_checkpoints: int = _f(2, "newest epoch checkpoints kept")
-    precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | no")
-    log_every: int = _f(20, "steps between progress/metric updates")
+    device: str = _f("auto", "auto (CUDA when present) | cpu | cuda")
+    precision: str = _f(
+        "auto", "auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | no; weights stay fp32"
+    )
+    grad_accum_steps: int = _f(1, "micro-batches an optimizer step (data.batch_size each)")
+    log_every: int = _f(
+        20, "steps between progress updates and the stop/non-finite check (the one sync point)"
+    )
     emulate_world: int = _f(1, "one process consumes the batches of N ranks (a check for tests)")
 
 
@@ -96,6 +102,7 @@ CHOICES = {
     "data.loader": ("auto", "dali", "torch"),
     "loss.name": ("ce", "logit_adjusted", "balanced_softmax", "gala"),
     "loss.variant": ("reference", "paper"),
+    "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "bf16", "no"),
 }
 POSITIVE = (
@@ -106,6 +113,7 @@ POSITIVE = (
     "train.emulate_world",
     "train.keep_checkpoints",
     "train.checkpoint_every",
+    "train.grad_accum_steps",
 )
 
 
@@ -123,6 +131,8 @@ def _check_type(value: Any, annotation: Any, key: str) -> tuple[Any, str | None]
             return float(value), None
         except ValueError:
             pass
+    if kind is str and value is False:
+        return "no", None  # YAML 1.1 reads `precision: no` as false
     if kind in (str, int, float, bool):
         if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
             return value, None

@@ -1,7 +1,7 @@
 """The training and evaluation loops: explicit parameters, no globals.
 
-Nothing here touches devices, process groups or gradients beyond ``accelerator.backward``,
-``optimizer.step`` and ``accelerator.gather``; the caller (``gala_scale.train``) wires them.
+Nothing here touches devices or gradients beyond ``accelerator.backward`` and ``optimizer.step``;
+collectives go through ``gala_scale.dist`` and the caller (``gala_scale.train``) wires them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gala_scale import dist
 from gala_scale.data import PAD_LABEL
 
 
@@ -39,45 +40,52 @@ def train_one_epoch(
     scheduler,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     accelerator,
+    guard,
     *,
-    epoch: int,
     first_step: int,
     sync_every: int,
-    input_dtype: torch.dtype | None,
-    stop_requested: Callable[[], bool],
-    on_step: Callable[[int, float], None] | None = None,
+    check_every: int,
+    on_check: Callable[[int, float], None] | None = None,
 ) -> EpochResult:
-    """Train over ``batches`` (which start at ``first_step`` of the epoch)."""
+    """Train over ``batches`` (which start at ``first_step`` of the epoch).
+
+    Nothing here reads a device value back on the host except ``guard.check``, every
+    ``check_every`` steps and once at the end: it raises on a non-finite loss seen by any rank and
+    says whether any rank was asked to stop. ``on_check(step, mean loss since the last check)``
+    reports progress at those points only.
+    """
     model.train()
     criterion.train()
     start, steps, samples, stopped = time.perf_counter(), 0, 0, False
     loss_sum = torch.zeros((), device=accelerator.device)
+    window = torch.zeros((), device=accelerator.device)  # loss since the last check
     for step, (images, labels) in enumerate(batches, start=first_step):
-        if input_dtype is not None:
-            images = images.to(input_dtype)
-        loss = criterion(model(images), labels)
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
+        with accelerator.accumulate(model):
+            loss = criterion(model(images), labels)
+            accelerator.backward(loss)
+            optimizer.step()  # skipped by Accelerate between accumulation boundaries
+            if accelerator.sync_gradients:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss = loss.detach()
+        guard.watch(loss)
+        loss_sum += loss
+        window += loss
         steps, samples = steps + 1, samples + len(labels)
         if sync_every and (step + 1) % sync_every == 0:
             sync_ledger(criterion)
-        if on_step is not None:
-            on_step(step, loss.detach())
-        if stop_requested():  # a collective: every rank asks at every step
-            stopped = True
-            break
-    mean_loss = float(loss_sum) / max(steps, 1)  # note: one device-to-host sync an epoch
-    if not np.isfinite(mean_loss):
-        raise FloatingPointError(
-            f"training loss became non-finite in epoch {epoch}; stopping. Lower the learning rate "
-            "or check the data."
-        )
+        if (step + 1) % check_every == 0:
+            stopped, mean = guard.check(window / check_every)  # note: the one sync point
+            window.zero_()
+            if on_check is not None:
+                on_check(step, mean)
+            if stopped:
+                break
+    if not stopped and steps and (first_step + steps) % check_every:
+        stopped, _ = guard.check(window)  # the steps since the last check (a sync an epoch)
     return EpochResult(
         steps,
-        mean_loss,
+        float(loss_sum) / max(steps, 1),
         samples,
         time.perf_counter() - start,
         stopped,
@@ -86,20 +94,26 @@ def train_one_epoch(
 
 @torch.no_grad()
 def predict(
-    model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    accelerator,
-    input_dtype: torch.dtype | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and labels of every sample, gathered from all ranks (pads dropped)."""
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+    """Softmax probabilities and labels of every sample of every rank, on the main process only.
+
+    Other ranks get ``(None, None)``: they send their batches to rank 0 and keep nothing, so the
+    (samples, classes) matrix exists once per job. Every rank must run the same number of batches
+    (eval loaders pad; pads are dropped here).
+    """
     model.eval()
     all_probs, all_labels = [], []
     for images, labels in batches:
-        if input_dtype is not None:
-            images = images.to(input_dtype)
-        logits = model(images).float()
-        logits, labels = accelerator.gather((logits, labels))
+        probs = torch.softmax(model(images).float(), dim=1)
+        gathered = dist.gather_to_main(torch.cat([probs, labels[:, None].to(probs.dtype)], 1))
+        if gathered is None:
+            continue
+        rows = torch.cat(gathered).cpu()
+        labels = rows[:, -1].long()
         keep = labels != PAD_LABEL
-        all_probs.append(torch.softmax(logits[keep], dim=1).cpu())
-        all_labels.append(labels[keep].cpu())
+        all_probs.append(rows[keep, :-1])
+        all_labels.append(labels[keep])
+    if dist.rank() != 0:
+        return None, None
     return torch.cat(all_probs).numpy(), torch.cat(all_labels).numpy()

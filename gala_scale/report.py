@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from gala_scale import metrics, plots, rebalance
+from gala_scale import dist, metrics, plots, rebalance
 from gala_scale.checkpoint import TrainState, save_weights
 from gala_scale.engine import predict
 from gala_scale.runlog import RunLog
@@ -32,28 +32,48 @@ def table(results: dict) -> str:
 
 
 def _load_best(run) -> bool:
+    """Load ``best/`` if rank 0 sees it (ranks listing a shared filesystem can disagree)."""
     best = Path(run.cfg.run_dir) / "best" / "model.safetensors"
-    if not best.exists():
+    if not dist.broadcast_object(best.exists() if dist.rank() == 0 else None):
         return False
     run.accelerator.unwrap_model(run.model).load_state_dict(load_file(best))
     return True
 
 
-def finish(run, state: TrainState) -> dict | None:
+def finish(run, state: TrainState, guard) -> bool:
     """Final weights, then the best-on-val model tested plain, with PN scales fitted on val,
-    and with the paper's transductive PN; writes results.json, pn.json and the plots."""
+    and with the paper's transductive PN; writes results.json, pn.json and the plots.
+
+    Probabilities, PN and metrics live on the main process only. Returns False, having written
+    no results, when a stop was requested meanwhile (checked between phases): the caller
+    checkpoints and a resumed run does this again.
+    """
     cfg, acc, run_dir = run.cfg, run.accelerator, Path(run.cfg.run_dir)
     save_weights(acc, run.model, run.criterion, run_dir / "final", {"epoch": cfg.train.epochs - 1})
     used_best = _load_best(run)
     if run.test is None:
-        return None
-    scales, tau = None, cfg.pn.tau
+        return True
+    val = None
     if run.val is not None:
-        val_probs, val_labels = predict(run.model, run.val.epoch(0), acc, run.input_dtype)
-        scales = rebalance.fit(val_probs)
-        if cfg.pn.fit_tau:
-            tau = rebalance.fit_tau(val_probs, val_labels, scales)
-    probs, labels = predict(run.model, run.test.epoch(0), acc, run.input_dtype)
+        if guard.stop_requested():
+            return False
+        val = predict(run.model, run.val.epoch(0))
+    if guard.stop_requested():
+        return False
+    probs, labels = predict(run.model, run.test.epoch(0))
+    if acc.is_main_process:
+        results, scales, tau = _score(run, probs, labels, val)
+        results.update(weights="best" if used_best else "final", best_epoch=state.best_epoch)
+        _write(run, results, scales, tau)
+    return True
+
+
+def _score(run, probs, labels, val):
+    scales, tau = None, run.cfg.pn.tau
+    if val is not None:
+        scales = rebalance.fit(val[0])
+        if run.cfg.pn.fit_tau:
+            tau = rebalance.fit_tau(val[0], val[1], scales)
     test = {"plain": metrics.summarize(probs, labels, run.class_counts)}
     if scales is not None:
         test[f"PN, val scales, tau {tau:g}"] = metrics.summarize(
@@ -62,16 +82,7 @@ def finish(run, state: TrainState) -> dict | None:
     test[f"PN, transductive on test, tau {tau:g}"] = metrics.summarize(
         rebalance.transductive(probs, tau), labels, run.class_counts
     )
-    results = {
-        "weights": "best" if used_best else "final",
-        "best_epoch": state.best_epoch,
-        "test_samples": len(labels),
-        "tau": tau,
-        "test": test,
-    }
-    if acc.is_main_process:
-        _write(run, results, scales, tau)
-    return results
+    return {"test_samples": len(labels), "tau": tau, "test": test}, scales, tau
 
 
 def _write(run, results: dict, scales, tau: float) -> None:

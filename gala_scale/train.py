@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -36,8 +35,9 @@ from gala_scale import dist, metrics
 from gala_scale.bench.common import peak_rss_mib
 from gala_scale.checkpoint import (
     TrainState,
+    checkpoint_name,
+    newest_checkpoint,
     restore_ledger_delta,
-    resume_point,
     save_checkpoint,
     save_ledger_delta,
     save_weights,
@@ -51,9 +51,20 @@ from gala_scale.losses import create_loss
 from gala_scale.models import create_model
 from gala_scale.report import finish
 from gala_scale.runlog import RunLog
+from gala_scale.runtime import (
+    Guard,
+    NonFiniteLoss,
+    agreed_resume_point,
+    check_shared_run_dir,
+    check_world,
+    configure_deepspeed,
+    make_accelerator,
+    precision,
+)
 
 EXIT_PREEMPTED = 99
 EXIT_CONFIG = 2
+EXIT_FAILED = 3  # a failure a restart would repeat (non-finite loss): not requeued
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,67 +84,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def make_accelerator(cfg: RunConfig):
-    """Accelerate on GPU (NCCL, bf16) or CPU (gloo), with DeepSpeed when the launcher asks."""
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    cuda = torch.cuda.is_available()
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if cuda else "no")
-    kwargs = {"mixed_precision": precision, "step_scheduler_with_optimizer": False}
-    if not cuda and deepspeed:
-        # cpu=True would silently turn DeepSpeed into plain DDP; gloo keeps DeepSpeed on CPU.
-        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
-    elif not cuda:
-        kwargs["cpu"] = True  # without it each CPU process would run alone, undistributed
-    return Accelerator(**kwargs)
-
-
-def check_world(accelerator) -> None:
-    """Fail loudly when the launcher started N processes but they do not see each other."""
-    if (
-        "WORLD_SIZE" not in os.environ
-        and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-        and "MASTER_ADDR" in os.environ
-    ):
-        raise SystemExit(
-            "error: `accelerate launch --cpu` starts one process whatever --num_processes says. "
-            "For one process run `python -m gala_scale.train`; for N processes on CPU run "
-            "`accelerate launch --multi_gpu --num_processes N` (configs/accelerate/cpu_2proc.yaml)."
-        )
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
-        raise SystemExit(
-            f"error: the launcher started {launched} processes (WORLD_SIZE) but this one runs "
-            f"with {accelerator.num_processes}: the run would train {launched} separate models. "
-            "On CPU launch with `accelerate launch --multi_gpu --num_processes N` "
-            "(see configs/accelerate/); `--cpu` and `distributed_type: MULTI_CPU` start it alone."
-        )
-
-
 def _say(accelerator, message: str) -> None:
     """Print once per job (the global main process), not once per node."""
     if accelerator.is_main_process:
         print(message, flush=True)
-
-
-class StopFlag:
-    """SIGTERM / SIGUSR1 ask every rank to checkpoint at the same step and stop."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self.device = torch.device("cpu")
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-
-    def requested(self) -> bool:
-        """True on every rank once any rank got a signal (a tiny all-reduce; a sync point)."""
-        flag = torch.tensor([1.0 if self.signal else 0.0], device=self.device)
-        return bool(dist.all_reduce_sum_(flag).item() > 0)
 
 
 @dataclass
@@ -149,7 +103,6 @@ class Run:
     test: ShardLoader | None
     class_counts: list[int]
     class_names: list[str]
-    input_dtype: torch.dtype | None
 
 
 def _loss(cfg: RunConfig, num_classes: int, counts: list[int]) -> torch.nn.Module:
@@ -164,13 +117,16 @@ def _loss(cfg: RunConfig, num_classes: int, counts: list[int]) -> torch.nn.Modul
             "lambda2": c.lambda2,
             "eps": c.eps,
             "variant": c.variant,
+            # The trainer's Guard checks the loss every log_every steps without a sync a step.
+            "check_finite": False,
         },
     }[c.name]
     return create_loss(c.name, **kwargs)
 
 
 def _schedule(optimizer, cfg: RunConfig, steps_per_epoch: int):
-    """Linear warm-up for ``warmup_epochs``, then cosine decay to 0, stepped every step."""
+    """Linear warm-up for ``warmup_epochs``, then cosine decay to 0, by optimizer step."""
+    steps_per_epoch = max(1, steps_per_epoch // cfg.train.grad_accum_steps)
     total = cfg.train.epochs * steps_per_epoch
     warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
 
@@ -247,17 +203,9 @@ def build_run(cfg: RunConfig, accelerator) -> Run:
         nesterov=o.nesterov,
     )
     scheduler = _schedule(optimizer, cfg, train[0].steps_per_epoch)
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None:
-        # Our loaders are not torch DataLoaders, so DeepSpeed's "auto" batch sizes are set here.
-        per_process = cfg.data.batch_size // accelerator.num_processes
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = per_process
-        plugin.deepspeed_config["train_batch_size"] = cfg.data.batch_size
+    configure_deepspeed(accelerator, cfg)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     criterion = criterion.to(accelerator.device)
-    input_dtype = (
-        torch.bfloat16 if plugin is not None and accelerator.mixed_precision == "bf16" else None
-    )
     return Run(
         cfg,
         accelerator,
@@ -270,7 +218,6 @@ def build_run(cfg: RunConfig, accelerator) -> Run:
         test,
         counts,
         list(split.class_names),
-        input_dtype,
     )
 
 
@@ -300,18 +247,22 @@ def _epoch_batches(run: Run, epoch: int, first_step: int):
 
 
 def _evaluate_val(run: Run, log: RunLog, state: TrainState, epoch: int) -> None:
-    probs, labels = predict(run.model, run.val.epoch(0), run.accelerator, run.input_dtype)
-    class_acc = metrics.per_class_accuracy(probs.argmax(1), labels, probs.shape[1])
-    score = float(np.nanmean(class_acc))  # class-balanced: the selection metric
-    log.write(
-        {
-            "type": "val",
-            "epoch": epoch,
-            "top1": metrics.top1(probs.argmax(1), labels),
-            "mean_class_acc": score,
-            **metrics.group_accuracy(class_acc, run.class_counts),
-        }
-    )
+    """Score val on the main process; every rank learns the score and saves ``best/`` with it."""
+    probs, labels = predict(run.model, run.val.epoch(0))
+    score = None
+    if probs is not None:
+        class_acc = metrics.per_class_accuracy(probs.argmax(1), labels, probs.shape[1])
+        score = float(np.nanmean(class_acc))  # class-balanced: the selection metric
+        log.write(
+            {
+                "type": "val",
+                "epoch": epoch,
+                "top1": metrics.top1(probs.argmax(1), labels),
+                "mean_class_acc": score,
+                **metrics.group_accuracy(class_acc, run.class_counts),
+            }
+        )
+    score = dist.broadcast_object(score)
     if score > state.best_metric:
         state.best_metric, state.best_epoch = score, epoch
         save_weights(
@@ -323,58 +274,68 @@ def _evaluate_val(run: Run, log: RunLog, state: TrainState, epoch: int) -> None:
         )
 
 
-def train_epochs(run: Run, state: TrainState, log: RunLog, stop: StopFlag) -> int:
+def _preempt(run: Run, state: TrainState, guard: Guard, per_rank=None) -> int:
+    """Checkpoint where training stands (unless that point is saved already) and say so."""
+    acc, run_dir = run.accelerator, Path(run.cfg.run_dir)
+    where = newest_checkpoint(run_dir) if dist.rank() == 0 else None
+    where = dist.broadcast_object(where)
+    if where is None or where.name != checkpoint_name(state):
+        where = save_checkpoint(acc, run_dir, state, run.cfg.train.keep_checkpoints, per_rank)
+    _say(acc, f"stop requested (signal {guard.signal}): checkpoint {where}; --resume auto goes on")
+    return EXIT_PREEMPTED
+
+
+def _train_epoch(run: Run, state: TrainState, guard: Guard, epoch: int, first: int):
     cfg, acc = run.cfg, run.accelerator
-    steps = run.train[0].steps_per_epoch
+    bar = tqdm(
+        total=run.train[0].steps_per_epoch,
+        initial=first,
+        desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+        disable=None if acc.is_main_process else True,
+        leave=False,
+        file=sys.stderr,
+    )
+    done = first
+
+    def on_check(step: int, loss: float) -> None:
+        nonlocal done
+        bar.update(step + 1 - done)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        done = step + 1
+
+    result = train_one_epoch(
+        run.model,
+        run.criterion,
+        run.optimizer,
+        run.scheduler,
+        _epoch_batches(run, epoch, first),
+        acc,
+        guard,
+        first_step=first,
+        sync_every=cfg.train.sync_every_steps,
+        check_every=cfg.train.log_every,
+        on_check=on_check,
+    )
+    bar.close()
+    return result
+
+
+def train_epochs(run: Run, state: TrainState, log: RunLog, guard: Guard) -> int:
+    cfg, acc = run.cfg, run.accelerator
     for epoch in range(state.epoch, cfg.train.epochs):
         first = state.step if epoch == state.epoch else 0
-        bar = tqdm(
-            total=steps,
-            initial=first,
-            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-            disable=None if acc.is_main_process else True,
-            leave=False,
-            file=sys.stderr,
-        )
-
-        def on_step(step: int, loss: torch.Tensor, bar=bar) -> None:
-            bar.update(1)
-            if step % cfg.train.log_every == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")  # note: a sync point, not every step
-
-        result = train_one_epoch(
-            run.model,
-            run.criterion,
-            run.optimizer,
-            run.scheduler,
-            _epoch_batches(run, epoch, first),
-            acc,
-            epoch=epoch,
-            first_step=first,
-            sync_every=cfg.train.sync_every_steps,
-            input_dtype=run.input_dtype,
-            stop_requested=stop.requested,
-            on_step=on_step,
-        )
-        bar.close()
+        result = _train_epoch(run, state, guard, epoch, first)
         state.global_step += result.steps
         if result.stopped:
             # Mid-epoch: each rank keeps its unsynced ledger delta (saved per rank), so the
             # resumed run computes exactly what an uninterrupted one would.
             state.epoch, state.step = epoch, first + result.steps
-            where = save_checkpoint(
-                acc,
-                Path(cfg.run_dir),
+            return _preempt(
+                run,
                 state,
-                cfg.train.keep_checkpoints,
+                guard,
                 per_rank=lambda folder, rank: save_ledger_delta(run.criterion, folder, rank),
             )
-            _say(
-                acc,
-                f"stop requested (signal {stop.signal}): checkpoint {where}; resume with "
-                "--resume auto",
-            )
-            return EXIT_PREEMPTED
         sync_ledger(run.criterion)  # before any evaluation or checkpoint
         world_images = result.samples * acc.num_processes
         log.write(
@@ -396,6 +357,8 @@ def train_epochs(run: Run, state: TrainState, log: RunLog, stop: StopFlag) -> in
         if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
             save_checkpoint(acc, Path(cfg.run_dir), state, cfg.train.keep_checkpoints)
         _say(acc, f"epoch {epoch + 1}: loss {result.loss:.4f}, {result.seconds:.1f} s")
+        if guard.stop_requested():  # a signal during evaluation or the checkpoint
+            return _preempt(run, state, guard)
     return 0
 
 
@@ -426,7 +389,7 @@ def _rank_record(run: Run, state: TrainState, code: int) -> None:
         "step": state.step,
         "exit": code,
         "device": str(acc.device),
-        "mixed_precision": acc.mixed_precision,
+        "mixed_precision": precision(run.cfg),
         "loader": run.train[0].kind,
         "peak_rss_mib": peak_rss_mib(),
     }
@@ -439,12 +402,10 @@ def _rank_record(run: Run, state: TrainState, code: int) -> None:
     (folder / f"rank{acc.process_index}.json").write_text(json.dumps(record, indent=1))
 
 
-def run_training(cfg: RunConfig, accelerator, resume: str, stop: StopFlag) -> int:
+def run_training(cfg: RunConfig, accelerator, resume: str, guard: Guard) -> int:
     run_dir = Path(cfg.run_dir)
-    try:
-        checkpoint = resume_point(run_dir, resume)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
+    check_shared_run_dir(run_dir, accelerator.device)
+    checkpoint = agreed_resume_point(run_dir, resume)
     if accelerator.is_main_process:
         _write_run_files(cfg)
     run = build_run(cfg, accelerator)
@@ -459,12 +420,15 @@ def run_training(cfg: RunConfig, accelerator, resume: str, stop: StopFlag) -> in
             accelerator, f"resuming from {checkpoint} (epoch {state.epoch + 1}, step {state.step})"
         )
     log = RunLog(run_dir, accelerator.is_main_process, state.epoch)
+    guard.device = accelerator.device
     try:
-        stop.device = accelerator.device
-        code = train_epochs(run, state, log, stop)
-        if code == 0:
-            finish(run, state)
+        code = train_epochs(run, state, log, guard)
+        if code == 0 and not finish(run, state, guard):
+            code = _preempt(run, state, guard)
         _rank_record(run, state, code)
+    except NonFiniteLoss:
+        _rank_record(run, state, EXIT_FAILED)
+        raise
     finally:
         log.close()
     return code
@@ -475,21 +439,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.help_config:
         print("\n".join(describe()))
         return 0
-    # Installed first: a stop signal during start-up is honoured at the first step.
-    stop = StopFlag()
+    # Installed first: a stop signal during start-up is honoured at the first check.
+    guard = Guard()
     try:
         cfg = load_config(args.config, args.overrides)
+        accelerator = make_accelerator(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    accelerator = make_accelerator(cfg)
     world = accelerator.num_processes
     try:
         check_world(accelerator)
-        code = run_training(cfg, accelerator, args.resume, stop)
+        code = run_training(cfg, accelerator, args.resume, guard)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         code = EXIT_CONFIG
+    except NonFiniteLoss as err:
+        # Deterministic: a requeue would fail the same way (slurm/inat_gala.sh does not requeue 3).
+        print(f"error: {err}", file=sys.stderr)
+        code = EXIT_FAILED
     finally:
         accelerator.end_training()
         dist.destroy()

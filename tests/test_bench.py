@@ -33,10 +33,11 @@ def test_shards_benchmark_builds_with_one_and_all_cores(capsys):
     assert result["1_process_images_per_s"] > 0 and result["speedup"] > 0
 
 
-def test_train_benchmark_runs_each_candidate_and_reports_ratios(tmp_path, capsys):
+def test_train_benchmark_runs_each_candidate_and_reports_ratios(tmp_path, capsys, monkeypatch):
     from conftest import free_port
     from shard_fixtures import build_small_synthetic
 
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # its runs inherit it: the CPU on any machine
     shards = build_small_synthetic(tmp_path / "set")
     argv = ["train", "--shards", str(shards), "--model", "tiny", "--epochs", "2", "--passes", "1"]
     argv += ["--loader", "torch", "--processes", "2", "--port", str(free_port())]
