@@ -58,6 +58,13 @@ class OptimConfig:
     weight_decay: float = _f(5e-4, "weight decay")
     nesterov: bool = _f(False, "Nesterov momentum")
     warmup_epochs: float = _f(2.0, "linear warm-up before the cosine decay")
+    implementation: str = _f(
+        "auto", "SGD kernels: auto (fused on CUDA, foreach on CPU) | fused | foreach | for_loop"
+    )
+    lr_scaling: str = _f(
+        "none", "none | linear: lr x (batch_size x grad_accum_steps) / base_batch_size"
+    )
+    base_batch_size: int = _f(256, "the global batch at which optim.lr is given (lr_scaling)")
 
 
 @dataclass
@@ -72,6 +79,17 @@ class TrainConfig:
         "auto", "auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | no; weights stay fp32"
     )
     grad_accum_steps: int = _f(1, "micro-batches an optimizer step (data.batch_size each)")
+    cudnn_benchmark: bool = _f(True, "let cuDNN time its convolution algorithms (fixed shapes)")
+    channels_last: str = _f(
+        "auto", "NHWC memory format for model and input: auto (on with CUDA) | on | off"
+    )
+    compile: bool = _f(False, "torch.compile the model (first steps slower while it compiles)")
+    sync_bn: bool = _f(False, "BatchNorm statistics over all ranks (SyncBatchNorm; CUDA only)")
+    ema_decay: float = _f(
+        0.0,
+        "keep an exponential moving average of the weights (e.g. 0.9998); 0 = off. "
+        "Evaluation, best/ and final/ then use the average",
+    )
     log_every: int = _f(
         20, "steps between progress updates and the stop/non-finite check (the one sync point)"
     )
@@ -103,6 +121,9 @@ CHOICES = {
     "loss.name": ("ce", "logit_adjusted", "balanced_softmax", "gala"),
     "loss.variant": ("reference", "paper"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.channels_last": ("auto", "on", "off"),
+    "optim.implementation": ("auto", "fused", "foreach", "for_loop"),
+    "optim.lr_scaling": ("none", "linear"),
     "train.precision": ("auto", "bf16", "no"),
 }
 POSITIVE = (
@@ -114,6 +135,7 @@ POSITIVE = (
     "train.keep_checkpoints",
     "train.checkpoint_every",
     "train.grad_accum_steps",
+    "optim.base_batch_size",
 )
 
 
@@ -131,8 +153,12 @@ def _check_type(value: Any, annotation: Any, key: str) -> tuple[Any, str | None]
             return float(value), None
         except ValueError:
             pass
-    if kind is str and value is False:
-        return "no", None  # YAML 1.1 reads `precision: no` as false
+    if kind is str and isinstance(value, bool):
+        # YAML 1.1 reads no/off as false and on/yes as true: take the spelling the key offers.
+        spellings = ("on", "yes", "true") if value else ("off", "no", "false")
+        for word in spellings:
+            if word in CHOICES.get(key, ()):
+                return word, None
     if kind in (str, int, float, bool):
         if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
             return value, None
@@ -179,10 +205,16 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         errors.append("data.shards: required (a shard set folder)")
     if cfg.optim.lr <= 0:
         errors.append(f"optim.lr: must be > 0, got {cfg.optim.lr}")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        errors.append(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
 
 
 def get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cfg) or part not in {
+            f.name for f in dataclasses.fields(cfg)
+        }:
+            raise ConfigError(f"{dotted}: unknown key (python -m gala_scale.train --help-config)")
         cfg = getattr(cfg, part)
     return cfg
 

@@ -46,13 +46,15 @@ def train_one_epoch(
     sync_every: int,
     check_every: int,
     on_check: Callable[[int, float], None] | None = None,
+    ema=None,
 ) -> EpochResult:
     """Train over ``batches`` (which start at ``first_step`` of the epoch).
 
     Nothing here reads a device value back on the host except ``guard.check``, every
     ``check_every`` steps and once at the end: it raises on a non-finite loss seen by any rank and
     says whether any rank was asked to stop. ``on_check(step, mean loss since the last check)``
-    reports progress at those points only.
+    reports progress at those points only. ``ema`` (a weight average) is updated after every
+    optimizer step.
     """
     model.train()
     criterion.train()
@@ -66,6 +68,8 @@ def train_one_epoch(
             optimizer.step()  # skipped by Accelerate between accumulation boundaries
             if accelerator.sync_gradients:
                 scheduler.step()
+                if ema is not None:
+                    ema.update(accelerator.unwrap_model(model))
             optimizer.zero_grad(set_to_none=True)
         loss = loss.detach()
         guard.watch(loss)

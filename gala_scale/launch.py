@@ -11,20 +11,27 @@ import sys
 from pathlib import Path
 
 
-def train_command(processes: int = 1, port: int = 29500) -> list[str]:
-    if processes == 1:
+def train_command(
+    processes: int = 1, port: int = 29500, deepspeed: str | None = None, precision: str = "no"
+) -> list[str]:
+    """The launch command; ``deepspeed`` names a DeepSpeed JSON (e.g. configs/deepspeed/zero2.json)
+    and ``precision`` is Accelerate's ``--mixed_precision`` (the trainer's config decides)."""
+    if processes == 1 and deepspeed is None:
         return [sys.executable, "-m", "gala_scale.train"]
     accelerate = str(Path(sys.executable).parent / "accelerate")
+    if deepspeed is None:
+        mode = ["--multi_gpu", "--mixed_precision", precision]
+    else:
+        mode = ["--use_deepspeed", "--deepspeed_config_file", deepspeed]
+        mode += ["--deepspeed_multinode_launcher", "standard"]
     return [
         accelerate,
         "launch",
-        "--multi_gpu",
+        *mode,
         "--num_processes",
         str(processes),
         "--num_machines",
         "1",
-        "--mixed_precision",
-        "no",
         "--dynamo_backend",
         "no",
         "--main_process_port",

@@ -36,7 +36,7 @@ def _load_best(run) -> bool:
     best = Path(run.cfg.run_dir) / "best" / "model.safetensors"
     if not dist.broadcast_object(best.exists() if dist.rank() == 0 else None):
         return False
-    run.accelerator.unwrap_model(run.model).load_state_dict(load_file(best))
+    run.accelerator.unwrap_model(run.eval_model).load_state_dict(load_file(best))
     return True
 
 
@@ -49,7 +49,8 @@ def finish(run, state: TrainState, guard) -> bool:
     checkpoints and a resumed run does this again.
     """
     cfg, acc, run_dir = run.cfg, run.accelerator, Path(run.cfg.run_dir)
-    save_weights(acc, run.model, run.criterion, run_dir / "final", {"epoch": cfg.train.epochs - 1})
+    final = {"epoch": cfg.train.epochs - 1, "ema_decay": cfg.train.ema_decay}
+    save_weights(acc, run.eval_model, run.criterion, run_dir / "final", final)
     used_best = _load_best(run)
     if run.test is None:
         return True
@@ -57,10 +58,10 @@ def finish(run, state: TrainState, guard) -> bool:
     if run.val is not None:
         if guard.stop_requested():
             return False
-        val = predict(run.model, run.val.epoch(0))
+        val = predict(run.eval_model, run.val.epoch(0))
     if guard.stop_requested():
         return False
-    probs, labels = predict(run.model, run.test.epoch(0))
+    probs, labels = predict(run.eval_model, run.test.epoch(0))
     if acc.is_main_process:
         results, scales, tau = _score(run, probs, labels, val)
         results.update(weights="best" if used_best else "final", best_epoch=state.best_epoch)

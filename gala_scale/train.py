@@ -31,7 +31,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from gala_scale import dist, metrics
+from gala_scale import dist, metrics, recipe
 from gala_scale.bench.common import peak_rss_mib
 from gala_scale.checkpoint import (
     TrainState,
@@ -42,7 +42,7 @@ from gala_scale.checkpoint import (
     save_ledger_delta,
     save_weights,
 )
-from gala_scale.config import ConfigError, RunConfig, describe, load_config, to_dict
+from gala_scale.config import ConfigError, RunConfig, describe, get, load_config, to_dict
 from gala_scale.data import ShardLoader, create_loader
 from gala_scale.data.common import open_split
 from gala_scale.data.presets import Augment
@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="auto (newest complete checkpoint in run_dir), none, or a path",
     )
     parser.add_argument("--help-config", action="store_true", help="list every config key")
+    parser.add_argument(
+        "--get", metavar="KEY", help="print the resolved value of KEY (e.g. data.num_workers)"
+    )
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
     return parser.parse_args(argv)
 
@@ -103,6 +106,12 @@ class Run:
     test: ShardLoader | None
     class_counts: list[int]
     class_names: list[str]
+    ema: recipe.WeightEMA | None = None
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What evaluation, best/ and final/ use: the weight average when there is one."""
+        return self.model if self.ema is None else self.ema.module
 
 
 def _loss(cfg: RunConfig, num_classes: int, counts: list[int]) -> torch.nn.Module:
@@ -148,6 +157,7 @@ def _loaders(cfg: RunConfig, accelerator, num_classes: int):
         if batch % ranks:
             raise ConfigError(f"{key}: {batch} does not split evenly over {ranks} ranks")
     common = {
+        "channels_last": recipe.channels_last(cfg, accelerator.device.type == "cuda"),
         "preset": d.preset,
         "kind": d.loader,
         "seed": cfg.seed,
@@ -190,27 +200,25 @@ def build_run(cfg: RunConfig, accelerator) -> Run:
     split = open_split(cfg.data.shards, cfg.data.train_split)
     num_classes = cfg.num_classes or split.num_classes
     counts = list(split.class_counts)
+    cuda = accelerator.device.type == "cuda"
+    recipe.set_backends(cfg, cuda)
     train, val, test = _loaders(cfg, accelerator, num_classes)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = create_model(cfg.model.name, num_classes=num_classes)
+    model = recipe.prepare_model(model, cfg, cuda, accelerator.num_processes)
     criterion = _loss(cfg, num_classes, counts)
-    o = cfg.optim
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=o.lr,
-        momentum=o.momentum,
-        weight_decay=o.weight_decay,
-        nesterov=o.nesterov,
-    )
+    optimizer = recipe.optimizer(model, cfg, cuda)
     scheduler = _schedule(optimizer, cfg, train[0].steps_per_epoch)
     configure_deepspeed(accelerator, cfg)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    criterion = criterion.to(accelerator.device)
+    ema = None
+    if cfg.train.ema_decay:
+        ema = recipe.WeightEMA(accelerator.unwrap_model(model), cfg.train.ema_decay)
     return Run(
         cfg,
         accelerator,
-        model,
-        criterion,
+        recipe.compile_model(model, cfg),
+        criterion.to(accelerator.device),
         optimizer,
         scheduler,
         train,
@@ -218,6 +226,7 @@ def build_run(cfg: RunConfig, accelerator) -> Run:
         test,
         counts,
         list(split.class_names),
+        ema,
     )
 
 
@@ -248,7 +257,7 @@ def _epoch_batches(run: Run, epoch: int, first_step: int):
 
 def _evaluate_val(run: Run, log: RunLog, state: TrainState, epoch: int) -> None:
     """Score val on the main process; every rank learns the score and saves ``best/`` with it."""
-    probs, labels = predict(run.model, run.val.epoch(0))
+    probs, labels = predict(run.eval_model, run.val.epoch(0))
     score = None
     if probs is not None:
         class_acc = metrics.per_class_accuracy(probs.argmax(1), labels, probs.shape[1])
@@ -267,7 +276,7 @@ def _evaluate_val(run: Run, log: RunLog, state: TrainState, epoch: int) -> None:
         state.best_metric, state.best_epoch = score, epoch
         save_weights(
             run.accelerator,
-            run.model,
+            run.eval_model,
             run.criterion,
             Path(run.cfg.run_dir) / "best",
             {"epoch": epoch, "val_mean_class_acc": score},
@@ -315,6 +324,7 @@ def _train_epoch(run: Run, state: TrainState, guard: Guard, epoch: int, first: i
         sync_every=cfg.train.sync_every_steps,
         check_every=cfg.train.log_every,
         on_check=on_check,
+        ema=run.ema,
     )
     bar.close()
     return result
@@ -413,6 +423,8 @@ def run_training(cfg: RunConfig, accelerator, resume: str, guard: Guard) -> int:
     accelerator.register_for_checkpointing(state)
     if hasattr(run.criterion, "sync"):
         accelerator.register_for_checkpointing(run.criterion)
+    if run.ema is not None:
+        accelerator.register_for_checkpointing(run.ema)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         restore_ledger_delta(run.criterion, accelerator, checkpoint)
@@ -426,9 +438,6 @@ def run_training(cfg: RunConfig, accelerator, resume: str, guard: Guard) -> int:
         if code == 0 and not finish(run, state, guard):
             code = _preempt(run, state, guard)
         _rank_record(run, state, code)
-    except NonFiniteLoss:
-        _rank_record(run, state, EXIT_FAILED)
-        raise
     finally:
         log.close()
     return code
@@ -443,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     guard = Guard()
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.get:
+            print(get(cfg, args.get))
+            return 0
         accelerator = make_accelerator(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -451,13 +463,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_world(accelerator)
         code = run_training(cfg, accelerator, args.resume, guard)
-    except ConfigError as err:
+    except (ConfigError, NonFiniteLoss) as err:
+        # Deterministic: a requeue would fail the same way (slurm/inat_gala.sh stops on 2 and 3).
         print(f"error: {err}", file=sys.stderr)
-        code = EXIT_CONFIG
-    except NonFiniteLoss as err:
-        # Deterministic: a requeue would fail the same way (slurm/inat_gala.sh does not requeue 3).
-        print(f"error: {err}", file=sys.stderr)
-        code = EXIT_FAILED
+        code = EXIT_CONFIG if isinstance(err, ConfigError) else EXIT_FAILED
+        if accelerator.is_main_process and Path(cfg.run_dir).is_dir():
+            (Path(cfg.run_dir) / "exit_status").write_text(f"{code}\n")
     finally:
         accelerator.end_training()
         dist.destroy()

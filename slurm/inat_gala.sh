@@ -5,7 +5,7 @@
 # that node; the processes of all nodes meet at the first node of the allocation. Every path and
 # size below can be changed through the environment, so the same script runs a tiny CPU job on a
 # test cluster (tests/test_slurm.py):
-#   CONFIG=configs/debug.yaml GPUS_PER_NODE=1 DEEPSPEED_CONFIG=none sbatch --gres=none ... slurm/inat_gala.sh
+#   CONFIG=configs/debug.yaml GPUS_PER_NODE=1 sbatch --gres=none --cpus-per-task=2 ... slurm/inat_gala.sh
 #
 #SBATCH --job-name=inat-gala
 #SBATCH --nodes=2
@@ -29,8 +29,11 @@ CONFIG="${CONFIG:-configs/inat2018.yaml}"
 RUN_DIR="${RUN_DIR:-runs/inat2018}"
 SHARDS="${SHARDS:-}"                                   # empty: the config's data.shards
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"                    # training processes per node
-PORT="${PORT:-29500}"
-DEEPSPEED_CONFIG="${DEEPSPEED_CONFIG:-configs/deepspeed/zero2.json}"  # "none": plain DDP
+# A port of this job's own: jobs sharing a head node must not meet at the same rendezvous.
+PORT="${PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 30000))}"
+# DDP with bf16 autocast by default (docs/training.md: ZeRO saves nothing worth its collectives
+# for a 25 M-parameter CNN); configs/deepspeed/zero2.json for models where it pays.
+DEEPSPEED_CONFIG="${DEEPSPEED_CONFIG:-none}"
 MAX_RESTARTS="${MAX_RESTARTS:-3}"                      # requeues before giving up
 EXTRA_ARGS="${EXTRA_ARGS:-}"                           # more key=value overrides
 VENV="${VENV:-.venv}"
@@ -42,9 +45,28 @@ HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 NUM_NODES="${SLURM_NNODES:-1}"
 RESTARTS="${SLURM_RESTART_COUNT:-0}"
 echo "[inat_gala] job $SLURM_JOB_ID, $NUM_NODES nodes x $GPUS_PER_NODE processes, head $HEAD_NODE," \
-     "restart $RESTARTS of at most $MAX_RESTARTS"
+     "port $PORT, restart $RESTARTS of at most $MAX_RESTARTS"
 
-LAUNCH=(accelerate launch --num_machines "$NUM_NODES" --num_processes $((NUM_NODES * GPUS_PER_NODE))
+OVERRIDES=("run_dir=$RUN_DIR")
+[ -n "$SHARDS" ] && OVERRIDES+=("data.shards=$SHARDS")
+# shellcheck disable=SC2206
+OVERRIDES+=($EXTRA_ARGS)
+
+# Every process runs data.num_workers DALI threads (or DataLoader workers): a task with fewer
+# CPUs than that starves the GPUs all run long. A bad config also stops here, not in the queue.
+WORKERS=$(python -m gala_scale.train --config "$CONFIG" --get data.num_workers "${OVERRIDES[@]}")
+CPUS="${SLURM_CPUS_PER_TASK:-0}"
+if [ "$CPUS" -lt $((GPUS_PER_NODE * WORKERS)) ]; then
+    echo "[inat_gala] error: --cpus-per-task=$CPUS is fewer than $GPUS_PER_NODE processes x" \
+         "$WORKERS data.num_workers = $((GPUS_PER_NODE * WORKERS)) CPUs a node; raise" \
+         "--cpus-per-task or lower data.num_workers" >&2
+    exit 1
+fi
+
+# The config file is named so that a user's default Accelerate config cannot leak in; the
+# command line overrides its sizes for this allocation.
+LAUNCH=(accelerate launch --config_file configs/accelerate/multi_node.yaml
+        --num_machines "$NUM_NODES" --num_processes $((NUM_NODES * GPUS_PER_NODE))
         --main_process_ip "$HEAD_NODE" --main_process_port "$PORT" --dynamo_backend no)
 if [ "$DEEPSPEED_CONFIG" != "none" ]; then
     # The default multi-node launcher of DeepSpeed is pdsh; Slurm already starts one launcher per
@@ -52,19 +74,17 @@ if [ "$DEEPSPEED_CONFIG" != "none" ]; then
     LAUNCH+=(--use_deepspeed --deepspeed_config_file "$DEEPSPEED_CONFIG"
              --deepspeed_multinode_launcher standard)
 else
-    LAUNCH+=(--multi_gpu --mixed_precision no)
+    LAUNCH+=(--multi_gpu)
 fi
-OVERRIDES=("run_dir=$RUN_DIR")
-[ -n "$SHARDS" ] && OVERRIDES+=("data.shards=$SHARDS")
-# shellcheck disable=SC2206
-OVERRIDES+=($EXTRA_ARGS)
 
 rm -f "$RUN_DIR/exit_status"
 # --machine_rank must be each node's own SLURM_NODEID, so the command is expanded in each task.
 TASK="$(printf '%q ' "${LAUNCH[@]}") --machine_rank \$SLURM_NODEID -m gala_scale.train \
 $(printf '%q ' --config "$CONFIG" --resume auto "${OVERRIDES[@]}")"
 set +e
-srun --kill-on-bad-exit=1 bash -c "$TASK"
+# Since Slurm 22.05 a step does not inherit the job's --cpus-per-task: pass it on, or the node's
+# launcher, its processes and their DALI threads share one CPU.
+srun --kill-on-bad-exit=1 --cpus-per-task="$CPUS" bash -c "$TASK"
 STATUS=$?
 set -e
 
@@ -72,6 +92,11 @@ TRAINER_STATUS=$(cat "$RUN_DIR/exit_status" 2>/dev/null || echo "none")
 echo "[inat_gala] srun exit $STATUS, trainer exit $TRAINER_STATUS"
 if [ "$STATUS" = 0 ] && [ "$TRAINER_STATUS" = 0 ]; then
     exit 0
+fi
+# 2: a bad config, 3: a non-finite loss. A rerun would fail the same way: do not requeue.
+if [ "$TRAINER_STATUS" = 2 ] || [ "$TRAINER_STATUS" = 3 ]; then
+    echo "[inat_gala] the trainer failed in a way a restart repeats (exit $TRAINER_STATUS)" >&2
+    exit 1
 fi
 if [ "$RESTARTS" -ge "$MAX_RESTARTS" ]; then
     echo "[inat_gala] stopped after $RESTARTS restarts; not requeueing" >&2

@@ -117,3 +117,22 @@ def test_repeated_failures_stop_requeueing(env, tmp_path, port):
     assert info["JobState"] == "FAILED", log[-3000:]
     assert info["Restarts"] == "1"
     assert "stopped after 1 restarts; not requeueing" in log
+
+
+def test_too_few_cpus_for_the_data_threads_fail_before_launch(env, shards, tmp_path, port):
+    run_dir = tmp_path / "starved"
+    job = submit(env, run_dir, extra(shards, "data.num_workers=2"), tmp_path, port=port)
+    info = wait(env, job, timeout=120)
+    log = job_log(tmp_path, job)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", log[-3000:]
+    assert "--cpus-per-task=1 is fewer than 1 processes x 2 data.num_workers" in log
+    assert not run_dir.exists()  # nothing launched
+
+
+def test_non_finite_loss_is_not_requeued(env, shards, tmp_path, port):
+    run_dir = tmp_path / "nan"
+    job = submit(env, run_dir, extra(shards, "optim.lr=1e30"), tmp_path, port=port)
+    info = wait(env, job, timeout=300)
+    log = job_log(tmp_path, job)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", log[-3000:]
+    assert "NaN or infinite on" in log and "a restart repeats (exit 3)" in log

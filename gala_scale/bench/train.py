@@ -1,6 +1,7 @@
 """Benchmark: training throughput and memory, CE vs GALA and 1 vs 2 processes, on CPU or GPU.
 
     python -m gala_scale.bench train --shards DIR [--model resnet32] [--epochs 3]
+    python -m gala_scale.bench train --shards DIR --processes 2 --deepspeed zero2 --precision bf16
 
 Each candidate is a real run of the trainer (``python -m gala_scale.train`` or
 ``accelerate launch`` with 2 processes) on the same shards; images/s is the median over its
@@ -43,11 +44,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         help="process counts for GALA (default 1 2; 1 alone with fewer than 2 GPUs)",
     )
+    parser.add_argument(
+        "--deepspeed",
+        nargs="*",
+        default=[],
+        help="also GALA with the largest process count under these configs/deepspeed/*.json "
+        "(e.g. zero1 zero2), beside DDP",
+    )
+    parser.add_argument("--precision", default="auto", help="train.precision of every candidate")
 
 
-def _run(args: argparse.Namespace, loss: str, processes: int, run_dir: Path) -> dict:
+def _run(
+    args: argparse.Namespace, loss: str, processes: int, run_dir: Path, deepspeed: str | None
+) -> dict:
+    ds_file = str(ROOT / "configs" / "deepspeed" / f"{deepspeed}.json") if deepspeed else None
     cmd = [
-        *train_command(processes, args.port),
+        *train_command(processes, args.port, ds_file),
         "--config",
         str(ROOT / "configs" / "debug.yaml"),
         f"data.shards={args.shards}",
@@ -61,6 +73,7 @@ def _run(args: argparse.Namespace, loss: str, processes: int, run_dir: Path) -> 
         "data.val_split=",
         "data.test_split=",
         "train.eval_every=0",
+        f"train.precision={args.precision}",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -72,6 +85,11 @@ def _run(args: argparse.Namespace, loss: str, processes: int, run_dir: Path) -> 
     return {
         "images_per_s": statistics.median(rates[1:] or rates),
         "peak_rss_mib_per_process": max(r["peak_rss_mib"] for r in ranks),
+        **(
+            {"peak_gpu_mib_per_process": max(r["peak_gpu_mib"] for r in ranks)}
+            if "peak_gpu_mib" in ranks[0]
+            else {}
+        ),
     }
 
 
@@ -85,13 +103,18 @@ def _process_counts(asked: list[int] | None) -> list[int]:
 
 def run(args: argparse.Namespace) -> dict:
     counts = _process_counts(args.processes)
-    candidates = [("ce", 1)] + [("gala", n) for n in counts]
-    samples: dict[str, list[dict]] = {f"{loss}_{n}proc": [] for loss, n in candidates}
+    candidates = [("ce", 1, None)] + [("gala", n, None) for n in counts]
+    candidates += [("gala", counts[-1], ds) for ds in args.deepspeed]
+
+    def label(loss: str, n: int, ds: str | None) -> str:
+        return f"{loss}_{n}proc" + (f"_{ds}" if ds else "")
+
+    samples: dict[str, list[dict]] = {label(*c): [] for c in candidates}
     with tempfile.TemporaryDirectory() as tmp:
         for pass_ in range(args.passes):
-            for loss, n in candidates if pass_ % 2 == 0 else candidates[::-1]:
-                name = f"{loss}_{n}proc"
-                result = _run(args, loss, n, Path(tmp) / f"{name}-{pass_}")
+            for loss, n, ds in candidates if pass_ % 2 == 0 else candidates[::-1]:
+                name = label(loss, n, ds)
+                result = _run(args, loss, n, Path(tmp) / f"{name}-{pass_}", ds)
                 samples[name].append(result)
                 print(f"{name}: {result}", flush=True)
     summary = {
@@ -112,5 +135,10 @@ def run(args: argparse.Namespace) -> dict:
             f"{n}_over_1_process_images_per_s": rate[f"gala_{n}proc"] / rate["gala_1proc"]
             for n in counts
             if n > 1
+        },
+        **{
+            f"{ds}_over_ddp_images_per_s": rate[label("gala", counts[-1], ds)]
+            / rate[label("gala", counts[-1], None)]
+            for ds in args.deepspeed
         },
     }

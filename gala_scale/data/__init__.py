@@ -58,6 +58,7 @@ class ShardLoader:
         augment: presets.Augment | None = None,
         cutout: int = 0,
         num_classes: int | None = None,
+        channels_last: bool = False,
     ):
         if kind not in LOADERS:
             raise ValueError(f"unknown loader {kind!r}; valid: {', '.join(LOADERS)}")
@@ -76,6 +77,7 @@ class ShardLoader:
         self.seed, self.device = seed, torch.device(device)
         self.num_workers = os.cpu_count() if num_workers is None else num_workers
         self.cutout = cutout
+        self.channels_last = channels_last  # batches in the model's memory format
         self.steps_per_epoch = steps_per_epoch(self.info.num_samples, world, batch_size, train)
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -108,8 +110,9 @@ class ShardLoader:
                 seed=_seed(self.seed, epoch, self.rank),
                 device_id=(self.device.index or 0) if cuda else None,
                 num_threads=max(1, self.num_workers),
+                channels_last=self.channels_last,
             )
-            return dali.iterate(pipe)
+            return dali.iterate(pipe, self.channels_last)
         from gala_scale.data import torch_loader
 
         return torch_loader.rank_chunks(
@@ -120,6 +123,7 @@ class ShardLoader:
             options=self.augment,
             seed=(self.seed, epoch, self.rank),
             num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
         )
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -138,6 +142,8 @@ class ShardLoader:
                 continue
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
+            if self.channels_last:  # a no-op for DALI's permuted NHWC batches
+                images = images.contiguous(memory_format=torch.channels_last)
             if generator is not None:
                 # Seeded per step, so a run resumed inside an epoch cuts the same squares.
                 generator.manual_seed(_seed(self.seed, epoch, self.rank, step))

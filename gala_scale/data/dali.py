@@ -27,6 +27,15 @@ from gala_scale.data.presets import Augment, Preset
 
 LABEL_DIGITS = 10  # cls holds up to this many ASCII digits
 SHUFFLE_BUFFER = 1024
+# GPU ("mixed") decoding: nvJPEG's buffers sized up front for the largest ImageNet image, and the
+# hardware decoder's for the largest image side, so no batch triggers a reallocation (the values
+# NVIDIA's ResNet-50 training example uses).
+MIXED_DECODER = {
+    "device_memory_padding": 211_025_920,
+    "host_memory_padding": 140_544_512,
+    "preallocate_width_hint": 5980,
+    "preallocate_height_hint": 6430,
+}
 
 
 def parse_cls(cls: torch.Tensor) -> torch.Tensor:
@@ -39,10 +48,12 @@ def parse_cls(cls: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _normalise(images, preset: Preset, device: str, mirror=None, crop: bool = False):
+def _normalise(
+    images, preset: Preset, device: str, mirror=None, crop: bool = False, layout: str = "CHW"
+):
     kwargs = {
         "dtype": types.FLOAT,
-        "output_layout": "CHW",
+        "output_layout": layout,
         "mean": [m * 255 for m in preset.mean],
         "std": [s * 255 for s in preset.std],
     }
@@ -53,7 +64,7 @@ def _normalise(images, preset: Preset, device: str, mirror=None, crop: bool = Fa
     return fn.crop_mirror_normalize(images, device=device, **kwargs)
 
 
-def _eval(images, preset: Preset, device: str):
+def _eval(images, preset: Preset, device: str, layout: str):
     if preset.eval_resize is not None:
         images = fn.resize(
             images,
@@ -62,7 +73,7 @@ def _eval(images, preset: Preset, device: str):
             interp_type=types.INTERP_LINEAR,
             antialias=True,
         )
-    return _normalise(images, preset, device, crop=True)
+    return _normalise(images, preset, device, crop=True, layout=layout)
 
 
 def _train_crop(images, preset: Preset, device: str):
@@ -91,7 +102,7 @@ def _train_crop(images, preset: Preset, device: str):
     )
 
 
-def _train(images, preset: Preset, options: Augment, device: str):
+def _train(images, preset: Preset, options: Augment, device: str, layout: str):
     """Crop, then the optional policies (as in the torch loader, same order), flip, normalise."""
     images = _train_crop(images, preset, device)
     if options.autoaugment:
@@ -123,7 +134,8 @@ def _train(images, preset: Preset, options: Augment, device: str):
             max_translate_abs=randaugment_translate_pixels(preset.crop),
             fill_value=128,
         )
-    return _normalise(images, preset, device, mirror=fn.random.coin_flip(probability=0.5))
+    mirror = fn.random.coin_flip(probability=0.5)
+    return _normalise(images, preset, device, mirror=mirror, layout=layout)
 
 
 def build_pipeline(
@@ -139,8 +151,10 @@ def build_pipeline(
     seed: int,
     device_id: int | None,
     num_threads: int,
+    channels_last: bool = False,
 ):
     gpu = device_id is not None
+    hints = MIXED_DECODER if gpu else {}
     conditionals = options.autoaugment or options.randaugment
 
     @pipeline_def(
@@ -174,17 +188,23 @@ def build_pipeline(
                 random_area=list(presets.RRC_SCALE),
                 random_aspect_ratio=list(presets.RRC_RATIO),
                 num_attempts=10,
+                **hints,
             )
         else:
-            images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+            images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, **hints)
         labels = fn.pad(cls, axes=(0,), shape=(LABEL_DIGITS,), fill_value=0)
-        images = _train(images, preset, options, device) if train else _eval(images, preset, device)
+        # NHWC batches are channels_last NCHW tensors once permuted: no copy for the model.
+        layout = "HWC" if channels_last else "CHW"
+        if train:
+            images = _train(images, preset, options, device, layout)
+        else:
+            images = _eval(images, preset, device, layout)
         return images, labels
 
     return pipeline()
 
 
-def iterate(pipe) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iterate(pipe, channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """A built pipeline's (images, labels) batches for one epoch, the last one partial."""
     iterator = DALIGenericIterator(
         [pipe],
@@ -195,6 +215,7 @@ def iterate(pipe) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     )
     try:
         for (batch,) in iterator:
-            yield batch["images"], parse_cls(batch["cls"])
+            images = batch["images"].permute(0, 3, 1, 2) if channels_last else batch["images"]
+            yield images, parse_cls(batch["cls"])
     finally:
         del iterator, pipe

@@ -147,6 +147,7 @@ def rank_chunks(
     options: Augment,
     seed: tuple[int, ...],
     num_workers: int,
+    pin_memory: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Chunks of (images, labels) of this rank for one epoch."""
     stream = _RankStream(segments, image_ext, preset, train, options, seed)
@@ -157,5 +158,6 @@ def rank_chunks(
         num_workers=workers,
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
+        pin_memory=pin_memory,  # page-locked chunks: the copy to the GPU can overlap
     )
     yield from loader

@@ -1,0 +1,86 @@
+"""The training recipe's engineering options, as the fast GPU trainers have them (NVIDIA's
+ResNet-50 example, torchvision's classification reference, timm): cuDNN autotuning, NHWC
+memory format, ``torch.compile``, fused or foreach SGD, SyncBatchNorm, a weight EMA and the
+learning rate scaled with the global batch. Each is a config key (docs/configuration.md); none
+changes the algorithm, which ``tests/test_recipe.py`` checks by comparing losses on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from gala_scale.config import ConfigError, RunConfig
+
+
+def channels_last(cfg: RunConfig, cuda: bool) -> bool:
+    return cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and cuda)
+
+
+def set_backends(cfg: RunConfig, cuda: bool) -> None:
+    if cuda:
+        # Fixed input shapes (drop/pad policy) make the first-step search pay off every step.
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+
+
+def prepare_model(model: nn.Module, cfg: RunConfig, cuda: bool, world: int) -> nn.Module:
+    """Memory format and SyncBatchNorm, before the launcher wraps the model."""
+    if cfg.train.sync_bn:
+        if not cuda:
+            raise ConfigError("train.sync_bn: SyncBatchNorm needs CUDA; turn it off on the CPU")
+        if world > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if channels_last(cfg, cuda):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def compile_model(model: nn.Module, cfg: RunConfig) -> nn.Module:
+    return torch.compile(model) if cfg.train.compile else model
+
+
+def learning_rate(cfg: RunConfig) -> float:
+    """``optim.lr``, scaled linearly with the global batch when ``optim.lr_scaling: linear``."""
+    if cfg.optim.lr_scaling == "none":
+        return cfg.optim.lr
+    global_batch = cfg.data.batch_size * cfg.train.grad_accum_steps
+    return cfg.optim.lr * global_batch / cfg.optim.base_batch_size
+
+
+def optimizer(model: nn.Module, cfg: RunConfig, cuda: bool) -> torch.optim.Optimizer:
+    o = cfg.optim
+    impl = o.implementation if o.implementation != "auto" else ("fused" if cuda else "foreach")
+    kernels = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {}}[impl]
+    if impl == "for_loop":
+        kernels = {"foreach": False}
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=learning_rate(cfg),
+        momentum=o.momentum,
+        weight_decay=o.weight_decay,
+        nesterov=o.nesterov,
+        **kernels,
+    )
+
+
+class WeightEMA(nn.Module):
+    """An exponential moving average of the weights and buffers, updated every optimizer step.
+
+    Saved and restored with the checkpoint (``accelerator.register_for_checkpointing``); its
+    ``module`` is what evaluation, ``best/`` and ``final/`` use when ``train.ema_decay`` > 0.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__()
+        self.average = AveragedModel(
+            model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True
+        )
+
+    @property
+    def module(self) -> nn.Module:
+        return self.average.module
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.average.update_parameters(model)  # foreach lerp on the device; no sync
