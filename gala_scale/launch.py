@@ -12,12 +12,17 @@ from pathlib import Path
 
 
 def train_command(
-    processes: int = 1, port: int = 29500, deepspeed: str | None = None, precision: str = "no"
+    processes: int = 1,
+    port: int = 29500,
+    deepspeed: str | None = None,
+    precision: str = "no",
+    module: str = "gala_scale.train",
 ) -> list[str]:
     """The launch command; ``deepspeed`` names a DeepSpeed JSON (e.g. configs/deepspeed/zero2.json)
-    and ``precision`` is Accelerate's ``--mixed_precision`` (the trainer's config decides)."""
+    and ``precision`` is Accelerate's ``--mixed_precision`` (the trainer's config decides).
+    ``module`` is what runs in each process (the trainer, or a benchmark's worker)."""
     if processes == 1 and deepspeed is None:
-        return [sys.executable, "-m", "gala_scale.train"]
+        return [sys.executable, "-m", module]
     accelerate = str(Path(sys.executable).parent / "accelerate")
     if deepspeed is None:
         mode = ["--multi_gpu", "--mixed_precision", precision]
@@ -37,5 +42,5 @@ def train_command(
         "--main_process_port",
         str(port),
         "-m",
-        "gala_scale.train",
+        module,
     ]

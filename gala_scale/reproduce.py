@@ -3,6 +3,9 @@ authors' variant), each with and without PN, same data and seed, one table.
 
     python -m gala_scale.reproduce --config configs/cifar10_lt_if100.yaml --root <cifar10> \\
         [--epochs 12] [--processes 1] [--out runs/reproduce] [--report docs/results.md]
+    python -m gala_scale.reproduce --config configs/cifar10_lt_if100.yaml --shards <set> \\
+        --losses ce,balanced_softmax,gala_reference,gala_paper --concurrent --time-limit 270 \\
+        --set train.eval_every=20     # the paper's budget, four processes on one GPU
 
 ``--root`` is a CIFAR-10/100 folder (official python pickles or train/ + test/ ImageFolder); the
 long-tailed shard set is built from it with the imbalance factor in the config's name (or
@@ -10,6 +13,12 @@ long-tailed shard set is built from it with the imbalance factor in the config's
 leave ``--root`` out. The recipe is the config's (ResNet-32, 200 epochs for CIFAR); ``--epochs``
 shortens it. The report (markdown) gets the table, the command, date, machine, epochs and wall
 time; a per-class plot goes beside it.
+
+``--concurrent`` starts the losses' runs at once (several processes sharing one GPU) instead of
+one after another. ``--time-limit S`` sends SIGTERM to runs still going after S seconds: each
+checkpoints and stops (``--resume auto`` continues it on the next call), and the summary says
+how far it got. The last line printed is a JSON summary of every run (epochs done, last val
+record, test results when finished).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -80,26 +90,79 @@ def _build_shards(args: argparse.Namespace, shards: Path) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
-def _train(name: str, args: argparse.Namespace, shards: Path) -> tuple[Path, float]:
-    run_dir = args.out / _name(args) / name
-    launcher = train_command(args.processes, args.port)
+def _command(name: str, args: argparse.Namespace, shards: Path, port: int) -> list[str]:
     cmd = [
-        *launcher,
+        *train_command(args.processes, port),
         "--config",
         str(args.config),
         "--resume",
         "auto",
-        f"run_dir={run_dir}",
+        f"run_dir={_run_dir(name, args)}",
         f"data.shards={shards}",
         f"seed={args.seed}",
         *VARIANTS[name],
+        *args.set,
     ]
     if args.epochs:
         cmd.append(f"train.epochs={args.epochs}")
-    print(f"\n== {name}\n$ {' '.join(cmd)}", flush=True)
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    return run_dir, time.perf_counter() - start
+    return cmd
+
+
+def _run_dir(name: str, args: argparse.Namespace) -> Path:
+    return args.out / _name(args) / name
+
+
+def _train_all(args: argparse.Namespace, shards: Path) -> tuple[dict[str, int], dict]:
+    """Run every loss (one after another, or all at once); exit codes and wall seconds."""
+    names = args.losses.split(",")
+    batches = [names] if args.concurrent else [[n] for n in names]
+    codes, seconds = {}, {}
+    deadline = time.monotonic() + args.time_limit if args.time_limit else None
+    for batch in batches:
+        start, procs = time.perf_counter(), {}
+        for offset, name in enumerate(batch):
+            cmd = _command(name, args, shards, args.port + offset)
+            print(f"\n== {name}\n$ {' '.join(cmd)}", flush=True)
+            procs[name] = subprocess.Popen(cmd, cwd=ROOT)
+        for name, proc in procs.items():
+            codes[name] = _wait(proc, deadline)
+            seconds[name] = time.perf_counter() - start
+    return codes, seconds
+
+
+def _wait(proc: subprocess.Popen, deadline: float | None) -> int:
+    """The exit code; at the deadline SIGTERM (the trainer checkpoints and exits 99)."""
+    try:
+        return proc.wait(None if deadline is None else max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+
+def _summary(name: str, args: argparse.Namespace, code: int, seconds: float) -> dict:
+    """How far a run got: epochs done, its last val record, its test results if it finished."""
+    run_dir = _run_dir(name, args)
+    records = []
+    if (run_dir / "metrics.jsonl").exists():
+        records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["type"] == "train"]
+    val = [r for r in records if r["type"] == "val"]
+    out = {"exit": code, "seconds": round(seconds, 1), "epochs_done": len(train)}
+    if train:
+        out["images_per_s"] = train[-1]["images_per_s"]
+    if val:
+        out["last_val"] = {k: val[-1][k] for k in ("epoch", "top1", "mean_class_acc")}
+    if code == 0 and (run_dir / "results.json").exists():
+        res = json.loads((run_dir / "results.json").read_text())
+        out["test"] = {
+            pn: {k: res["test"][key][k] for k in ("top1", "many", "medium", "few")}
+            for pn, key in zip(PN_NAMES, res["test"], strict=True)
+        }
+    return out
 
 
 def _rows(results: dict[str, dict]) -> list[str]:
@@ -161,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/reproduce"))
     p.add_argument("--report", type=Path, default=Path("runs/reproduce/results.md"))
+    p.add_argument("--concurrent", action="store_true", help="run the losses at the same time")
+    p.add_argument("--time-limit", type=float, help="stop (checkpointed) after S seconds")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a config override"
+    )
     args = p.parse_args(argv)
     unknown = set(args.losses.split(",")) - set(VARIANTS)
     if unknown:
@@ -169,19 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.root is not None:
         shards = args.out / "shards" / _name(args)
         _build_shards(args, shards)
-    results, seconds = {}, {}
-    for name in args.losses.split(","):
-        run_dir, seconds[name] = _train(name, args, shards)
-        results[name] = json.loads((run_dir / "results.json").read_text())
-    counts = open_split(shards, "train").class_counts
-    _report(
-        args,
-        results,
-        seconds,
-        counts,
-        "python -m gala_scale.reproduce " + " ".join(argv if argv is not None else sys.argv[1:]),
-    )
-    return 0
+    codes, seconds = _train_all(args, shards)
+    summary = {name: _summary(name, args, codes[name], seconds[name]) for name in codes}
+    if all(code == 0 for code in codes.values()):
+        results = {
+            name: json.loads((_run_dir(name, args) / "results.json").read_text()) for name in codes
+        }
+        command = " ".join(argv if argv is not None else sys.argv[1:])
+        counts = open_split(shards, "train").class_counts
+        _report(args, results, seconds, counts, "python -m gala_scale.reproduce " + command)
+    print(json.dumps({"reproduce": _name(args), "runs": summary}), flush=True)
+    return 0 if all(code in (0, 99) for code in codes.values()) else 1
 
 
 if __name__ == "__main__":

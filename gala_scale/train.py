@@ -196,37 +196,62 @@ def _loaders(cfg: RunConfig, accelerator, num_classes: int):
     return train, evaluation(d.val_split), evaluation(d.test_split)
 
 
-def build_run(cfg: RunConfig, accelerator) -> Run:
-    split = open_split(cfg.data.shards, cfg.data.train_split)
-    num_classes = cfg.num_classes or split.num_classes
-    counts = list(split.class_counts)
+@dataclass
+class Parts:
+    """What a training step needs, prepared by Accelerate: model, loss, optimizer, schedule."""
+
+    model: torch.nn.Module
+    criterion: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    ema: recipe.WeightEMA | None
+
+
+def build_parts(
+    cfg: RunConfig, accelerator, num_classes: int, counts: list[int], steps_per_epoch: int
+) -> Parts:
+    """The model (same initial weights on every rank), loss, optimizer and schedule, prepared."""
     cuda = accelerator.device.type == "cuda"
-    recipe.set_backends(cfg, cuda)
-    train, val, test = _loaders(cfg, accelerator, num_classes)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    torch.manual_seed(cfg.seed)
     model = create_model(cfg.model.name, num_classes=num_classes)
     model = recipe.prepare_model(model, cfg, cuda, accelerator.num_processes)
     criterion = _loss(cfg, num_classes, counts)
     optimizer = recipe.optimizer(model, cfg, cuda)
-    scheduler = _schedule(optimizer, cfg, train[0].steps_per_epoch)
+    scheduler = _schedule(optimizer, cfg, steps_per_epoch)
     configure_deepspeed(accelerator, cfg)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ema = None
     if cfg.train.ema_decay:
         ema = recipe.WeightEMA(accelerator.unwrap_model(model), cfg.train.ema_decay)
-    return Run(
-        cfg,
-        accelerator,
+    return Parts(
         recipe.compile_model(model, cfg),
         criterion.to(accelerator.device),
         optimizer,
         scheduler,
+        ema,
+    )
+
+
+def build_run(cfg: RunConfig, accelerator) -> Run:
+    split = open_split(cfg.data.shards, cfg.data.train_split)
+    num_classes = cfg.num_classes or split.num_classes
+    counts = list(split.class_counts)
+    recipe.set_backends(cfg, accelerator.device.type == "cuda")
+    train, val, test = _loaders(cfg, accelerator, num_classes)
+    parts = build_parts(cfg, accelerator, num_classes, counts, train[0].steps_per_epoch)
+    return Run(
+        cfg,
+        accelerator,
+        parts.model,
+        parts.criterion,
+        parts.optimizer,
+        parts.scheduler,
         train,
         val,
         test,
         counts,
         list(split.class_names),
-        ema,
+        parts.ema,
     )
 
 

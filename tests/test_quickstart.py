@@ -57,3 +57,9 @@ def test_reproduce_builds_trains_and_reports_under_the_factor_used(tmp_path):
     assert sum(line.startswith(("| ce |", "| gala_reference |")) for line in rows) == 6
     assert (report.parent / "img" / "results_cifar10_lt_if10_1ep.png").stat().st_size > 1000
     assert (out / "cifar10_lt_if10" / "gala_reference" / "results.json").is_file()
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["reproduce"] == "cifar10_lt_if10"
+    assert set(summary["runs"]) == {"ce", "gala_reference"}
+    ce = summary["runs"]["ce"]
+    assert ce["exit"] == 0 and ce["epochs_done"] == 1
+    assert len(ce["test"]) == 3 and 0 <= ce["test"]["plain"]["top1"] <= 1

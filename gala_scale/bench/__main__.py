@@ -12,7 +12,7 @@ import sys
 
 from gala_scale.bench.common import emit
 
-BENCHMARKS = ("loss", "shards", "loader", "train")
+BENCHMARKS = ("loss", "shards", "loader", "train", "step")
 
 
 def main(argv: list[str] | None = None) -> int:
