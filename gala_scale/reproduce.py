@@ -91,7 +91,7 @@ def _build_shards(args: argparse.Namespace, shards: Path) -> None:
 
 
 def _command(name: str, args: argparse.Namespace, shards: Path, port: int) -> list[str]:
-    cmd = [
+    return [
         *train_command(args.processes, port),
         "--config",
         str(args.config),
@@ -101,11 +101,13 @@ def _command(name: str, args: argparse.Namespace, shards: Path, port: int) -> li
         f"data.shards={shards}",
         f"seed={args.seed}",
         *VARIANTS[name],
-        *args.set,
+        *_overrides(args),
     ]
-    if args.epochs:
-        cmd.append(f"train.epochs={args.epochs}")
-    return cmd
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides, then ``--epochs``: the same for every run and for the report."""
+    return [*args.set, *([f"train.epochs={args.epochs}"] if args.epochs else [])]
 
 
 def _run_dir(name: str, args: argparse.Namespace) -> Path:
@@ -178,8 +180,8 @@ def _rows(results: dict[str, dict]) -> list[str]:
 
 
 def _report(args, results, seconds, counts, command: str) -> None:
-    cfg = load_config(args.config)
-    epochs = args.epochs or cfg.train.epochs
+    cfg = load_config(args.config, _overrides(args))
+    epochs = cfg.train.epochs
     image = args.report.parent / "img" / f"results_{_name(args)}_{epochs}ep.png"
     curves = {f"{name} (plain)": r["test"]["plain"]["per_class"] for name, r in results.items()}
     if "gala_reference" in results:

@@ -46,3 +46,20 @@ def test_train_benchmark_runs_each_candidate_and_reports_ratios(tmp_path, capsys
     assert {"ce_1proc", "gala_1proc", "gala_2proc"} <= set(result)
     assert result["gala_2proc"]["images_per_s"] > 0
     assert result["gala_over_ce_images_per_s"] > 0 and result["2_over_1_process_images_per_s"] > 0
+
+
+def test_step_benchmark_runs_the_trainer_step_under_ddp_and_zero2_in_bf16(capsys, monkeypatch):
+    from conftest import free_port
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    argv = ["step", "--model", "tiny", "--image-size", "32", "--classes", "10"]
+    argv += ["--batch-size", "16", "--steps", "3", "--warmup", "1", "--precision", "bf16"]
+    argv += ["--processes", "2", "--port", str(free_port())]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ddp, zero2 = result["ddp"], result["zero2"]
+    assert ddp["images_per_s"] > 0 and zero2["peak_rss_mib_per_process"] > 0
+    assert "peak_gpu_mib_per_process" not in ddp
+    # Same seed, same batch, same bf16 autocast: ZeRO-2 partitions state, not the numbers.
+    assert abs(ddp["loss"] - zero2["loss"]) < 1e-3 * abs(ddp["loss"])
+    assert result["zero2_over_ddp_images_per_s"] > 0

@@ -125,3 +125,28 @@ def test_checkpoint_killed_while_written_is_never_used(shards, tmp_path):
     assert "e0001-s000000" in resumed.stdout
     assert results(run_dir)["test"] == results(reference)["test"]
     assert not list(root.glob(".tmp-*"))
+
+
+def test_sigterm_to_the_whole_process_group_still_checkpoints(shards, tmp_path):
+    """As Slurm preempts a step: every process gets SIGTERM, the loader's workers too."""
+    run_dir = tmp_path / "preempted"
+    args = debug_overrides(shards, run_dir, *LONGER, "data.loader=torch")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gala_scale.train", *args],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints" / "e0001-s000000").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # into epoch 2, its DataLoader worker running
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 99, err[-3000:]
+    assert "stop requested (signal 15)" in out + err
+    assert newest_checkpoint(run_dir).name.startswith("e0001-s")
+    assert newest_checkpoint(run_dir).name != "e0001-s000000"

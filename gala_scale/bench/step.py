@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +31,6 @@ import torch
 from gala_scale.bench.common import machine, peak_rss_mib
 
 ROOT = Path(__file__).resolve().parents[2]
-RESULT = "step-result "  # the worker's result line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,8 +63,10 @@ def _run(args: argparse.Namespace, launcher: str) -> dict:
     ds = None if launcher == "ddp" else str(ROOT / "configs" / "deepspeed" / f"{launcher}.json")
     if ds is not None and not Path(ds).is_file():
         raise SystemExit(f"--launchers: {ds} does not exist")
+    out = Path(tempfile.mkdtemp(prefix="gala-step-"))
     cmd = [
         *train_command(args.processes, args.port, ds, module="gala_scale.bench.step"),
+        f"--out={out}",
         f"--image-size={args.image_size}",
         f"--classes={args.classes}",
         f"--steps={args.steps}",
@@ -71,10 +74,11 @@ def _run(args: argparse.Namespace, launcher: str) -> dict:
         *_overrides(args),
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT)]
-    if proc.returncode != 0 or not lines:
+    files = sorted(out.glob("rank*.json"))
+    if proc.returncode != 0 or len(files) != args.processes:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    ranks = [json.loads(x[len(RESULT) :]) for x in lines]
+    ranks = [json.loads(f.read_text()) for f in files]
+    shutil.rmtree(out)
     seconds = max(r["seconds"] for r in ranks)  # the slowest rank sets the pace
     out = {
         "images_per_s": sum(r["samples"] for r in ranks) / seconds,
@@ -113,7 +117,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def worker(argv: list[str]) -> None:
-    """One process of one candidate: build the trainer's parts, time its step, print the result."""
+    """One process of one candidate: build the trainer's parts, time its step, write its record."""
     from gala_scale import recipe
     from gala_scale.config import load_config
     from gala_scale.engine import train_one_epoch
@@ -123,6 +127,7 @@ def worker(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="gala_scale.bench.step")
     for name in ("image-size", "classes", "steps", "warmup"):
         p.add_argument(f"--{name}", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     cfg = load_config(ROOT / "configs" / "debug.yaml", args.overrides)
@@ -159,7 +164,6 @@ def worker(argv: list[str]) -> None:
     start = time.perf_counter()
     result = steps(args.warmup, args.steps)  # ends with the guard's sync
     record = {
-        "rank": acc.process_index,
         "seconds": time.perf_counter() - start,
         "samples": result.samples,
         "loss": result.loss,
@@ -167,7 +171,7 @@ def worker(argv: list[str]) -> None:
     }
     if cuda:
         record["peak_gpu_mib"] = torch.cuda.max_memory_allocated(acc.device) / 2**20
-    print(RESULT + json.dumps(record), flush=True)
+    (args.out / f"rank{acc.process_index}.json").write_text(json.dumps(record))
     acc.end_training()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -138,6 +139,14 @@ class _RankStream(IterableDataset):
             yield torch.from_numpy(np.stack(xs)), torch.tensor(ys)
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A preempted Slurm step signals every process, DataLoader workers too: a worker that died
+    of SIGTERM would fail the trainer's next batch before it could checkpoint. Workers ignore the
+    stop signals; the trainer ends them when it stops (and they exit if it dies)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def rank_chunks(
     segments,
     image_ext: str,
@@ -159,5 +168,6 @@ def rank_chunks(
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
         pin_memory=pin_memory,  # page-locked chunks: the copy to the GPU can overlap
+        worker_init_fn=_leave_stop_signals_to_the_trainer,
     )
     yield from loader
