@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -35,6 +36,7 @@ OPSET = 17
 INPUT, OUTPUT = "input", "logits"
 CHECK_IMAGES = 64
 TOLERANCE = 1e-3  # max |logit difference| ONNX Runtime vs torch accepted by the export
+CUDA_TOLERANCE = 5e-2  # the same through the CUDA provider (TF32 convolutions)
 
 
 class ExportError(RuntimeError):
@@ -98,15 +100,41 @@ def export_onnx(model: torch.nn.Module, crop: int, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def compare_with_torch(model, onnx_path: Path, images: np.ndarray) -> float:
-    """Largest |logit| difference between ONNX Runtime (CPU) and torch on ``images``."""
+def compare_with_torch(
+    model, onnx_path: Path, images: np.ndarray, provider: str = "CPUExecutionProvider"
+) -> float:
+    """Largest |logit| difference between ONNX Runtime (on ``provider``) and torch (CPU, fp32)
+    on ``images``; ``nan`` when the provider does not start."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    if provider == "CUDAExecutionProvider" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    session = ort.InferenceSession(str(onnx_path), providers=[provider])
+    if session.get_providers()[0] != provider:
+        return float("nan")
     got = session.run([OUTPUT], {INPUT: images.astype(np.float32)})[0]
     with torch.no_grad():
         want = model(torch.from_numpy(images)).numpy()
     return float(np.abs(got - want).max())
+
+
+def compare_on_cuda(model, onnx_path: Path, images: np.ndarray) -> dict:
+    """The same comparison through the CUDA provider, where there is a GPU and the provider.
+
+    Its convolutions may use TF32, so it is held to ``CUDA_TOLERANCE`` rather than the CPU's."""
+    import onnxruntime as ort
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return {"skipped": f"this onnxruntime offers only {ort.get_available_providers()}"}
+    diff = compare_with_torch(model, onnx_path, images, "CUDAExecutionProvider")
+    if math.isnan(diff):
+        raise ExportError("the CUDA provider did not start on this GPU machine")
+    if diff > CUDA_TOLERANCE:
+        raise ExportError(f"ONNX Runtime on CUDA and torch disagree by {diff:.3g}")
+    print(f"ONNX Runtime (CUDA) vs torch: max |logit difference| {diff:.3g}")
+    return {"max_abs_logit_diff": diff}
 
 
 def _scales(run_dir: Path, checkpoint: str, model, cfg) -> tuple[list[float] | None, float, str]:
@@ -164,6 +192,7 @@ def export(
     )
     if diff > TOLERANCE:
         raise ExportError(f"ONNX Runtime and torch disagree by {diff:.3g} (> {TOLERANCE})")
+    cuda = compare_on_cuda(model, out / "model.onnx", images[:CHECK_IMAGES])
     scales, tau, fitted_on = _scales(run_dir, checkpoint, model, cfg)
     artifact = {
         "format_version": FORMAT_VERSION,
@@ -182,6 +211,7 @@ def export(
             "split": check_split,
             "images": int(min(len(images), CHECK_IMAGES)),
             "max_abs_logit_diff": diff,
+            "cuda": cuda,
             "opset": OPSET,
         },
     }

@@ -104,6 +104,8 @@ def test_export_artifact(trained, artifact):
     onnx.checker.check_model(str(artifact / "model.onnx"), full_check=True)
     doc = json.loads((artifact / "artifact.json").read_text())
     assert doc["check"]["max_abs_logit_diff"] < 1e-4 and doc["check"]["images"] == 64
+    if not torch.cuda.is_available():
+        assert doc["check"]["cuda"] == {"skipped": "no CUDA device"}
     pn = json.loads((run_dir / "pn.json").read_text())
     assert doc["rebalance"]["scales"] == pn["scales"] and doc["rebalance"]["tau"] == 1.0
     assert doc["preprocess"]["mean"] == list(presets.CIFAR_MEAN) and len(doc["class_names"]) == 6
@@ -139,8 +141,17 @@ def test_health_and_metadata(server):
     assert "binary_tensor_data" in server.json("GET", "/v2")["extensions"]
     meta = server.json("GET", "/v2/models/gala")
     assert meta["inputs"][0]["shape"] == [-1, 3, 32, 32]
-    assert meta["parameters"]["provider"] == "CPUExecutionProvider"
+    params = meta["parameters"]
+    assert params["provider"] == "CPUExecutionProvider" and params["provider_requested"] == "cpu"
+    assert params["provider_fallback"] is None
+    assert params["warmup"]["batch_sizes"] == 2  # 1 and --max-batch on the CPU provider
     assert server.json("GET", "/v2/models/gala/ready")["ready"] is True
+    metrics = server.request("GET", "/metrics")[2].decode()
+    assert "# TYPE gala_serve_provider gauge" in metrics
+    assert (
+        'gala_serve_provider{fallback="false",provider="CPUExecutionProvider",requested="cpu"} 1'
+        in metrics
+    )
 
 
 def _infer_json(server, x: np.ndarray) -> dict:
@@ -540,6 +551,14 @@ def test_serve_benchmark_prints_its_measurements_as_json_last(artifact):
 
 
 @pytest.mark.gpu
+def test_export_compares_onnx_runtime_on_cuda_with_torch(artifact):
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime without the CUDA provider")
+    doc = json.loads((artifact / "artifact.json").read_text())
+    assert doc["check"]["cuda"]["max_abs_logit_diff"] < 5e-2
+
+
+@pytest.mark.gpu
 def test_cuda_provider_serves_the_same_answers(artifact, tmp_path):
     log = tmp_path / "server.log"
     with running_server(artifact, log, "--providers", "cuda", env=GPU_ENV) as client:
@@ -549,6 +568,35 @@ def test_cuda_provider_serves_the_same_answers(artifact, tmp_path):
         cpu = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
         want = cpu.run(None, {"input": x})[0]
         np.testing.assert_allclose(_infer_json(client, x)["logits"], want, atol=1e-3)
+
+
+def test_auto_provider_that_cannot_start_cuda_says_so_loudly(artifact, monkeypatch, capsys):
+    """auto asks for CUDA on a machine that looks like it has a GPU (a device id no machine
+    has, so the CUDA provider fails everywhere): the CPU serves, and it is said three ways."""
+    from gala_serve import app, model
+
+    monkeypatch.setattr(model, "_gpu_present", lambda: True)
+    args = app.parse_args(["--artifact", str(artifact), "--device-id", "99", "--max-batch", "4"])
+    service = app.Service(args)
+    service.load()
+    assert service.model.provider == "CPUExecutionProvider"
+    assert "warning: --providers auto: the CUDA provider" in capsys.readouterr().err
+    params = service.metadata()["parameters"]
+    assert params["provider_requested"] == "auto" and "CUDA provider" in params["provider_fallback"]
+    assert (
+        'gala_serve_provider{fallback="true",provider="CPUExecutionProvider",requested="auto"} 1'
+        in service.metrics.render()
+    )
+    service.pool.shutdown()
+
+
+def test_warmup_runs_every_batch_size_the_batcher_can_form_on_a_gpu():
+    from gala_serve.app import warmup_sizes
+
+    assert warmup_sizes("auto", "CUDAExecutionProvider", 64) == list(range(1, 65))
+    assert warmup_sizes("auto", "CPUExecutionProvider", 64) == [1, 64]
+    assert warmup_sizes("all", "CPUExecutionProvider", 3) == [1, 2, 3]
+    assert warmup_sizes("none", "CUDAExecutionProvider", 64) == []
 
 
 def test_startup_errors_exit_2_and_say_why(artifact, tmp_path):
@@ -564,4 +612,4 @@ def test_startup_errors_exit_2_and_say_why(artifact, tmp_path):
         busy = start("--artifact", str(artifact), "--port", str(taken.getsockname()[1]))
     assert busy.returncode == 2 and "cannot listen on 127.0.0.1" in busy.stderr
     cuda = start("--artifact", str(artifact), "--port", "0", "--providers", "cuda")  # GPUs hidden
-    assert cuda.returncode == 2 and "the CUDA provider could not start" in cuda.stderr
+    assert cuda.returncode == 2 and "--providers cuda: the CUDA provider" in cuda.stderr

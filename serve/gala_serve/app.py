@@ -34,7 +34,7 @@ from gala_serve.batcher import DynamicBatcher
 from gala_serve.errors import NotFound, RequestError, TooLarge
 from gala_serve.httpio import Request, Response, Server, error_response, json_response
 from gala_serve.metrics import BATCH_BUCKETS, Metrics
-from gala_serve.model import ArtifactError, Model
+from gala_serve.model import CONV_ALGO_SEARCH, ArtifactError, Model
 from gala_serve.preprocess import decode, eval_array
 
 # Bigger requests are parsed, and bigger answers encoded, in the pool, off the event loop.
@@ -50,11 +50,24 @@ class Service:
         self.args, self.metrics = args, Metrics()
         self.model: Model | None = None
         self.batcher: DynamicBatcher | None = None
+        self.warmup: dict = {}
         self.ready = threading.Event()
         self.pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="offload")
 
     def load(self) -> None:
-        self.model = Model(self.args.artifact, self.args.providers, self.args.threads)
+        a = self.args
+        self.model = Model(
+            a.artifact, a.providers, a.threads, a.device_id, a.cudnn_conv_algo_search
+        )
+        self.metrics.set(
+            "gala_serve_provider",
+            1,
+            provider=self.model.provider,
+            requested=a.providers,
+            fallback="true" if self.model.fallback else "false",
+        )
+        sizes = warmup_sizes(a.warmup, self.model.provider, a.max_batch)
+        self.warmup = {"batch_sizes": len(sizes), "seconds": round(self.model.warm_up(sizes), 3)}
 
         def record(size: int, seconds: float) -> None:
             self.metrics.observe("gala_batch_size", size, BATCH_BUCKETS)
@@ -98,6 +111,9 @@ class Service:
             ],
             "parameters": {
                 "provider": m.provider,
+                "provider_requested": self.args.providers,
+                "provider_fallback": m.fallback,
+                "warmup": self.warmup,
                 "class_names": art["class_names"],
                 "train_class_counts": art.get("train_class_counts"),
                 "tau": m.tau,
@@ -106,6 +122,17 @@ class Service:
                 "max_batch": self.args.max_batch,
             },
         }
+
+
+def warmup_sizes(mode: str, provider: str, max_batch: int) -> list[int]:
+    """Batch sizes run once before ``/ready``: every size the batcher can form (``all``; what
+    ``auto`` does on a GPU, where each new shape is tuned on first use), the smallest and the
+    largest (``auto`` on a CPU: memory arenas grown) or none."""
+    if mode == "none":
+        return []
+    if mode == "all" or provider != "CPUExecutionProvider":
+        return list(range(1, max_batch + 1))
+    return sorted({1, max_batch})
 
 
 class Exchange:
@@ -297,6 +324,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-delay-ms", type=float, default=5.0, help="wait to fill a batch")
     p.add_argument("--providers", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
+    p.add_argument("--device-id", type=int, default=0, help="the GPU the CUDA provider uses")
+    p.add_argument(
+        "--cudnn-conv-algo-search",
+        choices=CONV_ALGO_SEARCH,
+        default="EXHAUSTIVE",
+        help="how cuDNN picks convolution algorithms (CUDA provider)",
+    )
+    p.add_argument(
+        "--warmup",
+        choices=("auto", "all", "none"),
+        default="auto",
+        help="batch sizes run before /ready: auto (every size on a GPU, 1 and --max-batch on "
+        "a CPU), all, none",
+    )
     p.add_argument("--max-body-bytes", type=int, default=64 << 20)
     p.add_argument("--max-image-pixels", type=int, default=40_000_000)
     p.add_argument("--max-request-batch", type=int, default=1024, help="samples per request")
@@ -340,7 +381,8 @@ async def serve(args: argparse.Namespace) -> int:
     host, port = server.sockets[0].getsockname()[:2]
     print(
         f"gala-serve: model {args.model_name!r} on {service.model.provider}, "
-        f"max batch {args.max_batch}, listening on http://{host}:{port}",
+        f"max batch {args.max_batch} (warmed up {service.warmup['batch_sizes']} batch sizes in "
+        f"{service.warmup['seconds']} s), listening on http://{host}:{port}",
         flush=True,
     )
     stop = asyncio.Event()

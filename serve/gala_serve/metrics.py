@@ -1,4 +1,4 @@
-"""Prometheus text-format metrics: counters and histograms, thread-safe, no dependencies."""
+"""Prometheus text-format metrics: counters, gauges and histograms, thread-safe, no dependencies."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ class Metrics:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.counters: dict[tuple[str, tuple], float] = defaultdict(float)
+        self.gauges: dict[tuple[str, tuple], float] = {}
         self.histograms: dict[tuple[str, tuple], tuple[tuple, dict]] = {}
         self.help = {
             "gala_requests_total": ("counter", "HTTP requests by endpoint"),
@@ -21,11 +22,20 @@ class Metrics:
             "gala_request_latency_seconds": ("histogram", "request latency by endpoint"),
             "gala_batch_size": ("histogram", "samples per ONNX Runtime call"),
             "gala_inference_seconds": ("histogram", "ONNX Runtime time per call"),
+            "gala_serve_provider": (
+                "gauge",
+                "1 for the execution provider serving the model; fallback=true when auto asked "
+                "for CUDA and it did not start",
+            ),
         }
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
         with self.lock:
             self.counters[(name, tuple(sorted(labels.items())))] += value
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        with self.lock:
+            self.gauges[(name, tuple(sorted(labels.items())))] = value
 
     def observe(
         self, name: str, value: float, buckets: tuple = LATENCY_BUCKETS, **labels: str
@@ -48,7 +58,10 @@ class Metrics:
     def render(self) -> str:
         lines, seen = [], set()
         with self.lock:
-            for (name, labels), value in sorted(self.counters.items()):
+            for (name, labels), value in [
+                *sorted(self.counters.items()),
+                *sorted(self.gauges.items()),
+            ]:
                 if name not in seen:
                     seen.add(name)
                     kind, text = self.help[name]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes.util
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,10 +62,35 @@ def _gpu_present() -> bool:
     return os.path.exists("/dev/nvidiactl") or ctypes.util.find_library("cuda") is not None
 
 
-class Model:
-    """Run the ONNX graph and turn logits into raw and re-balanced probabilities."""
+CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 
-    def __init__(self, folder: Path, providers: str = "auto", threads: int = 0) -> None:
+
+def provider_options(names: list[str], device_id: int, conv_algo_search: str) -> list:
+    """ONNX Runtime's provider list, the CUDA provider with its options: the GPU to run on and
+    how cuDNN picks convolution algorithms (EXHAUSTIVE: timed once for each input shape)."""
+    if conv_algo_search not in CONV_ALGO_SEARCH:
+        raise ArtifactError(
+            f"--cudnn-conv-algo-search: {conv_algo_search!r}; valid: {CONV_ALGO_SEARCH}"
+        )
+    cuda = {"device_id": str(device_id), "cudnn_conv_algo_search": conv_algo_search}
+    return [(n, cuda) if n == "CUDAExecutionProvider" else n for n in names]
+
+
+class Model:
+    """Run the ONNX graph and turn logits into raw and re-balanced probabilities.
+
+    ``provider`` is what runs; ``fallback`` says why it is not the CUDA provider when ``auto``
+    chose CUDA and it did not start (None otherwise), also printed as a warning.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        providers: str = "auto",
+        threads: int = 0,
+        device_id: int = 0,
+        conv_algo_search: str = "EXHAUSTIVE",
+    ) -> None:
         import onnxruntime as ort
 
         self.folder = Path(folder)
@@ -76,16 +103,32 @@ class Model:
             # CUDA and cuDNN installed as pip packages (onnxruntime-gpu[cuda,cudnn], or torch's
             # nvidia-* wheels) are not on the loader's path: load them from site-packages.
             ort.preload_dlls()
-        self.session = ort.InferenceSession(
-            str(self.folder / self.artifact["onnx"]), sess_options=options, providers=asked
-        )
+        path = str(self.folder / self.artifact["onnx"])
+        failed = None
+        try:
+            self.session = ort.InferenceSession(
+                path,
+                sess_options=options,
+                providers=provider_options(asked, device_id, conv_algo_search),
+            )
+        except Exception as err:  # onnxruntime's own exception types
+            if asked[0] != "CUDAExecutionProvider":
+                raise
+            failed = f"the CUDA provider failed ({err})"
+            if providers == "cuda":
+                raise ArtifactError(f"--providers cuda: {failed}") from err
+            self.session = ort.InferenceSession(path, options, ["CPUExecutionProvider"])
         # ONNX Runtime falls back to the CPU silently when CUDA cannot start: say what runs.
         self.provider = self.session.get_providers()[0]
-        if providers == "cuda" and self.provider != "CUDAExecutionProvider":
-            raise ArtifactError(
-                "--providers cuda: the CUDA provider could not start "
-                f"(running {self.session.get_providers()})"
+        self.fallback = None
+        if asked[0] == "CUDAExecutionProvider" and self.provider != asked[0]:
+            why = failed or (
+                f"the CUDA provider could not start (running {self.session.get_providers()})"
             )
+            if providers == "cuda":
+                raise ArtifactError(f"--providers cuda: {why}")
+            self.fallback = why
+            print(f"warning: --providers auto: {why}; serving on the CPU", file=sys.stderr)
         self.input_name = self.artifact["input"]["name"]
         self.input_shape = tuple(self.artifact["input"]["shape"][1:])
         self.num_classes = self.artifact["num_classes"]
@@ -93,6 +136,14 @@ class Model:
         self.tau = float(rebalance.get("tau", 1.0))
         scales = rebalance.get("scales")
         self.divisor = None if scales is None else np.asarray(scales, np.float64) ** self.tau
+
+    def warm_up(self, sizes) -> float:
+        """Run each batch size once (the CUDA provider tunes and allocates for each input shape
+        on its first run); the seconds it took."""
+        start = time.perf_counter()
+        for size in sizes:
+            self.outputs(np.zeros((size, *self.input_shape), np.float32))
+        return time.perf_counter() - start
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0]
