@@ -570,24 +570,38 @@ def test_cuda_provider_serves_the_same_answers(artifact, tmp_path):
         np.testing.assert_allclose(_infer_json(client, x)["logits"], want, atol=1e-3)
 
 
-def test_auto_provider_that_cannot_start_cuda_says_so_loudly(artifact, monkeypatch, capsys):
-    """auto asks for CUDA on a machine that looks like it has a GPU (a device id no machine
-    has, so the CUDA provider fails everywhere): the CPU serves, and it is said three ways."""
-    from gala_serve import app, model
+AUTO_ON_A_BROKEN_GPU = """
+import json, sys
+from gala_serve import app, model
+model._gpu_present = lambda: True  # as on a GPU machine
+args = app.parse_args(["--artifact", sys.argv[1], "--device-id", "99", "--max-batch", "4"])
+service = app.Service(args)
+service.load()
+print(json.dumps({"meta": service.metadata(), "metrics": service.metrics.render()}))
+"""
 
-    monkeypatch.setattr(model, "_gpu_present", lambda: True)
-    args = app.parse_args(["--artifact", str(artifact), "--device-id", "99", "--max-batch", "4"])
-    service = app.Service(args)
-    service.load()
-    assert service.model.provider == "CPUExecutionProvider"
-    assert "warning: --providers auto: the CUDA provider" in capsys.readouterr().err
-    params = service.metadata()["parameters"]
-    assert params["provider_requested"] == "auto" and "CUDA provider" in params["provider_fallback"]
+
+def test_auto_provider_that_cannot_start_cuda_says_so_loudly(artifact):
+    """auto asks for CUDA on a machine that looks like it has a GPU (a device id no machine
+    has, so the CUDA provider fails everywhere): the CPU serves, and it is said three ways.
+    In a process of its own: a failed CUDA start must not leave its threads in the test's."""
+    proc = subprocess.run(
+        [sys.executable, "-c", AUTO_ON_A_BROKEN_GPU, str(artifact)],
+        capture_output=True,
+        text=True,
+        env=GPU_ENV,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning: --providers auto: the CUDA provider" in proc.stderr
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    params = found["meta"]["parameters"]
+    assert params["provider"] == "CPUExecutionProvider" and params["provider_requested"] == "auto"
+    assert "CUDA provider" in params["provider_fallback"]
     assert (
         'gala_serve_provider{fallback="true",provider="CPUExecutionProvider",requested="auto"} 1'
-        in service.metrics.render()
+        in found["metrics"]
     )
-    service.pool.shutdown()
 
 
 def test_warmup_runs_every_batch_size_the_batcher_can_form_on_a_gpu():

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -63,22 +62,21 @@ def _run(args: argparse.Namespace, launcher: str) -> dict:
     ds = None if launcher == "ddp" else str(ROOT / "configs" / "deepspeed" / f"{launcher}.json")
     if ds is not None and not Path(ds).is_file():
         raise SystemExit(f"--launchers: {ds} does not exist")
-    out = Path(tempfile.mkdtemp(prefix="gala-step-"))
-    cmd = [
-        *train_command(args.processes, args.port, ds, module="gala_scale.bench.step"),
-        f"--out={out}",
-        f"--image-size={args.image_size}",
-        f"--classes={args.classes}",
-        f"--steps={args.steps}",
-        f"--warmup={args.warmup}",
-        *_overrides(args),
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    files = sorted(out.glob("rank*.json"))
-    if proc.returncode != 0 or len(files) != args.processes:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    ranks = [json.loads(f.read_text()) for f in files]
-    shutil.rmtree(out)
+    with tempfile.TemporaryDirectory(prefix="gala-step-") as records:
+        cmd = [
+            *train_command(args.processes, args.port, ds, module="gala_scale.bench.step"),
+            f"--out={records}",
+            f"--image-size={args.image_size}",
+            f"--classes={args.classes}",
+            f"--steps={args.steps}",
+            f"--warmup={args.warmup}",
+            *_overrides(args),
+        ]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        files = sorted(Path(records).glob("rank*.json"))
+        if proc.returncode != 0 or len(files) != args.processes:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        ranks = [json.loads(f.read_text()) for f in files]
     seconds = max(r["seconds"] for r in ranks)  # the slowest rank sets the pace
     out = {
         "images_per_s": sum(r["samples"] for r in ranks) / seconds,
