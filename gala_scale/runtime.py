@@ -152,14 +152,30 @@ class Guard:
     flag without reading anything back. ``check(value)`` all-reduces (stop, non-finite, value)
     and reads them with one device-to-host copy: the only sync point of a training step, run
     every ``train.log_every`` steps, so a stop lags the signal by at most that many steps.
+
+    The handlers stay until :meth:`close` (or the end of a ``with`` block) puts the previous
+    ones back: a process forked meanwhile inherits them, and a SIGTERM meant to end it would
+    only set a flag there.
     """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.signal: int | None = None
         self.device = torch.device("cpu")
         self._bad: torch.Tensor | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _handle(self, signum, frame) -> None:
         self.signal = signum

@@ -474,7 +474,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(describe()))
         return 0
     # Installed first: a stop signal during start-up is honoured at the first check.
-    guard = Guard()
+    with Guard() as guard:
+        return _main(args, guard)
+
+
+def _main(args: argparse.Namespace, guard: Guard) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.get:

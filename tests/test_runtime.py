@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -88,27 +89,37 @@ def test_a_training_step_reads_nothing_back_between_checks(monkeypatch):
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     criterion = GALALoss(5, check_finite=False)
     batches = [(torch.randn(8, 3, 2, 2), torch.randint(0, 5, (8,))) for _ in range(40)]
-    guard = runtime.Guard()
     checks = []
-    counter = SyncCounter(monkeypatch)
-    result = engine.train_one_epoch(
-        model,
-        criterion,
-        optimizer,
-        scheduler,
-        batches,
-        accelerator,
-        guard,
-        first_step=0,
-        sync_every=0,
-        check_every=10,
-        on_check=lambda step, loss: checks.append(step),
-    )
+    with runtime.Guard() as guard:
+        counter = SyncCounter(monkeypatch)
+        result = engine.train_one_epoch(
+            model,
+            criterion,
+            optimizer,
+            scheduler,
+            batches,
+            accelerator,
+            guard,
+            first_step=0,
+            sync_every=0,
+            check_every=10,
+            on_check=lambda step, loss: checks.append(step),
+        )
     monkeypatch.undo()
     assert result.steps == 40 and not result.stopped and criterion.theta.sum() > 0
     assert checks == [9, 19, 29, 39]
     # One read a check (4) plus the epoch's mean loss: 5 for 40 steps, not 3 a step.
     assert counter.calls == ["tolist"] * 4 + ["__float__"], counter.calls
+
+
+def test_guard_gives_the_signal_handlers_back():
+    """A process forked after the guard (a multiprocessing pool) must still die of SIGTERM."""
+    before = signal.getsignal(signal.SIGTERM)
+    with runtime.Guard() as guard:
+        assert signal.getsignal(signal.SIGTERM) == guard._handle
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert guard.signal == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_the_loss_check_alone_syncs_once_a_step(monkeypatch):
