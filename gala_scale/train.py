@@ -61,6 +61,7 @@ from gala_scale.runtime import (
     make_accelerator,
     precision,
 )
+from gala_scale.shards.manifest import ManifestError
 
 EXIT_PREEMPTED = 99
 EXIT_CONFIG = 2
@@ -492,10 +493,11 @@ def _main(args: argparse.Namespace, guard: Guard) -> int:
     try:
         check_world(accelerator)
         code = run_training(cfg, accelerator, args.resume, guard)
-    except (ConfigError, NonFiniteLoss) as err:
+    except (ConfigError, ManifestError, NonFiniteLoss) as err:
         # Deterministic: a requeue would fail the same way (slurm/inat_gala.sh stops on 2 and 3).
+        # A missing or incomplete shard set is a configuration error too.
         print(f"error: {err}", file=sys.stderr)
-        code = EXIT_CONFIG if isinstance(err, ConfigError) else EXIT_FAILED
+        code = EXIT_FAILED if isinstance(err, NonFiniteLoss) else EXIT_CONFIG
         if accelerator.is_main_process and Path(cfg.run_dir).is_dir():
             (Path(cfg.run_dir) / "exit_status").write_text(f"{code}\n")
     finally:

@@ -65,7 +65,9 @@ fi
 
 # The config file is named so that a user's default Accelerate config cannot leak in; the
 # command line overrides its sizes for this allocation.
-LAUNCH=(accelerate launch --config_file configs/accelerate/multi_node.yaml
+ACCELERATE_CONFIG=configs/accelerate/multi_node.yaml
+[ "$DEEPSPEED_CONFIG" != "none" ] && ACCELERATE_CONFIG=configs/accelerate/multi_node_deepspeed.yaml
+LAUNCH=(accelerate launch --config_file "$ACCELERATE_CONFIG"
         --num_machines "$NUM_NODES" --num_processes $((NUM_NODES * GPUS_PER_NODE))
         --main_process_ip "$HEAD_NODE" --main_process_port "$PORT" --dynamo_backend no)
 if [ "$DEEPSPEED_CONFIG" != "none" ]; then

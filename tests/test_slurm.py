@@ -102,12 +102,13 @@ def test_preempted_job_requeues_resumes_and_matches(env, shards, tmp_path, port)
     )
 
 
-def test_repeated_failures_stop_requeueing(env, tmp_path, port):
+def test_repeated_failures_stop_requeueing(env, shards, tmp_path, port):
+    """A crash (an exception the trainer has no exit code for) is requeued, MAX_RESTARTS times."""
     run_dir = tmp_path / "broken"
     job = submit(
         env,
         run_dir,
-        f"data.shards={tmp_path / 'no-such-shards'}",
+        extra(shards, "model.name=no_such_model"),
         tmp_path,
         port=port,
         script_env={"MAX_RESTARTS": "1"},
@@ -117,6 +118,16 @@ def test_repeated_failures_stop_requeueing(env, tmp_path, port):
     assert info["JobState"] == "FAILED", log[-3000:]
     assert info["Restarts"] == "1"
     assert "stopped after 1 restarts; not requeueing" in log
+
+
+def test_a_config_error_is_not_requeued(env, tmp_path, port):
+    run_dir = tmp_path / "no-data"
+    args = f"data.shards={tmp_path / 'no-such-shards'} data.num_workers=1"
+    job = submit(env, run_dir, args, tmp_path, port=port)
+    info = wait(env, job, timeout=300)
+    log = job_log(tmp_path, job)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", log[-3000:]
+    assert "a restart repeats (exit 2)" in log
 
 
 def test_too_few_cpus_for_the_data_threads_fail_before_launch(env, shards, tmp_path, port):

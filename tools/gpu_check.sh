@@ -165,10 +165,9 @@ fi
 
 # 3. DALI mixed decoding against the torch fallback at 224 px.
 if has nvidia.dali; then
-    "$PY" -m gala_scale.shards build synthetic --out "$WORK/syn224" "${LOADER_SET[@]}" \
-        --force >/dev/null
-    step loader 45 "$PY" -m gala_scale.bench loader --shards "$WORK/syn224" --preset imagenet \
-        "${LOADER_RUN[@]}"
+    step loader 45 bash -c "'$PY' -m gala_scale.shards build synthetic --out '$WORK/syn224' \
+        ${LOADER_SET[*]} --force >&2 && '$PY' -m gala_scale.bench loader \
+        --shards '$WORK/syn224' --preset imagenet ${LOADER_RUN[*]}"
 else
     skip loader "no DALI here: WITH_DALI=1 bash tools/gpu_stage.sh, send .gpu-big parts"
 fi
