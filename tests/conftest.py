@@ -34,3 +34,25 @@ def pytest_collection_modifyitems(config, items):
 
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_unconfigure(config):
+    """Name what could keep the interpreter from exiting, and never let it hang CI."""
+    import faulthandler
+    import sys
+    import threading
+
+    alive = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    children = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                children += f.read().split()
+        except OSError:
+            pass
+    if alive or children:
+        print(
+            f"\n[conftest] at exit: threads {alive}, child processes {children}",
+            file=sys.__stderr__,
+        )
+    faulthandler.dump_traceback_later(120, exit=True, file=sys.__stderr__)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ def write_image_tree(root: Path, counts: dict[str, int], suffix: str = ".jpg") -
         (root / cls).mkdir(parents=True, exist_ok=True)
         for i in range(n):
             path = root / cls / f"{i:04d}{suffix}"
-            path.write_bytes(jpeg_bytes(random_rgb(hash((cls, i)) % 2**32)))
+            path.write_bytes(jpeg_bytes(random_rgb(zlib.crc32(f"{cls}/{i}".encode()))))
             paths.append(path)
     return paths
 

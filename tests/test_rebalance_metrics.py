@@ -14,12 +14,27 @@ def long_tailed_probs(n: int = 400, k: int = 6, seed: int = 0) -> tuple[np.ndarr
     return probs / probs.sum(1, keepdims=True), labels
 
 
+def balanced_probs(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same biased model on a test set with every class equally often."""
+    probs, labels = long_tailed_probs(600, seed=seed)
+    keep = np.concatenate([np.flatnonzero(labels == k)[:60] for k in range(6)])
+    return probs[keep], labels[keep]
+
+
 @pytest.mark.parametrize("tau", [0.5, 1.0, 1.7])
-def test_stored_and_transductive_pn_agree_on_the_calibration_set(tau):
-    probs, _ = long_tailed_probs()
-    stored = rebalance.apply(probs, rebalance.fit(probs), tau)
-    assert np.array_equal(stored.argmax(1), rebalance.transductive(probs, tau).argmax(1))
-    np.testing.assert_allclose(stored.sum(1), 1.0)
+def test_stored_and_transductive_pn_differ_off_the_calibration_set(tau):
+    val, _ = long_tailed_probs(300, seed=1)  # where the scales are fitted (a deployment's val)
+    test, _ = balanced_probs(seed=2)  # what is served later: another set, another class mix
+    stored = rebalance.apply(test, rebalance.fit(val), tau)
+    transductive = rebalance.transductive(test, tau)
+    for out, mass in ((stored, val.mean(0)), (transductive, test.mean(0))):
+        expected = test / mass**tau
+        np.testing.assert_allclose(out, expected / expected.sum(1, keepdims=True))
+    assert not np.allclose(stored, transductive, atol=1e-3)
+    # On the calibration set itself the two are one formula.
+    np.testing.assert_allclose(
+        rebalance.apply(val, rebalance.fit(val), tau), rebalance.transductive(val, tau)
+    )
 
 
 def test_pn_reduces_head_bias_and_matches_closed_form():
