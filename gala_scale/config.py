@@ -48,6 +48,10 @@ class LossConfig:
     lambda2: float = _f(0.9, "GALA: weight of log(phi + eps)")
     eps: float = _f(1e-3, "GALA: epsilon inside the logs")
     variant: str = _f("reference", "GALA: reference (authors' code) | paper (eq. 6)")
+    ledger_init: str = _f(
+        "zeros", "GALA: zeros | counts (theta = phi = scale x (1 - 1/K) x training count)"
+    )
+    ledger_init_scale: float = _f(1.0, "GALA, ledger_init counts: epochs' worth of increments")
     tau: float = _f(1.0, "logit_adjusted: weight of log prior")
 
 
@@ -120,6 +124,7 @@ CHOICES = {
     "data.loader": ("auto", "dali", "torch"),
     "loss.name": ("ce", "logit_adjusted", "balanced_softmax", "gala"),
     "loss.variant": ("reference", "paper"),
+    "loss.ledger_init": ("zeros", "counts"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.channels_last": ("auto", "on", "off"),
     "optim.implementation": ("auto", "fused", "foreach", "for_loop"),
@@ -203,8 +208,9 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
             errors.append(f"{key}: must be >= 1, got {get(cfg, key)}")
     if not cfg.data.shards:
         errors.append("data.shards: required (a shard set folder)")
-    if cfg.optim.lr <= 0:
-        errors.append(f"optim.lr: must be > 0, got {cfg.optim.lr}")
+    for key in ("optim.lr", "loss.ledger_init_scale"):
+        if get(cfg, key) <= 0:
+            errors.append(f"{key}: must be > 0, got {get(cfg, key)}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         errors.append(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
 

@@ -14,7 +14,13 @@ leave ``--root`` out. The recipe is the config's (ResNet-32, 200 epochs for CIFA
 shortens it. The report (markdown) gets the table, the command, date, machine, epochs and wall
 time; a per-class plot goes beside it.
 
-``--concurrent`` starts the losses' runs at once (several processes sharing one GPU) instead of
+``--seeds 0 1 2`` trains each loss once per seed (the shard set stays the one of ``--data-seed``)
+and the table gives mean +- sample standard deviation over the seeds. Each run lives in
+``<out>/<name>/<loss>/seed<k>``. The raw figures behind the table (every run's test results, per
+class included) go to ``<report folder>/results/<name>_<epochs>ep.json``; ``--tables FILE ...``
+prints the tables again from such files, without training.
+
+``--concurrent`` starts the runs at once (several processes sharing one GPU) instead of
 one after another. ``--time-limit S`` sends SIGTERM to runs still going after S seconds: each
 checkpoints and stops (``--resume auto`` continues it on the next call), and the summary says
 how far it got. The last line printed is a JSON summary of every run (epochs done, last val
@@ -30,6 +36,7 @@ import os
 import platform
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -47,6 +54,7 @@ VARIANTS = {
     "balanced_softmax": ["loss.name=balanced_softmax"],
     "gala_paper": ["loss.name=gala", "loss.variant=paper"],
     "gala_reference": ["loss.name=gala", "loss.variant=reference"],
+    "gala_counts": ["loss.name=gala", "loss.variant=reference", "loss.ledger_init=counts"],
 }
 PN_NAMES = ("plain", "PN (val scales)", "PN (transductive, paper's protocol)")
 
@@ -82,24 +90,28 @@ def _build_shards(args: argparse.Namespace, shards: Path) -> None:
         "--imbalance-factor",
         str(factor),
         "--seed",
-        str(args.seed),
+        str(args.data_seed),
+        "--val-from",
+        args.val_from,
         "--out",
         str(shards),
+        *(["--val-per-class", str(args.val_per_class)] if args.val_per_class else []),
     ]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
-def _command(name: str, args: argparse.Namespace, shards: Path, port: int) -> list[str]:
+def _command(run: tuple[str, int], args: argparse.Namespace, shards: Path, port: int) -> list[str]:
+    name, seed = run
     return [
         *train_command(args.processes, port),
         "--config",
         str(args.config),
         "--resume",
         "auto",
-        f"run_dir={_run_dir(name, args)}",
+        f"run_dir={_run_dir(run, args)}",
         f"data.shards={shards}",
-        f"seed={args.seed}",
+        f"seed={seed}",
         *VARIANTS[name],
         *_overrides(args),
     ]
@@ -110,25 +122,30 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return [*args.set, *([f"train.epochs={args.epochs}"] if args.epochs else [])]
 
 
-def _run_dir(name: str, args: argparse.Namespace) -> Path:
-    return args.out / _name(args) / name
+def _run_dir(run: tuple[str, int], args: argparse.Namespace) -> Path:
+    name, seed = run
+    return args.out / _name(args) / name / f"seed{seed}"
 
 
-def _train_all(args: argparse.Namespace, shards: Path) -> tuple[dict[str, int], dict]:
-    """Run every loss (one after another, or all at once); exit codes and wall seconds."""
-    names = args.losses.split(",")
-    batches = [names] if args.concurrent else [[n] for n in names]
+def _label(run: tuple[str, int]) -> str:
+    return f"{run[0]}/seed{run[1]}"
+
+
+def _train_all(args: argparse.Namespace, shards: Path) -> tuple[dict, dict]:
+    """Run every (loss, seed) (one after another, or all at once); exit codes and wall seconds."""
+    runs = [(name, seed) for seed in args.seeds for name in args.losses.split(",")]
+    batches = [runs] if args.concurrent else [[r] for r in runs]
     codes, seconds = {}, {}
     deadline = time.monotonic() + args.time_limit if args.time_limit else None
     for batch in batches:
         start, procs = time.perf_counter(), {}
-        for offset, name in enumerate(batch):
-            cmd = _command(name, args, shards, args.port + offset)
-            print(f"\n== {name}\n$ {' '.join(cmd)}", flush=True)
-            procs[name] = subprocess.Popen(cmd, cwd=ROOT)
-        for name, proc in procs.items():
-            codes[name] = _wait(proc, deadline)
-            seconds[name] = time.perf_counter() - start
+        for offset, run in enumerate(batch):
+            cmd = _command(run, args, shards, args.port + offset)
+            print(f"\n== {_label(run)}\n$ {' '.join(cmd)}", flush=True)
+            procs[run] = subprocess.Popen(cmd, cwd=ROOT)
+        for run, proc in procs.items():
+            codes[run] = _wait(proc, deadline)
+            seconds[run] = time.perf_counter() - start
     return codes, seconds
 
 
@@ -145,9 +162,9 @@ def _wait(proc: subprocess.Popen, deadline: float | None) -> int:
             return proc.wait()
 
 
-def _summary(name: str, args: argparse.Namespace, code: int, seconds: float) -> dict:
+def _summary(run: tuple[str, int], args: argparse.Namespace, code: int, seconds: float) -> dict:
     """How far a run got: epochs done, its last val record, its test results if it finished."""
-    run_dir = _run_dir(name, args)
+    run_dir = _run_dir(run, args)
     records = []
     if (run_dir / "metrics.jsonl").exists():
         records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -159,51 +176,100 @@ def _summary(name: str, args: argparse.Namespace, code: int, seconds: float) -> 
     if val:
         out["last_val"] = {k: val[-1][k] for k in ("epoch", "top1", "mean_class_acc")}
     if code == 0 and (run_dir / "results.json").exists():
-        res = json.loads((run_dir / "results.json").read_text())
-        out["test"] = {
-            pn: {k: res["test"][key][k] for k in ("top1", "many", "medium", "few")}
-            for pn, key in zip(PN_NAMES, res["test"], strict=True)
-        }
+        out["test"] = _test_results(json.loads((run_dir / "results.json").read_text()), False)
     return out
 
 
-def _rows(results: dict[str, dict]) -> list[str]:
+def _test_results(res: dict, per_class: bool) -> dict:
+    """A run's test figures under :data:`PN_NAMES`, optionally with the per-class accuracies."""
+    keys = ("top1", "many", "medium", "few") + (("per_class",) if per_class else ())
+    return {
+        pn: {k: res["test"][key][k] for k in keys}
+        for pn, key in zip(PN_NAMES, res["test"], strict=True)
+    }
+
+
+def _cell(values: list) -> str:
+    """Percent, mean +- sample std over seeds when there are several; '-' for an empty group."""
+    if any(v is None for v in values):
+        return "-"
+    pct = [100 * v for v in values]
+    if len(pct) == 1:
+        return f"{pct[0]:.1f}"
+    return f"{statistics.mean(pct):.1f} ± {statistics.stdev(pct):.1f}"
+
+
+def tables(raw: dict) -> list[str]:
+    """The markdown section for one raw results file (what ``--tables`` prints)."""
+    seeds = raw["seeds"]
     rows = ["| loss | PN | overall | many | medium | few |", "|---|---|---|---|---|---|"]
-    for name, res in results.items():
-        for pn, summary in zip(PN_NAMES, res["test"].values(), strict=True):
+    for name, by_seed in raw["runs"].items():
+        for pn in PN_NAMES:
             cells = [
-                "-" if summary[k] is None else f"{100 * summary[k]:.1f}"
+                _cell([by_seed[str(seed)]["test"][pn][k] for seed in seeds])
                 for k in ("top1", "many", "medium", "few")
             ]
             rows.append(f"| {name} | {pn} | " + " | ".join(cells) + " |")
-    return rows
-
-
-def _report(args, results, seconds, counts, command: str) -> None:
-    cfg = load_config(args.config, _overrides(args))
-    epochs = cfg.train.epochs
-    image = args.report.parent / "img" / f"results_{_name(args)}_{epochs}ep.png"
-    curves = {f"{name} (plain)": r["test"]["plain"]["per_class"] for name, r in results.items()}
-    if "gala_reference" in results:
-        pn = list(results["gala_reference"]["test"].values())[1]
-        curves["gala_reference + PN"] = pn["per_class"]
-    plots.comparison(counts, curves, image)
-    section = [
-        f"## {_name(args)}, {epochs} epochs ({cfg.model.name}, seed {args.seed})",
+    spread = "mean ± std over seeds " + ", ".join(map(str, seeds)) if len(seeds) > 1 else ""
+    return [
+        f"## {raw['name']}, {raw['epochs']} epochs ({raw['model']}, "
+        + (f"seeds {', '.join(map(str, seeds))})" if len(seeds) > 1 else f"seed {seeds[0]})"),
         "",
-        f"Command: `{command}`",
+        f"Command: `{raw['command']}`",
         "",
-        f"Date: {_dt.date.today().isoformat()}. Machine: {platform.machine()}, "
-        f"{os.cpu_count()} cores, {args.processes} training process(es). Wall time per run: "
-        + ", ".join(f"{n} {s / 60:.1f} min" for n, s in seconds.items())
+        f"Date: {raw['date']}. Machine: {raw['machine']}. Val: {raw['val_from']}. "
+        f"Raw figures: `results/{raw['name']}_{raw['epochs']}ep.json`"
+        + (f"; {spread}" if spread else "")
         + ".",
         "",
-        *_rows(results),
-        "",
-        f"![per-class accuracy]({image.relative_to(args.report.parent)})",
+        *rows,
         "",
     ]
-    args.report.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _raw(args, runs: list[tuple[str, int]], seconds: dict, shards: Path, command: str) -> dict:
+    cfg = load_config(args.config, _overrides(args))
+    split = open_split(shards, "train")
+    by_loss: dict[str, dict] = {}
+    for run in runs:
+        res = json.loads((_run_dir(run, args) / "results.json").read_text())
+        by_loss.setdefault(run[0], {})[str(run[1])] = {
+            "seconds": round(seconds[run], 1),
+            "test": _test_results(res, True),
+        }
+    manifest = json.loads((shards / "manifest.json").read_text())
+    return {
+        "name": _name(args),
+        "epochs": cfg.train.epochs,
+        "model": cfg.model.name,
+        "seeds": args.seeds,
+        "command": command,
+        "date": _dt.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"{args.processes} training process(es) a run",
+        "val_from": manifest.get("val_from") or "the source's own val split",
+        "train_class_counts": list(split.class_counts),
+        "runs": by_loss,
+    }
+
+
+def _report(args, raw: dict) -> None:
+    image = args.report.parent / "img" / f"results_{raw['name']}_{raw['epochs']}ep.png"
+
+    def mean_curve(by_seed: dict, pn: str) -> list[float]:
+        curves = [r["test"][pn]["per_class"] for r in by_seed.values()]
+        return [statistics.mean(c) for c in zip(*curves, strict=True)]
+
+    curves = {f"{n} (plain)": mean_curve(r, "plain") for n, r in raw["runs"].items()}
+    for name in ("gala_reference", "gala_counts"):
+        if name in raw["runs"]:
+            curves[f"{name} + PN"] = mean_curve(raw["runs"][name], PN_NAMES[1])
+    plots.comparison(raw["train_class_counts"], curves, image)
+    stored = args.report.parent / "results" / f"{raw['name']}_{raw['epochs']}ep.json"
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    stored.write_text(json.dumps(raw, indent=1) + "\n")
+    picture = f"![per-class accuracy]({image.relative_to(args.report.parent)})"
+    section = [*tables(raw), picture, ""]
     old = args.report.read_text() if args.report.exists() else "# Results\n\n"
     args.report.write_text(old.rstrip("\n") + "\n\n" + "\n".join(section))
     print("\n".join(section))
@@ -215,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--config", type=Path)
     p.add_argument("--root", type=Path, help="raw CIFAR folder to build the shards from")
     p.add_argument("--shards", type=Path, help="an existing shard set (default: the config's)")
     p.add_argument("--imbalance-factor", type=int)
@@ -223,7 +289,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--losses", default=",".join(VARIANTS), help="comma-separated subset")
     p.add_argument("--processes", type=int, default=1)
     p.add_argument("--port", type=int, default=29531, help="rendezvous port with --processes > 1")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds")
+    p.add_argument("--data-seed", type=int, default=0, help="the long-tailed subset's seed")
+    p.add_argument("--val-per-class", type=int, help="with --root: val images a class")
+    p.add_argument(
+        "--val-from",
+        choices=("reserved", "leftover"),
+        default="reserved",
+        help="with --root: val set aside before subsampling (every class) or from what the "
+        "subset leaves out (the literature's counts); docs/shards.md",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/reproduce"))
     p.add_argument("--report", type=Path, default=Path("runs/reproduce/results.md"))
     p.add_argument("--concurrent", action="store_true", help="run the losses at the same time")
@@ -231,7 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a config override"
     )
+    p.add_argument("--tables", type=Path, nargs="+", help="print the tables of raw result files")
     args = p.parse_args(argv)
+    if args.tables:
+        for path in args.tables:
+            print("\n".join(tables(json.loads(path.read_text()))))
+        return 0
+    if args.config is None:
+        p.error("--config is required (or --tables)")
     unknown = set(args.losses.split(",")) - set(VARIANTS)
     if unknown:
         p.error(f"unknown losses {sorted(unknown)}; valid: {', '.join(VARIANTS)}")
@@ -240,14 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         shards = args.out / "shards" / _name(args)
         _build_shards(args, shards)
     codes, seconds = _train_all(args, shards)
-    summary = {name: _summary(name, args, codes[name], seconds[name]) for name in codes}
+    summary = {_label(run): _summary(run, args, codes[run], seconds[run]) for run in codes}
     if all(code == 0 for code in codes.values()):
-        results = {
-            name: json.loads((_run_dir(name, args) / "results.json").read_text()) for name in codes
-        }
         command = " ".join(argv if argv is not None else sys.argv[1:])
-        counts = open_split(shards, "train").class_counts
-        _report(args, results, seconds, counts, "python -m gala_scale.reproduce " + command)
+        raw = _raw(args, list(codes), seconds, shards, "python -m gala_scale.reproduce " + command)
+        _report(args, raw)
     print(json.dumps({"reproduce": _name(args), "runs": summary}), flush=True)
     return 0 if all(code in (0, 99) for code in codes.values()) else 1
 

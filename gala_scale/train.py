@@ -127,6 +127,9 @@ def _loss(cfg: RunConfig, num_classes: int, counts: list[int]) -> torch.nn.Modul
             "lambda2": c.lambda2,
             "eps": c.eps,
             "variant": c.variant,
+            "ledger_init": c.ledger_init,
+            "class_counts": counts,
+            "ledger_init_scale": c.ledger_init_scale,
             # The trainer's Guard checks the loss every log_every steps without a sync a step.
             "check_finite": False,
         },

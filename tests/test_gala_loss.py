@@ -263,3 +263,36 @@ def test_cuda_loss_gradient_and_ledger_equal_the_cpu(variant):
     assert on_gpu.theta.dtype == torch.float64 and on_gpu.theta.is_cuda
     torch.testing.assert_close(on_gpu.theta.cpu(), on_cpu.theta, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(on_gpu.phi.cpu(), on_cpu.phi, rtol=1e-6, atol=1e-6)
+
+
+def test_ledger_from_counts_starts_gala_as_logit_adjustment_with_tau_lambda1():
+    counts = [500, 200, 80, 30, 12]
+    gala = GALALoss(K, 1.2, 0.9, ledger_init="counts", class_counts=counts, ledger_init_scale=2)
+    seed = torch.tensor(counts, dtype=torch.float64) * 2 * (1 - 1 / K)
+    torch.testing.assert_close(gala.theta, seed)
+    torch.testing.assert_close(gala.phi, seed)
+    logit_adjusted = create_loss("logit_adjusted", class_counts=counts, tau=1.2)
+    gala.eval()  # the ledger stays at its seed
+    for seed_ in range(3):
+        logits, labels = batch(seed_)
+        assert gala(logits, labels).item() == pytest.approx(
+            logit_adjusted(logits, labels).item(), rel=1e-5
+        )
+    # The run's own increments add to the seed; zeros stays the default.
+    gala.train()(logits, labels)
+    assert (gala.theta >= seed).all() and (gala.theta > seed).any()
+    assert GALALoss(K).theta.sum() == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"ledger_init": "prior"}, "unknown ledger_init 'prior'"),
+        ({"ledger_init": "counts"}, "needs 5 class counts, got none"),
+        ({"ledger_init": "counts", "class_counts": [1, 2]}, "needs 5 class counts, got 2 counts"),
+        ({"ledger_init": "counts", "class_counts": [1] * 5, "ledger_init_scale": 0}, "scale > 0"),
+    ],
+)
+def test_ledger_init_errors_name_the_problem(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GALALoss(K, **kwargs)

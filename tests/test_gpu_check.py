@@ -38,7 +38,8 @@ def test_dry_run_runs_every_step_and_writes_its_line(tmp_path):
     step = found["step_bench"]
     assert step["ddp"]["images_per_s"] > 0 and step["zero2"]["images_per_s"] > 0
     runs = found["paper_budget"]["runs"]
-    assert set(runs) == {"ce", "balanced_softmax", "gala_reference", "gala_paper"}
+    losses = ("ce", "balanced_softmax", "gala_reference", "gala_paper")
+    assert set(runs) == {f"{loss}/seed0" for loss in losses}
     assert all(r["exit"] == 0 and r["epochs_done"] == 1 and "test" in r for r in runs.values())
     assert json.loads((out / "paper_summary.json").read_text())["runs"] == runs
     assert "| gala_paper |" in (out / "paper_results.md").read_text()

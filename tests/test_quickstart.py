@@ -1,6 +1,7 @@
 """The README's main job, end to end (shortened to 2 epochs a run)."""
 
 import json
+import statistics
 
 import pytest
 from train_helpers import ROOT, run_module
@@ -45,21 +46,43 @@ def test_reproduce_builds_trains_and_reports_under_the_factor_used(tmp_path):
     root = _tiny_cifar_folder(tmp_path / "cifar")
     out, report = tmp_path / "out", tmp_path / "docs" / "results.md"
     argv = ["--config", str(ROOT / "configs" / "cifar10_lt_if100.yaml"), "--root", str(root)]
-    argv += ["--imbalance-factor", "10", "--epochs", "1", "--losses", "ce,gala_reference"]
+    argv += ["--imbalance-factor", "10", "--epochs", "1", "--losses", "ce,gala_counts"]
+    argv += ["--seeds", "0", "1", "--set", "model.name=tiny", "--val-per-class", "5"]
     argv += ["--out", str(out), "--report", str(report)]
     proc = run_module("gala_scale.reproduce", *argv, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     manifest = json.loads((out / "shards" / "cifar10_lt_if10" / "manifest.json").read_text())
     assert manifest["build"]["imbalance_factor"] == 10
     text = report.read_text()
-    assert "## cifar10_lt_if10, 1 epochs (resnet32, seed 0)" in text
+    assert "## cifar10_lt_if10, 1 epochs (tiny, seeds 0, 1)" in text
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert sum(line.startswith(("| ce |", "| gala_reference |")) for line in rows) == 6
+    assert sum(line.startswith(("| ce |", "| gala_counts |")) for line in rows) == 6
     assert (report.parent / "img" / "results_cifar10_lt_if10_1ep.png").stat().st_size > 1000
-    assert (out / "cifar10_lt_if10" / "gala_reference" / "results.json").is_file()
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["reproduce"] == "cifar10_lt_if10"
-    assert set(summary["runs"]) == {"ce", "gala_reference"}
-    ce = summary["runs"]["ce"]
+    assert set(summary["runs"]) == {
+        "ce/seed0",
+        "ce/seed1",
+        "gala_counts/seed0",
+        "gala_counts/seed1",
+    }
+    for seed in (0, 1):
+        run = out / "cifar10_lt_if10" / "gala_counts" / f"seed{seed}"
+        assert f"seed: {seed}" in (run / "config.yaml").read_text()
+        assert "ledger_init: counts" in (run / "config.yaml").read_text()
+    ce = summary["runs"]["ce/seed0"]
     assert ce["exit"] == 0 and ce["epochs_done"] == 1
     assert len(ce["test"]) == 3 and 0 <= ce["test"]["plain"]["top1"] <= 1
+    # The raw figures behind the table, and the table regenerated from them alone.
+    raw = json.loads((report.parent / "results" / "cifar10_lt_if10_1ep.json").read_text())
+    assert raw["seeds"] == [0, 1] and raw["val_from"] == "reserved"
+    firsts = [raw["runs"]["ce"][s]["test"]["plain"]["top1"] for s in ("0", "1")]
+    mean, std = statistics.mean(firsts) * 100, statistics.stdev([100 * f for f in firsts])
+    assert f"| ce | plain | {mean:.1f} ± {std:.1f} |" in text
+    again = run_module(
+        "gala_scale.reproduce",
+        "--tables",
+        str(report.parent / "results" / "cifar10_lt_if10_1ep.json"),
+    )
+    assert again.returncode == 0
+    assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == rows

@@ -52,37 +52,40 @@ def test_long_tailed_counts_follow_the_formula(n_max, classes, factor, total):
     assert counts == sorted(counts, reverse=True)
 
 
-@pytest.mark.parametrize("factor", [200, 100, 50, 10])
-def test_cifar_pickles_long_tailed_with_honest_val(tmp_path, factor):
+def build_cifar_lt(tmp_path: Path, factor: float, val_from: str | None) -> dict:
     root = tmp_path / "cifar-10-batches-py"
     write_cifar10_pickles(root, per_class=400, test_per_class=5)
     out = tmp_path / "lt"
-    assert (
-        build(
-            "cifar",
-            "--root",
-            root,
-            "--imbalance-factor",
-            factor,
-            "--val-per-class",
-            8,
-            "--out",
-            out,
-            "--shard-size",
-            300,
-        )
-        == 0
-    )
-    manifest = load_manifest(out)
-    assert manifest["splits"]["train"]["class_counts"] == long_tailed_counts(400, 10, factor)
-    assert manifest["splits"]["test"]["class_counts"] == [5] * 10
-    # Class 0 keeps all its 400 images, so it has none left for val (and says so).
-    assert manifest["splits"]["val"]["class_counts"] == [0] + [8] * 9
-    assert "fewer images than asked for classes 0 (0)" in manifest["warnings"][0]
+    argv = ["cifar", "--root", root, "--imbalance-factor", factor, "--val-per-class", 8]
+    argv += ["--out", out, "--shard-size", 300] + (["--val-from", val_from] if val_from else [])
+    assert build(*argv) == 0
     keys = keys_by_split(out)
     assert not keys["val"] & keys["train"]
     assert all(k.startswith("train_") for k in keys["train"] | keys["val"])
     assert all(k.startswith("test_") for k in keys["test"])
+    manifest = load_manifest(out)
+    assert manifest["splits"]["test"]["class_counts"] == [5] * 10
+    return manifest
+
+
+@pytest.mark.parametrize("factor", [200, 100, 10])
+def test_cifar_val_is_reserved_before_subsampling_by_default(tmp_path, factor):
+    manifest = build_cifar_lt(tmp_path, factor, None)
+    assert manifest["val_from"] == "reserved"
+    # Every class, the head included, has its 8 val images; the head trains on 400 - 8.
+    assert manifest["splits"]["val"]["class_counts"] == [8] * 10
+    assert manifest["splits"]["train"]["class_counts"] == long_tailed_counts(392, 10, factor)
+    assert manifest["warnings"] == []
+
+
+@pytest.mark.parametrize("factor", [200, 100, 50, 10])
+def test_cifar_leftover_val_keeps_the_literature_counts(tmp_path, factor):
+    manifest = build_cifar_lt(tmp_path, factor, "leftover")
+    assert manifest["val_from"] == "leftover"
+    assert manifest["splits"]["train"]["class_counts"] == long_tailed_counts(400, 10, factor)
+    # Class 0 keeps all its 400 images, so it has none left for val (and says so).
+    assert manifest["splits"]["val"]["class_counts"] == [0] + [8] * 9
+    assert "fewer images than asked for classes 0 (0)" in manifest["warnings"][0]
 
 
 def test_subset_is_seeded_and_independent_of_val_size(tmp_path):
@@ -96,6 +99,8 @@ def test_subset_is_seeded_and_independent_of_val_size(tmp_path):
             root,
             "--imbalance-factor",
             10,
+            "--val-from",
+            "leftover",
             "--val-per-class",
             val,
             "--seed",
@@ -418,12 +423,11 @@ def test_real_cifar10_lt_if100(tmp_path):
         with tarfile.open(CIFAR10 / name) as tar:
             tar.extractall(tmp_path / "cifar10", filter="data")
     out = tmp_path / "cifar10_lt_if100"
-    assert (
-        build("cifar", "--root", tmp_path / "cifar10", "--imbalance-factor", 100, "--out", out) == 0
-    )
+    argv = ["cifar", "--root", tmp_path / "cifar10", "--imbalance-factor", 100, "--out", out]
+    assert build(*argv, "--val-from", "leftover") == 0
     manifest = load_manifest(out)
     assert manifest["class_names"][:3] == ["airplane", "automobile", "bird"]
-    assert manifest["splits"]["train"]["num_samples"] == 12406
+    assert manifest["splits"]["train"]["num_samples"] == 12406  # the literature's count
     assert manifest["splits"]["train"]["class_counts"] == long_tailed_counts(5000, 10, 100)
     assert manifest["splits"]["test"]["class_counts"] == [1000] * 10
     assert manifest["splits"]["val"]["class_counts"] == [0] + [50] * 9

@@ -63,6 +63,10 @@ def test_config_layers_and_errors(tmp_path):
     bad.write_text("data:\n  shards: s\nloss:\n  name: focal\n")
     with pytest.raises(ConfigError, match=r"loss\.name: 'focal' is not one of"):
         load_config(bad)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.shards=x", "loss.ledger_init=prior", "loss.ledger_init_scale=0"])
+    assert "loss.ledger_init: 'prior' is not one of zeros, counts" in str(err.value)
+    assert "loss.ledger_init_scale: must be > 0, got 0" in str(err.value)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")))

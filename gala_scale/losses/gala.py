@@ -46,6 +46,7 @@ from torch import nn
 from gala_scale import dist
 
 VARIANTS = ("reference", "paper")
+LEDGER_INITS = ("zeros", "counts")
 
 
 class GALALoss(nn.Module):
@@ -64,6 +65,9 @@ class GALALoss(nn.Module):
         eps: float = 1e-3,
         variant: str = "reference",
         check_finite: bool = True,
+        ledger_init: str = "zeros",
+        class_counts: list[int] | None = None,
+        ledger_init_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 2:
@@ -81,6 +85,34 @@ class GALALoss(nn.Module):
         self.check_finite = check_finite
         for name in ("theta_global", "phi_global", "theta_delta", "phi_delta"):
             self.register_buffer(name, torch.zeros(num_classes, dtype=torch.float64))
+        self.ledger_init = ledger_init
+        self._init_ledger(ledger_init, class_counts, ledger_init_scale)
+
+    def _init_ledger(self, how: str, counts: list[int] | None, scale: float) -> None:
+        """Seed theta and phi before training (``how="counts"``), or leave them at zero.
+
+        With hard labels every sample of class k adds ``1 - p'_k`` to both theta_k and phi_k, and
+        at the start of training ``p'_k`` is near 1/K. So ``scale`` epochs of increments at those
+        first predictions leave ``theta_k = phi_k = scale * (1 - 1/K) * n_k``: the seed is that
+        ledger, what the run would have accumulated if the model had stayed at its start. The
+        reference variant then begins as logit adjustment with ``tau = lambda1`` (the lambda2
+        term is a row constant) instead of plain cross-entropy, and its own increments take over
+        as the run goes on. The seed is part of the global ledger, so every rank starts from it.
+        """
+        if how not in LEDGER_INITS:
+            raise ValueError(f"unknown ledger_init {how!r}; valid: {', '.join(LEDGER_INITS)}")
+        if how == "zeros":
+            return
+        if counts is None or len(counts) != self.num_classes:
+            got = "none" if counts is None else f"{len(counts)} counts"
+            raise ValueError(
+                f"ledger_init 'counts' needs {self.num_classes} class counts, got {got}"
+            )
+        if scale <= 0 or any(n < 0 for n in counts):
+            raise ValueError(f"ledger_init needs scale > 0 and counts >= 0, got {scale}, {counts}")
+        seed = scale * (1.0 - 1.0 / self.num_classes) * torch.tensor(counts, dtype=torch.float64)
+        self.theta_global.copy_(seed)
+        self.phi_global.copy_(seed)
 
     @property
     def theta(self) -> torch.Tensor:
@@ -95,7 +127,7 @@ class GALALoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, lambda1={self.lambda1}, lambda2={self.lambda2}, "
-            f"eps={self.eps}, variant={self.variant!r}"
+            f"eps={self.eps}, variant={self.variant!r}, ledger_init={self.ledger_init!r}"
         )
 
     def adjusted_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

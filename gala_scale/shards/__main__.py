@@ -43,7 +43,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace a set built differently")
 
 
-def _add_long_tail(p: argparse.ArgumentParser, val_default: int | None) -> None:
+def _add_long_tail(
+    p: argparse.ArgumentParser, val_default: int | None, val_from_default: str
+) -> None:
     p.add_argument("--root", type=Path, required=True, help="the raw dataset folder")
     p.add_argument(
         "--imbalance-factor", type=float, help="keep n_max * (1/IF)^(i/(C-1)) of class i"
@@ -52,7 +54,15 @@ def _add_long_tail(p: argparse.ArgumentParser, val_default: int | None) -> None:
         "--val-per-class",
         type=int,
         default=val_default,
-        help="balanced val drawn from training images outside the long-tailed subset",
+        help="images a class in a balanced val drawn from the training images",
+    )
+    p.add_argument(
+        "--val-from",
+        choices=sources.VAL_FROM,
+        default=val_from_default,
+        help="reserved: val set aside before long-tailed subsampling, so every class is in it "
+        "(the head trains on n_max - v images); leftover: val from the images the subset leaves "
+        f"out, the literature's counts, none of the head (default: {val_from_default})",
     )
 
 
@@ -67,9 +77,9 @@ def _parser() -> argparse.ArgumentParser:
         dest="kind", required=True
     )
     cifar = kinds.add_parser("cifar", help="CIFAR-10/100: python pickles or train/ + test/ folders")
-    _add_long_tail(cifar, None)
+    _add_long_tail(cifar, None, "reserved")
     folder = kinds.add_parser("imagefolder", help="root/<class>/<image> (or root/<split>/...)")
-    _add_long_tail(folder, 0)
+    _add_long_tail(folder, 0, "leftover")
     folder.add_argument(
         "--val-fraction", type=float, default=0.0,
         help="val: this fraction of each class (instead of --val-per-class)",
@@ -115,12 +125,24 @@ def _parser() -> argparse.ArgumentParser:
 def _plan(args: argparse.Namespace) -> sources.Plan:
     common = {"dataset": args.dataset}
     if args.kind == "cifar":
-        return sources.plan_cifar(args.root.resolve(), args.imbalance_factor, args.val_per_class,
-                                  args.seed, **common)
+        return sources.plan_cifar(
+            args.root.resolve(),
+            args.imbalance_factor,
+            args.val_per_class,
+            args.seed,
+            val_from=args.val_from,
+            **common,
+        )
     if args.kind == "imagefolder":
-        return sources.plan_imagefolder(args.root.resolve(), args.imbalance_factor,
-                                        args.val_per_class, args.seed,
-                                        val_fraction=args.val_fraction, **common)
+        return sources.plan_imagefolder(
+            args.root.resolve(),
+            args.imbalance_factor,
+            args.val_per_class,
+            args.seed,
+            val_fraction=args.val_fraction,
+            val_from=args.val_from,
+            **common,
+        )
     if args.kind == "list":
         return sources.plan_list(
             args.root.resolve(),

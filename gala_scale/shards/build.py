@@ -126,6 +126,7 @@ def _manifest(plan: Plan, results: list[dict], tmp: Path, record: dict, seed: in
         "seed": seed,
         "build": record,
         "splits": splits,
+        "val_from": plan.val_from or None,
         "excluded": sorted(excluded, key=lambda e: (e["split"], e["source"])),
         "warnings": plan.warnings,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -42,6 +42,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     image_size: int = 0  # synthetic only
+    val_from: str = ""  # how val was drawn from the train pool (VAL_FROM); "" for a source's own
 
     def load(self, ref: object) -> bytes | np.ndarray:
         """The source of one sample: encoded file bytes or an HxWx3 uint8 array."""
@@ -63,29 +64,48 @@ def long_tailed_counts(n_max: int, num_classes: int, imbalance_factor: float) ->
     return [int(np.floor(n_max * ratio ** (i / (num_classes - 1)))) for i in range(num_classes)]
 
 
+VAL_FROM = ("reserved", "leftover")
+
+
 def split_long_tailed(
     per_class: list[list[Item]],
     imbalance_factor: float | None,
     val_per_class: int,
     rng: np.random.Generator,
     val_fraction: float = 0.0,
+    val_from: str = "leftover",
 ) -> tuple[list[Item], list[Item], list[str]]:
-    """Pick the long-tailed train subset and a val split from the images it leaves out.
+    """Pick the long-tailed train subset and a val split.
 
     Val takes ``val_per_class`` images a class, or with ``val_fraction`` that fraction of each
-    class (at least one). The train subset does not depend on either. Without an imbalance factor every
-    image not taken for val is kept. A class whose long-tailed count takes all its images (the
-    head class, by the formula) has nothing left for val; that is reported, not hidden.
+    class (at least one). Without an imbalance factor every image not taken for val is kept.
+
+    ``val_from="reserved"`` sets val aside first and subsamples the rest, so every class is in
+    val and the head trains on ``n_max - v`` images. ``"leftover"`` subsamples first and draws
+    val from the images the subset leaves out: the literature's training counts (12,406 at
+    CIFAR-10 IF 100), a train subset that does not depend on the val size, and no val images of
+    a class whose long-tailed count takes all its images (the head); that is reported.
     """
-    n_max = max(len(items) for items in per_class)
+    if val_from not in VAL_FROM:
+        raise SourceError(f"--val-from must be one of {', '.join(VAL_FROM)}, got {val_from!r}")
+    orders = [rng.permutation(len(items)) for items in per_class]
+    wants = [
+        max(1, round(val_fraction * len(items))) if val_fraction else val_per_class
+        for items in per_class
+    ]
+    pools = orders if val_from == "leftover" else [o[w:] for o, w in zip(orders, wants)]
     counts = (
-        long_tailed_counts(n_max, len(per_class), imbalance_factor) if imbalance_factor else None
+        long_tailed_counts(max(len(p) for p in pools), len(per_class), imbalance_factor)
+        if imbalance_factor
+        else None
     )
     train, val, short = [], [], []
     for label, items in enumerate(per_class):
-        order = rng.permutation(len(items))
-        want = max(1, round(val_fraction * len(items))) if val_fraction else val_per_class
-        if counts is None:
+        order, want, pool = orders[label], wants[label], pools[label]
+        if val_from == "reserved":
+            val_idx = order[:want]
+            train_idx = pool if counts is None else pool[: counts[label]]
+        elif counts is None:
             val_idx, train_idx = order[:want], order[want:]
         else:
             keep = min(counts[label], len(items))
@@ -98,7 +118,12 @@ def split_long_tailed(
     if short:
         warnings.append(
             f"val has fewer images than asked for classes {', '.join(short[:10])}: "
-            "the long-tailed subset keeps (nearly) all their training images"
+            + (
+                "they have fewer images than that"
+                if val_from == "reserved"
+                else "the long-tailed subset keeps (nearly) all their training images "
+                "(--val-from reserved gives every class its val images)"
+            )
         )
     return train, val, warnings
 
@@ -111,19 +136,33 @@ def _by_class(items: list[Item], num_classes: int) -> list[list[Item]]:
 
 
 def _long_tailed_plan(
-    dataset, class_names, pools, imbalance_factor, val_per_class, seed, val_fraction=0.0, **kw
+    dataset,
+    class_names,
+    pools,
+    imbalance_factor,
+    val_per_class,
+    seed,
+    val_fraction=0.0,
+    val_from="leftover",
+    **kw,
 ):
     """Train pool -> long-tailed train + val; every other pool kept whole."""
     train_pool = pools.pop("train")
     rng = np.random.default_rng(seed)
     train, val, warnings = split_long_tailed(
-        _by_class(train_pool, len(class_names)), imbalance_factor, val_per_class, rng, val_fraction
+        _by_class(train_pool, len(class_names)),
+        imbalance_factor,
+        val_per_class,
+        rng,
+        val_fraction,
+        val_from,
     )
     splits = {"train": train}
     if val_per_class or val_fraction:
         if "val" in pools:
             raise SourceError("the source has its own val split; pass --val-per-class 0")
         splits["val"] = val
+        kw["val_from"] = val_from
     splits.update(pools)
     return Plan(dataset, class_names, splits, warnings=warnings, **kw)
 
@@ -160,10 +199,13 @@ def cifar_val_default(num_classes: int) -> int:
     return max(10, 500 // num_classes)
 
 
-def plan_cifar(root: Path, imbalance_factor, val_per_class, seed, dataset=None) -> Plan:
+def plan_cifar(
+    root: Path, imbalance_factor, val_per_class, seed, dataset=None, val_from="reserved"
+) -> Plan:
     """CIFAR-10/100 from the official python folder or an ImageFolder with train/ and test/.
 
-    ``val_per_class`` None: :func:`cifar_val_default`.
+    ``val_per_class`` None: :func:`cifar_val_default`. Val is reserved before subsampling by
+    default (every class in val); ``val_from="leftover"`` gives the literature's counts.
     """
     if (root / "train").is_dir():
         names, pools = folder_pools(root, ("train", "test"))
@@ -177,8 +219,16 @@ def plan_cifar(root: Path, imbalance_factor, val_per_class, seed, dataset=None) 
         arrays, default_name = {pool: data for pool, (data, _) in raw.items()}, f"cifar{len(names)}"
     if val_per_class is None:
         val_per_class = cifar_val_default(len(names))
-    return _long_tailed_plan(dataset or default_name, names, pools, imbalance_factor,
-                             val_per_class, seed, arrays=arrays)
+    return _long_tailed_plan(
+        dataset or default_name,
+        names,
+        pools,
+        imbalance_factor,
+        val_per_class,
+        seed,
+        val_from=val_from,
+        arrays=arrays,
+    )
 
 
 # --- folders ----------------------------------------------------------------------------------
@@ -209,7 +259,13 @@ def folder_pools(root: Path, split_names) -> tuple[list[str], dict[str, list[Ite
 
 
 def plan_imagefolder(
-    root: Path, imbalance_factor, val_per_class, seed, dataset=None, val_fraction=0.0
+    root: Path,
+    imbalance_factor,
+    val_per_class,
+    seed,
+    dataset=None,
+    val_fraction=0.0,
+    val_from="leftover",
 ) -> Plan:
     """``root/<class>/<image>``, or ``root/{train,val,test}/<class>/<image>``."""
     if (root / "train").is_dir():
@@ -221,7 +277,14 @@ def plan_imagefolder(
         items = [(p, label) for label, name in enumerate(names) for p in _images_in(root / name)]
         pools = {"train": [Item(f"train_{i:08d}", lbl, str(p)) for i, (p, lbl) in enumerate(items)]}
     return _long_tailed_plan(
-        dataset or root.name, names, pools, imbalance_factor, val_per_class, seed, val_fraction
+        dataset or root.name,
+        names,
+        pools,
+        imbalance_factor,
+        val_per_class,
+        seed,
+        val_fraction,
+        val_from,
     )
 
 
