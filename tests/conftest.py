@@ -1,5 +1,9 @@
+import contextlib
 import os
+import signal
 import socket
+import sys
+import threading
 
 import pytest
 import torch
@@ -36,23 +40,38 @@ def pytest_collection_modifyitems(config, items):
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def pytest_unconfigure(config):
-    """Name what could keep the interpreter from exiting, and never let it hang CI."""
-    import faulthandler
-    import sys
-    import threading
-
-    alive = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
-    children = []
+def _children() -> list[int]:
+    pids = []
     for task in os.listdir("/proc/self/task"):
         try:
             with open(f"/proc/self/task/{task}/children") as f:
-                children += f.read().split()
+                pids += [int(pid) for pid in f.read().split()]
         except OSError:
             pass
-    if alive or children:
-        print(
-            f"\n[conftest] at exit: threads {alive}, child processes {children}",
-            file=sys.__stderr__,
-        )
-    faulthandler.dump_traceback_later(120, exit=True, file=sys.__stderr__)
+    return pids
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config._gala_exitstatus = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    """End the run without the interpreter's teardown, after naming what a test left behind.
+
+    Every outcome is decided and reported by now. What is left is the teardown of native
+    libraries (DALI, ONNX Runtime, gloo, DeepSpeed) and of threads and processes that tests
+    started, and a hang there would hold CI until its timeout. A test's leftover process is
+    killed and named; then the process exits with pytest's status.
+    """
+    threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    children = _children()
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if threads or children:
+        print(f"\n[conftest] left at exit: threads {threads}, processes {children} (killed)")
+    status = getattr(config, "_gala_exitstatus", None)
+    if status is not None:
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            stream.flush()
+        os._exit(status)
