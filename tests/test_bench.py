@@ -57,18 +57,20 @@ def test_train_benchmark_runs_each_candidate_and_reports_ratios(tmp_path, capsys
     assert result["gala_over_ce_images_per_s"] > 0 and result["2_over_1_process_images_per_s"] > 0
 
 
-def test_step_benchmark_runs_the_trainer_step_under_ddp_and_zero2_in_bf16(capsys, monkeypatch):
+def test_step_benchmark_runs_the_trainer_step_under_ddp_and_zero2(capsys, monkeypatch):
     from conftest import free_port
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     argv = ["step", "--model", "tiny", "--image-size", "32", "--classes", "10"]
-    argv += ["--batch-size", "16", "--steps", "3", "--warmup", "1", "--precision", "bf16"]
+    # fp32: bf16 under both launchers is tests/test_train.py's; bf16 matmuls are slow on a CPU.
+    argv += ["--batch-size", "16", "--steps", "3", "--warmup", "1", "--precision", "no"]
     argv += ["--processes", "2", "--port", str(free_port())]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     ddp, zero2 = result["ddp"], result["zero2"]
     assert ddp["images_per_s"] > 0 and zero2["peak_rss_mib_per_process"] > 0
     assert "peak_gpu_mib_per_process" not in ddp
-    # Same seed, same batch, same bf16 autocast: ZeRO-2 partitions state, not the numbers.
-    assert abs(ddp["loss"] - zero2["loss"]) < 1e-3 * abs(ddp["loss"])
+    # Same seed, same batches: ZeRO-2 partitions state, not the numbers.
+    assert result["precision"] == "no"
+    assert abs(ddp["loss"] - zero2["loss"]) < 1e-4 * abs(ddp["loss"])
     assert result["zero2_over_ddp_images_per_s"] > 0

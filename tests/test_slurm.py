@@ -10,7 +10,8 @@ from train_helpers import explain, ranks, results, run_accelerate
 from gala_scale.shards.__main__ import main as shards_main
 
 pytestmark = pytest.mark.slow
-LONGER = "model.name=resnet20 train.epochs=4"
+# Long enough that the preemption signal lands before the job ends, whatever the load.
+LONGER = "train.epochs=8"
 
 
 @pytest.fixture(scope="module")

@@ -242,10 +242,10 @@ def train_losses(run_dir) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def fp32_resnet(shards, tmp_path_factory):
+def fp32_bn(shards, tmp_path_factory):
     """A BatchNorm model trained one epoch in fp32 with two DDP processes."""
     run_dir = tmp_path_factory.mktemp("fp32") / "run"
-    args = debug_overrides(shards, run_dir, "model.name=resnet20", "train.epochs=1")
+    args = debug_overrides(shards, run_dir, "model.name=tiny_bn", "train.epochs=1")
     from conftest import free_port
 
     proc = run_accelerate([*args, "train.precision=no"], free_port())
@@ -255,11 +255,9 @@ def fp32_resnet(shards, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["ddp", "zero1", "zero2"])
-def test_bf16_trains_a_batchnorm_model_with_fp32_weights(
-    shards, fp32_resnet, tmp_path, port, launcher
-):
+def test_bf16_trains_a_batchnorm_model_with_fp32_weights(shards, fp32_bn, tmp_path, port, launcher):
     run_dir = tmp_path / launcher
-    args = debug_overrides(shards, run_dir, "model.name=resnet20", "train.epochs=1")
+    args = debug_overrides(shards, run_dir, "model.name=tiny_bn", "train.epochs=1")
     deepspeed = None if launcher == "ddp" else launcher
     proc = run_accelerate([*args, "train.precision=bf16"], port, deepspeed=deepspeed, bf16=True)
     assert proc.returncode == 0, explain(proc)
@@ -268,7 +266,7 @@ def test_bf16_trains_a_batchnorm_model_with_fp32_weights(
         tensors = weights(run_dir, which).values()
         assert {t.dtype for t in tensors if t.is_floating_point()} == {torch.float32}
     # bf16 arithmetic really ran (the loss moved) and learned like fp32 did.
-    (mine,), (fp32,) = train_losses(run_dir), train_losses(fp32_resnet)
+    (mine,), (fp32,) = train_losses(run_dir), train_losses(fp32_bn)
     assert mine != fp32 and mine == pytest.approx(fp32, rel=0.05)
 
 

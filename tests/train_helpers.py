@@ -55,7 +55,9 @@ def accelerate_cmd(
     machines: int = 1,
     machine_rank: int = 0,
     bf16: bool = False,
+    script: Path | None = None,
 ) -> list[str]:
+    """``accelerate launch`` of the trainer (or of ``script``, which runs it) on the CPU."""
     cmd = [
         str(BIN / "accelerate"),
         "launch",
@@ -80,7 +82,7 @@ def accelerate_cmd(
         cmd += ["--multi_gpu", "--mixed_precision", "bf16" if bf16 else "no"]
     if machines > 1:
         cmd += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
-    return [*cmd, "-m", "gala_scale.train"]
+    return [*cmd, str(script)] if script else [*cmd, "-m", "gala_scale.train"]
 
 
 def run_accelerate(args: list[str], port: int, timeout: int = 400, **kw):

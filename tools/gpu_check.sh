@@ -105,13 +105,13 @@ CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
 echo "cuda: $CUDA"
 if [ "$CUDA" = 1 ]; then  # the real sizes
     STEP=(--model resnet50 --image-size 224 --classes 1000 --batch-size 128 --steps 20 --warmup 5)
-    PAPER_EPOCHS=${PAPER_EPOCHS:-200} PAPER_WORKERS=4 PAPER_EVAL=20
+    PAPER_EPOCHS=${PAPER_EPOCHS:-200} PAPER_WORKERS=4 PAPER_EVAL=20 PAPER_SET=()
     LOADER_SET=(--image-size 224 --max-per-class 200 --test-per-class 1 --val-per-class 1)
     LOADER_RUN=(--batches 30 --repeats 1)
     SERVE=(--seconds 3 --levels 1 16 64)
 else  # the dry run on a CPU: token sizes
     STEP=(--model tiny --image-size 32 --classes 10 --batch-size 16 --steps 3 --warmup 1)
-    PAPER_EPOCHS=${PAPER_EPOCHS:-1} PAPER_WORKERS=1 PAPER_EVAL=1
+    PAPER_EPOCHS=${PAPER_EPOCHS:-1} PAPER_WORKERS=1 PAPER_EVAL=1 PAPER_SET=(--set model.name=tiny)
     LOADER_SET=(--image-size 224 --max-per-class 20 --test-per-class 1 --val-per-class 1)
     LOADER_RUN=(--batches 4 --repeats 1 --batch-size 8)
     SERVE=(--seconds 0.5 --levels 1 --client-procs 1)
@@ -154,7 +154,8 @@ if [ -d "$SHARDS" ]; then
         --shards "$SHARDS" --losses ce,balanced_softmax,gala_reference,gala_paper --concurrent \
         --time-limit 235 --out "$PAPER" --report "$OUT/paper_results.md" \
         --set train.epochs="$PAPER_EPOCHS" --set train.eval_every="$PAPER_EVAL" \
-        --set data.loader=torch --set data.num_workers="$PAPER_WORKERS" --set train.keep_checkpoints=1
+        --set data.loader=torch --set data.num_workers="$PAPER_WORKERS" --set train.keep_checkpoints=1 \
+        "${PAPER_SET[@]}"
     grep '^{' "$WORK/paper_budget.out" | tail -1 >"$OUT/paper_summary.json"
     rm -f "$OUT"/paper_runs.tar.gz.*  # in parts of 15 MiB: what comes back is 16 MiB a file
     (cd "$PAPER" && tar -cz --exclude='*/best' --exclude='*/final' --exclude='*/tensorboard' . |

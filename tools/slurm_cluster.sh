@@ -123,6 +123,15 @@ start() {
 }
 
 stop() {
+    # Jobs first, while slurmctld can still end them: a job step left running outlives the daemons.
+    if [ -f "$DIR/run/slurmctld.pid" ]; then
+        export SLURM_CONF="$DIR/etc/slurm.conf"
+        scancel --full --quiet --user="$(id -un)" 2>/dev/null
+        for _ in $(seq 40); do
+            [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break
+            sleep 0.5
+        done
+    fi
     for pidfile in "$DIR"/run/slurmd-n1.pid "$DIR"/run/slurmd-n2.pid "$DIR"/run/slurmctld.pid \
                    "$DIR"/run/munged.pid; do
         [ -f "$pidfile" ] || continue
@@ -132,6 +141,7 @@ stop() {
         kill -9 "$pid" 2>/dev/null
         rm -f "$pidfile"
     done
+    pkill -9 -f "slurmstepd: \[" 2>/dev/null  # any step the daemons left behind
     if [ -f "$DIR/run/hosts-added" ]; then
         grep -v "$HOSTS_MARK" /etc/hosts > "$DIR/hosts.new" && cat "$DIR/hosts.new" > /etc/hosts
         rm -f "$DIR/run/hosts-added" "$DIR/hosts.new"

@@ -13,6 +13,7 @@ from gala_scale.models.tiny import TinyNet
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "tiny": TinyNet,
+    "tiny_bn": partial(TinyNet, batch_norm=True),
     "resnet20": partial(CifarResNet, depth=20),
     "resnet32": partial(CifarResNet, depth=32),
     "resnet50": resnet50,
