@@ -1,6 +1,6 @@
 """Prediction re-balancing (PN): remove the head-class bias left in a model's probabilities.
 
-Spec: DESIGN.md, "Prediction re-balancing". With p = softmax(z):
+Spec: docs/losses.md, "Prediction re-balancing". With p = softmax(z):
 
 * transductive (paper eq. 13, over the scored set of B samples):
   ``p~_bk = p_bk / (sum_b p_bk)^tau``;

@@ -77,13 +77,22 @@ def _level(magnitude: int, low: float, high: float) -> float:
     return low + (high - low) * magnitude / (MAGNITUDE_BINS - 1)
 
 
-def _affine(img: Image.Image, matrix: tuple[float, ...]) -> Image.Image:
+def _affine(img: Image.Image, matrix: tuple[float, ...], resample=Image.Resampling.NEAREST):
     return img.transform(
-        img.size, Image.Transform.AFFINE, matrix, resample=Image.Resampling.NEAREST, fillcolor=FILL
+        img.size, Image.Transform.AFFINE, matrix, resample=resample, fillcolor=FILL
     )
 
 
 def _apply(img: Image.Image, name: str, magnitude: int | None, sign: float) -> Image.Image:
+    """One operation of the CIFAR-10 policy as DALI's ``reduced_cifar10`` defines it.
+
+    DALI's definitions, where they depart from other implementations: geometric operations
+    interpolate linearly; translations reach ``translate_pixels(side)`` at the top bin; a
+    positive shear_y maps input (x, y) to output (x, y + s*x) and a positive translation moves the
+    content right or down; solarize inverts the pixels at or above ``25.6 * magnitude`` (the
+    threshold rises with the magnitude); posterize keeps ``round(0.4 * magnitude)`` bits, at
+    least one. tests/test_data.py compares every operation with DALI's on the same image.
+    """
     if name in ("invert", "equalize", "auto_contrast"):
         return {
             "invert": ImageOps.invert,
@@ -92,19 +101,21 @@ def _apply(img: Image.Image, name: str, magnitude: int | None, sign: float) -> I
         }[name](img)
     if name in ENHANCERS:
         return ENHANCERS[name](img).enhance(_level(magnitude, 0.1, 1.9))
+    bilinear = Image.Resampling.BILINEAR
     if name == "rotate":
-        return img.rotate(sign * _level(magnitude, 0, 30), fillcolor=FILL)
+        return img.rotate(sign * _level(magnitude, 0, 30), resample=bilinear, fillcolor=FILL)
     if name in ("translate_x", "translate_y"):
-        shift = sign * _level(magnitude, 0, AUTOAUGMENT_MAX_TRANSLATE_REL)
+        side = img.width if name == "translate_x" else img.height
+        shift = sign * _level(magnitude, 0, translate_pixels(side))
         if name == "translate_x":
-            return _affine(img, (1, 0, shift * img.width, 0, 1, 0))
-        return _affine(img, (1, 0, 0, 0, 1, shift * img.height))
+            return _affine(img, (1, 0, -shift, 0, 1, 0), bilinear)
+        return _affine(img, (1, 0, 0, 0, 1, -shift), bilinear)
     if name == "shear_y":
-        return _affine(img, (1, 0, 0, sign * _level(magnitude, 0, 0.3), 1, 0))
+        return _affine(img, (1, 0, 0, -sign * _level(magnitude, 0, 0.3), 1, 0), bilinear)
     if name == "posterize":
-        return ImageOps.posterize(img, 8 - round(_level(magnitude, 0, 4)))
+        return ImageOps.posterize(img, max(1, round(_level(magnitude, 0, 4))))
     if name == "solarize":
-        return ImageOps.solarize(img, round(_level(magnitude, 256, 0)))
+        return ImageOps.solarize(img, round(_level(magnitude, 0, 256)))
     raise ValueError(f"unknown AutoAugment operation {name!r}")
 
 

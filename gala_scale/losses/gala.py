@@ -1,6 +1,6 @@
 """The Gradient-Aware Logit Adjustment (GALA) loss and its per-class gradient ledger.
 
-Spec: DESIGN.md, "GALA loss". For a sample of class k with raw logits z, eq. 6 of the paper is
+Spec: docs/losses.md, "GALA". For a sample of class k with raw logits z, eq. 6 of the paper is
 
     z'_j = z_j + lambda1 * log(theta_j + eps) - lambda2 * log(phi_k + eps)    (j != k)
     z'_k = z_k
@@ -20,9 +20,8 @@ Two variants, both exact:
 With hard labels theta and phi receive equal increments (both ``1 - p'_k``), so the two variants
 coincide when lambda1 == lambda2. With the published lambda1 = 1.2, lambda2 = 0.9, eq. 6 leaves
 the target logit unadjusted while the others move by (lambda1 - lambda2) * log(ledger scale): a
-margin in favour of the non-target classes that grows with the ledger. Measured on CIFAR-10-LT
-IF 100 (ResNet-32, 12 epochs, CPU, one seed; top-1 plain / with transductive PN): CE 41.2 / 55.3,
-eq. 6 42.4 / 46.3, authors' variant 53.2 / 56.5, balanced softmax 59.4 / 59.9.
+margin in favour of the non-target classes that grows with the ledger; docs/results.md has what
+that does to accuracy.
 
 Soft targets t (rows of a probability matrix, e.g. mixup or label smoothing) are supported. A
 sample counts as class k with weight t_k: it adds ``t_k * |g_k|`` to theta_k and
