@@ -63,7 +63,10 @@ def pytest_unconfigure(config):
     started, and a hang there would hold CI until its timeout. A test's leftover process is
     killed and named; then the process exits with pytest's status.
     """
-    threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    # Non-daemon threads are what the interpreter's exit would wait for.
+    threads = [
+        t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()
+    ]
     children = _children()
     for pid in children:
         with contextlib.suppress(ProcessLookupError):

@@ -124,22 +124,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plan(args: argparse.Namespace) -> sources.Plan:
     common = {"dataset": args.dataset}
-    if args.kind == "cifar":
-        return sources.plan_cifar(
+    if args.kind in ("cifar", "imagefolder"):
+        plan = sources.plan_cifar if args.kind == "cifar" else sources.plan_imagefolder
+        if args.kind == "imagefolder":
+            common["val_fraction"] = args.val_fraction
+        return plan(
             args.root.resolve(),
             args.imbalance_factor,
             args.val_per_class,
             args.seed,
-            val_from=args.val_from,
-            **common,
-        )
-    if args.kind == "imagefolder":
-        return sources.plan_imagefolder(
-            args.root.resolve(),
-            args.imbalance_factor,
-            args.val_per_class,
-            args.seed,
-            val_fraction=args.val_fraction,
             val_from=args.val_from,
             **common,
         )
