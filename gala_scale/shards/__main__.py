@@ -9,6 +9,7 @@
         --annotations val=val2018.json --max-side 400 --out shards/inat2018
     python -m gala_scale.shards index DIR      # write DALI indexes + manifest for your own shards
     python -m gala_scale.shards verify DIR     # checksums, counts, labels, every image decodes
+    python -m gala_scale.shards synth --like inat2018 --scale 0.01 --root DIR   # raw, real format
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from gala_scale.shards import sources
+from gala_scale.shards import like, sources
 from gala_scale.shards.build import BuildError, build
 from gala_scale.shards.check import adopt, verify
 from gala_scale.shards.manifest import ManifestError
@@ -81,7 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     folder = kinds.add_parser("imagefolder", help="root/<class>/<image> (or root/<split>/...)")
     _add_long_tail(folder, 0, "leftover")
     folder.add_argument(
-        "--val-fraction", type=float, default=0.0,
+        "--val-fraction",
+        type=float,
+        default=0.0,
         help="val: this fraction of each class (instead of --val-per-class)",
     )
     listed = kinds.add_parser("list", help="'<path> <label>' list files plus an image root")
@@ -119,7 +122,25 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--dataset")
         else:
             p.add_argument("--workers", type=int, default=os.cpu_count())
+    synth_like = commands.add_parser(
+        "synth", help="synthetic raw data in a real dataset's format and class profile"
+    )
+    synth_like.add_argument("--like", choices=sorted(like.PROFILES), required=True)
+    synth_like.add_argument("--scale", type=float, default=1.0, help="x the real class counts")
+    synth_like.add_argument("--root", type=Path, required=True, help="where the raw data goes")
+    synth_like.add_argument("--seed", type=int, default=0)
+    synth_like.add_argument(
+        "--image-size", type=_size, help="WxH instead of the dataset's typical size"
+    )
+    synth_like.add_argument("--workers", type=int, default=os.cpu_count())
     return parser
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, sep, height = text.partition("x")
+    if not (sep and width.isdigit() and height.isdigit()) or int(width) < 8 or int(height) < 8:
+        raise argparse.ArgumentTypeError(f"expected WxH of at least 8x8, got {text!r}")
+    return int(width), int(height)
 
 
 def _plan(args: argparse.Namespace) -> sources.Plan:
@@ -198,6 +219,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(problem, file=sys.stderr)
             print(f"{args.dir}: {'OK' if not problems else f'{len(problems)} problems'}")
             return 1 if problems else 0
+        if args.command == "synth":
+            root = args.root.resolve()
+            done = like.synthesize(
+                args.like, args.scale, root, args.seed, args.image_size, args.workers
+            )
+            for split, counts in done["counts"].items():
+                print(f"{split}: {sum(counts)} images, {max(counts)} down to {min(counts)} a class")
+            out = Path("shards") / f"{args.like}_x{args.scale:g}"
+            print(
+                "next: python -m gala_scale.shards "
+                + " ".join(like.build_command(args.like, root, out))
+            )
+            return 0
         if args.command == "index":
             names = None
             if args.class_names:

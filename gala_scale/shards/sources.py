@@ -93,7 +93,9 @@ def split_long_tailed(
         max(1, round(val_fraction * len(items))) if val_fraction else val_per_class
         for items in per_class
     ]
-    pools = orders if val_from == "leftover" else [o[w:] for o, w in zip(orders, wants)]
+    pools = (
+        orders if val_from == "leftover" else [o[w:] for o, w in zip(orders, wants, strict=True)]
+    )
     counts = (
         long_tailed_counts(max(len(p) for p in pools), len(per_class), imbalance_factor)
         if imbalance_factor
