@@ -20,6 +20,9 @@ and the table gives mean +- sample standard deviation over the seeds. Each run l
 class included) go to ``<report folder>/results/<name>_<epochs>ep.json``; ``--tables FILE ...``
 prints the tables again from such files, without training.
 
+A call reuses the runs an earlier call finished (exit status 0 and ``results.json``), so a longer
+list of seeds or losses only trains what is new; their wall time is reported as 0.
+
 ``--concurrent`` starts the runs at once (several processes sharing one GPU) instead of
 one after another. ``--time-limit S`` sends SIGTERM to runs still going after S seconds: each
 checkpoints and stops (``--resume auto`` continues it on the next call), and the summary says
@@ -140,6 +143,10 @@ def _train_all(args: argparse.Namespace, shards: Path) -> tuple[dict, dict]:
     for batch in batches:
         start, procs = time.perf_counter(), {}
         for offset, run in enumerate(batch):
+            if _finished(_run_dir(run, args)):
+                print(f"\n== {_label(run)}: finished by an earlier call, kept", flush=True)
+                codes[run], seconds[run] = 0, 0.0
+                continue
             cmd = _command(run, args, shards, args.port + offset)
             print(f"\n== {_label(run)}\n$ {' '.join(cmd)}", flush=True)
             procs[run] = subprocess.Popen(cmd, cwd=ROOT)
@@ -147,6 +154,16 @@ def _train_all(args: argparse.Namespace, shards: Path) -> tuple[dict, dict]:
             codes[run] = _wait(proc, deadline)
             seconds[run] = time.perf_counter() - start
     return codes, seconds
+
+
+def _finished(run_dir: Path) -> bool:
+    """A run that ended with its report: a later call reuses it instead of evaluating it again."""
+    status = run_dir / "exit_status"
+    return (
+        status.is_file()
+        and status.read_text().strip() == "0"
+        and (run_dir / "results.json").is_file()
+    )
 
 
 def _wait(proc: subprocess.Popen, deadline: float | None) -> int:

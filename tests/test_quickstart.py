@@ -86,3 +86,7 @@ def test_reproduce_builds_trains_and_reports_under_the_factor_used(tmp_path):
     )
     assert again.returncode == 0
     assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == rows
+    # A second call keeps the finished runs instead of running or evaluating them again.
+    repeat = run_module("gala_scale.reproduce", *argv, timeout=300)
+    assert repeat.returncode == 0, repeat.stderr[-3000:]
+    assert repeat.stdout.count("finished by an earlier call, kept") == 4
