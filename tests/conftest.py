@@ -40,15 +40,15 @@ def pytest_collection_modifyitems(config, items):
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def _children() -> list[int]:
-    pids = []
+def _children() -> dict[int, str]:
+    """This process's child processes: {pid: command line}."""
+    found = {}
     for task in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{task}/children") as f:
-                pids += [int(pid) for pid in f.read().split()]
-        except OSError:
-            pass
-    return pids
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/children") as f:
+            for pid in map(int, f.read().split()):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as cmd:
+                    found[pid] = cmd.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+    return found
 
 
 def pytest_sessionfinish(session, exitstatus):
