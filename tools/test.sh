@@ -12,4 +12,4 @@ venv="${GALA_VENV:-.venv}"
 if bash tools/slurm_cluster.sh start; then
     trap 'bash tools/slurm_cluster.sh stop' EXIT
 fi
-"$venv/bin/python" -m pytest -q "$@"
+"$venv/bin/python" -m pytest -q --durations=15 "$@"  # the slowest tests, for the suite's time budget
