@@ -20,8 +20,8 @@ Two variants, both exact:
 With hard labels theta and phi receive equal increments (both ``1 - p'_k``), so the two variants
 coincide when lambda1 == lambda2. With the published lambda1 = 1.2, lambda2 = 0.9, eq. 6 leaves
 the target logit unadjusted while the others move by (lambda1 - lambda2) * log(ledger scale): a
-margin in favour of the non-target classes that grows with the ledger; docs/results.md has what
-that does to accuracy.
+margin in favour of the non-target classes that grows with the ledger; ``python -m
+gala_scale.reproduce --losses gala_paper,gala_reference`` measures what that does to accuracy.
 
 Soft targets t (rows of a probability matrix, e.g. mixup or label smoothing) are supported. A
 sample counts as class k with weight t_k: it adds ``t_k * |g_k|`` to theta_k and
