@@ -20,8 +20,9 @@ and the table gives mean +- sample standard deviation over the seeds. Each run l
 class included) go to ``<report folder>/results/<name>_<epochs>ep.json``; ``--tables FILE ...``
 prints the tables again from such files, without training.
 
-A call reuses the runs an earlier call finished (exit status 0 and ``results.json``), so a longer
-list of seeds or losses only trains what is new; their wall time is reported as 0.
+A call reuses the runs an earlier call finished with the same configuration (exit status 0,
+``results.json``), so a longer list of seeds or losses only trains what is new; their wall time
+is reported as 0.
 
 ``--concurrent`` starts the runs at once (several processes sharing one GPU) instead of
 one after another. ``--time-limit S`` sends SIGTERM to runs still going after S seconds: each
@@ -105,13 +106,19 @@ def _build_shards(args: argparse.Namespace, shards: Path) -> None:
 
 
 def _command(run: tuple[str, int], args: argparse.Namespace, shards: Path, port: int) -> list[str]:
-    name, seed = run
     return [
         *train_command(args.processes, port),
         "--config",
         str(args.config),
         "--resume",
         "auto",
+        *_run_overrides(run, args, shards),
+    ]
+
+
+def _run_overrides(run: tuple[str, int], args: argparse.Namespace, shards: Path) -> list[str]:
+    name, seed = run
+    return [
         f"run_dir={_run_dir(run, args)}",
         f"data.shards={shards}",
         f"seed={seed}",
@@ -143,7 +150,7 @@ def _train_all(args: argparse.Namespace, shards: Path) -> tuple[dict, dict]:
     for batch in batches:
         start, procs = time.perf_counter(), {}
         for offset, run in enumerate(batch):
-            if _finished(_run_dir(run, args)):
+            if _finished(run, args, shards):
                 print(f"\n== {_label(run)}: finished by an earlier call, kept", flush=True)
                 codes[run], seconds[run] = 0, 0.0
                 continue
@@ -156,14 +163,16 @@ def _train_all(args: argparse.Namespace, shards: Path) -> tuple[dict, dict]:
     return codes, seconds
 
 
-def _finished(run_dir: Path) -> bool:
-    """A run that ended with its report: a later call reuses it instead of evaluating it again."""
+def _finished(run: tuple[str, int], args: argparse.Namespace, shards: Path) -> bool:
+    """A run that ended with its report under this call's configuration: reused, not rerun."""
+    run_dir = _run_dir(run, args)
     status = run_dir / "exit_status"
-    return (
-        status.is_file()
-        and status.read_text().strip() == "0"
-        and (run_dir / "results.json").is_file()
-    )
+    if not (status.is_file() and status.read_text().strip() == "0"):
+        return False
+    if not (run_dir / "results.json").is_file():
+        return False
+    wanted = load_config(args.config, _run_overrides(run, args, shards))
+    return load_config(run_dir / "config.yaml") == wanted
 
 
 def _wait(proc: subprocess.Popen, deadline: float | None) -> int:
