@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -86,6 +87,29 @@ def _score(run, probs, labels, val):
     return {"test_samples": len(labels), "tau": tau, "test": test}, scales, tau
 
 
+def _write_per_class(run, results: dict, path: Path) -> None:
+    """One row a class: its name, training images, test accuracy and positive predictions of
+    each variant (plain and PN); what a spreadsheet or pandas reads at any number of classes."""
+    variants = results["test"]
+    header = ["class", "name", "train_images"]
+    for name in variants:
+        header += [f"accuracy: {name}", f"predicted: {name}"]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for k, (name, count) in enumerate(zip(run.class_names, run.class_counts, strict=True)):
+            row: list = [k, name, count]
+            for v in variants.values():
+                accuracy = v["per_class"][k]  # None: no test image of the class
+                row += [
+                    "" if accuracy is None else round(accuracy, 6),
+                    v["positive_predictions"][k],
+                ]
+            writer.writerow(row)
+    tmp.replace(path)
+
+
 def _write(run, results: dict, scales, tau: float) -> None:
     run_dir = Path(run.cfg.run_dir)
     (run_dir / "results.json").write_text(json.dumps(results, indent=1))
@@ -101,6 +125,7 @@ def _write(run, results: dict, scales, tau: float) -> None:
                 indent=1,
             )
         )
+    _write_per_class(run, results, run_dir / "per_class.csv")
     (run_dir / "plots").mkdir(exist_ok=True)
     variants = list(results["test"].values())
     plain, pn = variants[0], variants[1]

@@ -1,3 +1,4 @@
+import csv
 import json
 import shutil
 import subprocess
@@ -109,6 +110,13 @@ def test_single_process_run_directory(shards, reference):
         assert (run_dir / "plots" / f"{plot}.png").stat().st_size > 1000
     res = results(run_dir)
     assert set(res["test"]) == {"plain", "PN, val scales, tau 1", "PN, transductive on test, tau 1"}
+    with open(run_dir / "per_class.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["class"]) for r in rows] == list(range(6))
+    for name, variant in res["test"].items():
+        assert [float(r[f"accuracy: {name}"]) for r in rows] == pytest.approx(variant["per_class"])
+        predicted = [int(r[f"predicted: {name}"]) for r in rows]
+        assert predicted == variant["positive_predictions"] and sum(predicted) == 120
     assert res["test_samples"] == 120 and res["weights"] == "best"
     pn = json.loads((run_dir / "pn.json").read_text())
     assert len(pn["scales"]) == 6 and pn["fitted_on"] == "val"
