@@ -1,4 +1,10 @@
-"""PNG plots of a run: per-class accuracy vs training count, the ledger, positive predictions."""
+"""PNG plots of a run: per-class accuracy vs training count, the ledger, positive predictions.
+
+Classes are drawn head to tail. Up to ``MAX_POINTS`` classes each is a point; beyond that (ImageNet
+-LT's 1,000, iNat's 8,142) the classes are cut into ``MAX_POINTS`` equal groups along that order
+and each point is a group's mean, and the ledger becomes quantile bands over the classes of the
+head, middle and tail thirds instead of one line a class.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,25 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 MAX_LEDGER_LINES = 30
+MAX_POINTS = 100
+MAX_TICK_LABELS = 30
+
+
+def _head_to_tail(train_counts, *series) -> tuple[np.ndarray, list[np.ndarray], str]:
+    """x positions, each series ordered head to tail (group means beyond MAX_POINTS), x label."""
+    counts = np.asarray(train_counts)
+    order = np.argsort(-counts, kind="stable")
+    ordered = [np.asarray(s, dtype=float)[order] for s in series]
+    if len(counts) <= MAX_POINTS:
+        return np.arange(len(counts)), ordered, "classes, most to fewest training images"
+    groups = np.array_split(np.arange(len(counts)), MAX_POINTS)
+    x = np.array([g.mean() for g in groups])
+    means = [
+        np.array([np.nanmean(s[g]) if np.isfinite(s[g]).any() else np.nan for g in groups])
+        for s in ordered
+    ]
+    size = len(counts) / MAX_POINTS
+    return x, means, f"classes, most to fewest training images (a point: mean of ~{size:.0f})"
 
 
 def _save(fig, path: Path) -> None:
@@ -24,17 +49,15 @@ def _save(fig, path: Path) -> None:
 
 def per_class_accuracy(train_counts, acc_plain, acc_pn, path: Path) -> None:
     """Test accuracy of each class against its training count, with and without PN."""
-    counts = np.asarray(train_counts)
-    order = np.argsort(-counts, kind="stable")
+    x, (plain, pn, counts), label = _head_to_tail(train_counts, acc_plain, acc_pn, train_counts)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    x = np.arange(len(counts))
-    ax.plot(x, np.asarray(acc_plain, dtype=float)[order], "o-", ms=3, label="plain")
-    ax.plot(x, np.asarray(acc_pn, dtype=float)[order], "s-", ms=3, label="with PN (val scales)")
-    ax.set_xlabel("classes, most to fewest training images")
+    ax.plot(x, plain, "o-", ms=3, label="plain")
+    ax.plot(x, pn, "s-", ms=3, label="with PN (val scales)")
+    ax.set_xlabel(label)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.02)
     twin = ax.twinx()
-    twin.bar(x, counts[order], alpha=0.15, color="grey")
+    twin.bar(x, counts, width=x[1] - x[0] if len(x) > 1 else 0.8, alpha=0.15, color="grey")
     twin.set_yscale("log")
     twin.set_ylabel("training images (bars)")
     ax.legend(loc="lower left")
@@ -43,38 +66,54 @@ def per_class_accuracy(train_counts, acc_plain, acc_pn, path: Path) -> None:
 
 
 def ledger(theta_history, phi_history, train_counts, path: Path) -> None:
-    """theta and phi of each class over the epochs (log scale), coloured by training count."""
+    """theta and phi over the epochs (log scale): one line a class, coloured by training count,
+    or beyond MAX_LEDGER_LINES classes the median and 10-90 % band of the head, middle and tail
+    thirds."""
     theta, phi = np.asarray(theta_history), np.asarray(phi_history)
     counts = np.asarray(train_counts)
-    shown = np.argsort(-counts, kind="stable")
-    if len(shown) > MAX_LEDGER_LINES:
-        shown = shown[np.linspace(0, len(shown) - 1, MAX_LEDGER_LINES).astype(int)]
-    colours = plt.cm.viridis(np.linspace(0, 1, len(shown)))
+    order = np.argsort(-counts, kind="stable")
     epochs = np.arange(1, len(theta) + 1)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    banded = len(order) > MAX_LEDGER_LINES
+    thirds = np.array_split(order, 3)
+    colours = plt.cm.viridis(np.linspace(0, 1, 3 if banded else len(order)))
     for ax, values, name in (
         (axes[0], theta, "theta (positive)"),
         (axes[1], phi, "phi (negative)"),
     ):
-        for colour, k in zip(colours, shown, strict=True):
-            ax.plot(epochs, values[:, k] + 1e-3, color=colour, lw=1)
+        values = values + 1e-3
+        if banded:
+            for colour, group, part in zip(
+                colours, thirds, ("head", "middle", "tail"), strict=True
+            ):
+                low, mid, high = np.percentile(values[:, group], [10, 50, 90], axis=1)
+                ax.fill_between(epochs, low, high, color=colour, alpha=0.25)
+                ax.plot(epochs, mid, color=colour, lw=1.5, label=f"{part} third ({len(group)})")
+            ax.legend(fontsize=8)
+        else:
+            for colour, k in zip(colours, order, strict=True):
+                ax.plot(epochs, values[:, k], color=colour, lw=1)
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.set_title(f"GALA ledger: {name}")
     axes[0].set_ylabel("accumulated gradient (+eps)")
-    fig.text(0.5, 0.005, "colour: head (dark) to tail (light) classes", ha="center", fontsize=8)
+    note = (
+        "median and 10-90 % of the classes in each third, head to tail by training count"
+        if banded
+        else "colour: head (dark) to tail (light) classes"
+    )
+    fig.text(0.5, 0.005, note, ha="center", fontsize=8)
     _save(fig, path)
 
 
 def positive_predictions(train_counts, plain, pn, path: Path) -> None:
     """How many test samples each class was predicted for, with and without PN."""
-    counts = np.asarray(train_counts)
-    order = np.argsort(-counts, kind="stable")
-    x = np.arange(len(counts))
+    x, (plain, pn), label = _head_to_tail(train_counts, plain, pn)
+    width = 0.4 * (x[1] - x[0] if len(x) > 1 else 1)
     fig, ax = plt.subplots(figsize=(8, 4.2))
-    ax.bar(x - 0.2, np.asarray(plain)[order], width=0.4, label="plain")
-    ax.bar(x + 0.2, np.asarray(pn)[order], width=0.4, label="with PN (val scales)")
-    ax.set_xlabel("classes, most to fewest training images")
+    ax.bar(x - width / 2, plain, width=width, label="plain")
+    ax.bar(x + width / 2, pn, width=width, label="with PN (val scales)")
+    ax.set_xlabel(label)
     ax.set_ylabel("test samples predicted as the class")
     ax.legend()
     ax.set_title("Positive predictions per class")
@@ -83,19 +122,16 @@ def positive_predictions(train_counts, plain, pn, path: Path) -> None:
 
 def comparison(train_counts, per_class: dict[str, list], path: Path) -> None:
     """Per-class test accuracy of several models against the training count."""
-    counts = np.asarray(train_counts)
-    order = np.argsort(-counts, kind="stable")
+    x, curves, label = _head_to_tail(train_counts, *per_class.values())
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for (name, acc), marker in zip(per_class.items(), itertools.cycle("os^dvp<>"), strict=False):
-        ax.plot(
-            np.arange(len(counts)),
-            np.asarray(acc, dtype=float)[order],
-            f"{marker}-",
-            ms=4,
-            label=name,
-        )
-    ax.set_xticks(np.arange(len(counts)), [str(c) for c in counts[order]], rotation=90, fontsize=7)
-    ax.set_xlabel("training images of the class (head to tail)")
+    markers = itertools.cycle("os^dvp<>")
+    for name, acc, marker in zip(per_class, curves, markers, strict=False):
+        ax.plot(x, acc, f"{marker}-", ms=4, label=name)
+    counts = np.sort(np.asarray(train_counts))[::-1]
+    if len(counts) <= MAX_TICK_LABELS:
+        ax.set_xticks(x, [str(c) for c in counts], rotation=90, fontsize=7)
+        label = "training images of the class (head to tail)"
+    ax.set_xlabel(label)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.02)
     ax.legend()

@@ -68,3 +68,28 @@ def test_scale_raw_data_builds_with_the_real_builders(tmp_path, capsys, name, cl
         assert names[0] == "Plantae species 0000" and names[-1] == "Bacteria species 8141"
     assert manifest["splits"]["train"]["class_counts"] == expected
     assert all(n >= 1 for n in manifest["splits"]["val"]["class_counts"])
+
+
+@pytest.mark.parametrize("classes", [10, 8142])
+def test_scale_plots_stay_readable(tmp_path, monkeypatch, classes):
+    from gala_scale import plots
+
+    figures = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.update({path.stem: fig}))
+    rng = np.random.default_rng(0)
+    counts = sorted(rng.integers(2, 1000, classes), reverse=True)
+    acc = rng.uniform(0, 1, (3, classes))
+    acc[0, 5] = np.nan  # a class without test images
+    plots.per_class_accuracy(counts, acc[0], acc[1], tmp_path / "per_class_accuracy.png")
+    plots.positive_predictions(counts, rng.integers(0, 9, classes), acc[1], tmp_path / "pp.png")
+    plots.comparison(counts, {"a": acc[0], "b": acc[1]}, tmp_path / "comparison.png")
+    history = np.cumsum(rng.uniform(0, 1, (4, classes)), axis=0)
+    plots.ledger(history, history, counts, tmp_path / "ledger.png")
+    points = min(classes, plots.MAX_POINTS)
+    for name in ("per_class_accuracy", "comparison"):
+        ax = figures[name].axes[0]
+        assert all(len(line.get_xdata()) == points for line in ax.get_lines()), name
+        assert len(ax.get_xticklabels()) <= plots.MAX_TICK_LABELS, name
+    assert len(figures["pp"].axes[0].patches) == 2 * points
+    lines = figures["ledger"].axes[0].get_lines()
+    assert len(lines) == (3 if classes > plots.MAX_LEDGER_LINES else classes)
