@@ -48,8 +48,9 @@ from pathlib import Path
 
 from gala_scale import plots
 from gala_scale.config import load_config
-from gala_scale.data.common import open_split
 from gala_scale.launch import train_command
+from gala_scale.shards.manifest import load_manifest
+from gala_scale.shards.sources import VAL_FROM
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -255,7 +256,7 @@ def tables(raw: dict) -> list[str]:
 
 def _raw(args, runs: list[tuple[str, int]], seconds: dict, shards: Path, command: str) -> dict:
     cfg = load_config(args.config, _overrides(args))
-    split = open_split(shards, "train")
+    manifest = load_manifest(shards)
     by_loss: dict[str, dict] = {}
     for run in runs:
         res = json.loads((_run_dir(run, args) / "results.json").read_text())
@@ -263,7 +264,6 @@ def _raw(args, runs: list[tuple[str, int]], seconds: dict, shards: Path, command
             "seconds": round(seconds[run], 1),
             "test": _test_results(res, True),
         }
-    manifest = json.loads((shards / "manifest.json").read_text())
     return {
         "name": _name(args),
         "epochs": cfg.train.epochs,
@@ -274,7 +274,7 @@ def _raw(args, runs: list[tuple[str, int]], seconds: dict, shards: Path, command
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
         f"{args.processes} training process(es) a run",
         "val_from": manifest.get("val_from") or "the source's own val split",
-        "train_class_counts": list(split.class_counts),
+        "train_class_counts": manifest["splits"]["train"]["class_counts"],
         "runs": by_loss,
     }
 
@@ -293,7 +293,7 @@ def _report(args, raw: dict) -> None:
     plots.comparison(raw["train_class_counts"], curves, image)
     stored = args.report.parent / "results" / f"{raw['name']}_{raw['epochs']}ep.json"
     stored.parent.mkdir(parents=True, exist_ok=True)
-    stored.write_text(json.dumps(raw, indent=1) + "\n")
+    stored.write_text(json.dumps(raw, indent=1) + "\n")  # keys in run order: the table's rows
     picture = f"![per-class accuracy]({image.relative_to(args.report.parent)})"
     section = [*tables(raw), picture, ""]
     old = args.report.read_text() if args.report.exists() else "# Results\n\n"
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-per-class", type=int, help="with --root: val images a class")
     p.add_argument(
         "--val-from",
-        choices=("reserved", "leftover"),
+        choices=VAL_FROM,
         default="reserved",
         help="with --root: val set aside before subsampling (every class) or from what the "
         "subset leaves out (the literature's counts); docs/shards.md",

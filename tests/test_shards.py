@@ -21,12 +21,11 @@ from shard_fixtures import (
 
 from gala_scale.shards import tario
 from gala_scale.shards.__main__ import main
+from gala_scale.shards.like import DATA
 from gala_scale.shards.manifest import load_manifest
 from gala_scale.shards.sources import long_tailed_counts
 
-# The real data beside the project (../shared/data), or wherever GALA_DATA points.
-DATA = Path(os.environ.get("GALA_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-CIFAR10 = DATA / "cifar10"
+CIFAR10 = DATA / "cifar10"  # the real data beside the project, or wherever GALA_DATA points
 
 
 def build(*args: str) -> int:

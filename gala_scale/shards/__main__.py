@@ -221,10 +221,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1 if problems else 0
         if args.command == "synth":
             root = args.root.resolve()
-            done = like.synthesize(
+            written = like.synthesize(
                 args.like, args.scale, root, args.seed, args.image_size, args.workers
             )
-            for split, counts in done["counts"].items():
+            for split, counts in written.items():
                 print(f"{split}: {sum(counts)} images, {max(counts)} down to {min(counts)} a class")
             out = Path("shards") / f"{args.like}_x{args.scale:g}"
             print(

@@ -123,13 +123,13 @@ def synthesize(
     workers: int = 1,
     data: Path = DATA,
 ) -> dict:
-    """Write the raw dataset under ``root``: per-split class counts, index files, image count."""
+    """Write the raw dataset under ``root``; returns each split's per-class image counts."""
     profile = PROFILES[like]
     train = scaled(real_counts(like, data), scale)
     num_classes = len(train)
     counts = {"train": train}
     for split, n in profile.per_class.items():
-        counts[split] = [max(1, round(n * scale))] * num_classes
+        counts[split] = scaled([n] * num_classes, scale)
     size = size or profile.size
     cats = categories(num_classes) if not profile.lists else None
     jobs, listing = [], {}
@@ -156,13 +156,12 @@ def synthesize(
             _write_image(job)
             bar.update()
     bar.close()
-    files = _write_index(like, root, listing, cats, size)
-    return {"counts": counts, "files": files, "images": len(jobs)}
+    _write_index(like, root, listing, cats, size)
+    return counts
 
 
-def _write_index(like, root: Path, listing: dict, cats: list[dict] | None, size) -> list[Path]:
+def _write_index(like, root: Path, listing: dict, cats: list[dict] | None, size) -> None:
     """The dataset's own index files: iNat JSON, or the LT list files."""
-    written = []
     for split, rows in listing.items():
         if cats is None:
             path = root / f"{PROFILES[like].lists}_{split}.txt"
@@ -186,8 +185,6 @@ def _write_index(like, root: Path, listing: dict, cats: list[dict] | None, size)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
         tmp.replace(path)
-        written.append(path)
-    return written
 
 
 def build_command(like: str, root: Path, out: Path) -> list[str]:
