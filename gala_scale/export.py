@@ -2,12 +2,17 @@
 
     python -m gala_scale.export --run runs/x [--checkpoint best|last] --out runs/x/export [--triton]
 
-Writes ``model.onnx`` (dynamic batch axis; logits = classifier(features), nothing of the GALA
-ledger in the graph) and ``artifact.json`` (class names, training class counts, the eval
-preprocessing, the PN scales fitted on the val split and tau, and how the export was checked),
-all readable without torch. The graph passes ``onnx.checker`` (full check) and is compared with
-the torch model through ONNX Runtime on real images of the run's data; the largest difference is
-printed and stored. ``--triton`` also lays out a Triton model repository.
+Writes ``model.onnx`` and ``artifact.json``. The graph (dynamic batch axis, nothing of the GALA
+ledger in it) has three outputs: ``logits``, ``raw_probabilities`` (their softmax) and
+``probabilities``, re-balanced with the PN scales and tau as graph constants (``p / m^tau``,
+renormalised), so any Open Inference Protocol server (Triton, KServe, MLServer, plain ONNX
+Runtime) returns the re-balanced prediction with no code of ours. ``artifact.json`` describes
+the artifact, readable without torch: class names, training class counts, the eval
+preprocessing, the PN scales fitted on the val split and tau, and how the export was checked.
+The graph passes ``onnx.checker`` (full check) and is compared with
+the torch model through ONNX Runtime on real images of the run's data (logits, and the
+re-balanced probabilities against ``rebalance.apply``); the largest differences are printed and
+stored. ``--triton`` also lays out a Triton model repository.
 """
 
 from __future__ import annotations
@@ -31,12 +36,14 @@ from gala_scale.data import PAD_LABEL, create_loader, presets
 from gala_scale.data.common import open_split
 from gala_scale.models import create_model
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: PN inside the graph, three outputs
 OPSET = 17
 INPUT, OUTPUT = "input", "logits"
+OUTPUTS = (OUTPUT, "raw_probabilities", "probabilities")
 CHECK_IMAGES = 64
 TOLERANCE = 1e-3  # max |logit difference| ONNX Runtime vs torch accepted by the export
 CUDA_TOLERANCE = 5e-2  # the same through the CUDA provider (TF32 convolutions)
+PROB_TOLERANCE = 1e-4  # max |PN probability difference|, graph (fp32) vs rebalance.apply (fp64)
 
 
 class ExportError(RuntimeError):
@@ -81,16 +88,43 @@ def _probs(model, cfg, split: str, limit: int | None = None) -> tuple[np.ndarray
     return np.concatenate(probs), np.concatenate(labels), np.concatenate(images)
 
 
-def export_onnx(model: torch.nn.Module, crop: int, path: Path) -> None:
+class Rebalanced(torch.nn.Module):
+    """The classifier with its predictions: logits, softmax and PN (``p / m^tau``, renormalised).
+
+    The divisor ``m^tau`` is a constant of the graph; without scales both probabilities are the
+    softmax. Computed in fp32 whatever the classifier's dtype."""
+
+    def __init__(self, model: torch.nn.Module, scales: list[float] | None, tau: float) -> None:
+        super().__init__()
+        self.model = model
+        divisor = None if scales is None else torch.tensor(scales, dtype=torch.float64) ** tau
+        self.register_buffer("divisor", None if divisor is None else divisor.float())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.model(x).float()
+        raw = torch.softmax(logits, 1)
+        if self.divisor is None:
+            return logits, raw, raw.clone()
+        adjusted = raw / self.divisor
+        return logits, raw, adjusted / adjusted.sum(1, keepdim=True)
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    crop: int,
+    path: Path,
+    scales: list[float] | None = None,
+    tau: float = 1.0,
+) -> None:
     example = torch.zeros(2, 3, crop, crop)
     tmp = path.with_name(f".{path.name}.tmp")
     torch.onnx.export(
-        model,
+        Rebalanced(model, scales, tau).eval(),
         (example,),
         str(tmp),
         input_names=[INPUT],
-        output_names=[OUTPUT],
-        dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+        output_names=list(OUTPUTS),
+        dynamic_axes={INPUT: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUTS}},
         opset_version=OPSET,
         dynamo=False,
     )
@@ -101,24 +135,35 @@ def export_onnx(model: torch.nn.Module, crop: int, path: Path) -> None:
 
 
 def compare_with_torch(
-    model, onnx_path: Path, images: np.ndarray, provider: str = "CPUExecutionProvider"
-) -> float:
+    model,
+    onnx_path: Path,
+    images: np.ndarray,
+    provider: str = "CPUExecutionProvider",
+    scales: list[float] | None = None,
+    tau: float = 1.0,
+) -> tuple[float, float]:
     """Largest |logit| difference between ONNX Runtime (on ``provider``) and torch (CPU, fp32)
-    on ``images``; ``nan`` when the provider does not start."""
+    on ``images``, and largest |probability| difference between the graph's ``probabilities``
+    and ``rebalance.apply`` (fp64) on torch's softmax; ``nan`` when the provider does not
+    start."""
     import onnxruntime as ort
 
     if provider == "CUDAExecutionProvider" and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()
     session = ort.InferenceSession(str(onnx_path), providers=[provider])
     if session.get_providers()[0] != provider:
-        return float("nan")
-    got = session.run([OUTPUT], {INPUT: images.astype(np.float32)})[0]
+        return float("nan"), float("nan")
+    logits, probs = session.run([OUTPUT, OUTPUTS[2]], {INPUT: images.astype(np.float32)})
     with torch.no_grad():
-        want = model(torch.from_numpy(images)).numpy()
-    return float(np.abs(got - want).max())
+        want = model(torch.from_numpy(images)).double()
+    raw = torch.softmax(want, 1).numpy()
+    expected = raw if scales is None else rebalance.apply(raw, np.asarray(scales, np.float64), tau)
+    return float(np.abs(logits - want.numpy()).max()), float(np.abs(probs - expected).max())
 
 
-def compare_on_cuda(model, onnx_path: Path, images: np.ndarray) -> dict:
+def compare_on_cuda(
+    model, onnx_path: Path, images: np.ndarray, scales: list[float] | None, tau: float
+) -> dict:
     """The same comparison through the CUDA provider, where there is a GPU and the provider.
 
     Its convolutions may use TF32, so it is held to ``CUDA_TOLERANCE`` rather than the CPU's."""
@@ -128,13 +173,15 @@ def compare_on_cuda(model, onnx_path: Path, images: np.ndarray) -> dict:
         return {"skipped": "no CUDA device"}
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return {"skipped": f"this onnxruntime offers only {ort.get_available_providers()}"}
-    diff = compare_with_torch(model, onnx_path, images, "CUDAExecutionProvider")
+    diff, prob_diff = compare_with_torch(
+        model, onnx_path, images, "CUDAExecutionProvider", scales, tau
+    )
     if math.isnan(diff):
         raise ExportError("the CUDA provider did not start on this GPU machine")
     if diff > CUDA_TOLERANCE:
         raise ExportError(f"ONNX Runtime on CUDA and torch disagree by {diff:.3g}")
     print(f"ONNX Runtime (CUDA) vs torch: max |logit difference| {diff:.3g}")
-    return {"max_abs_logit_diff": diff}
+    return {"max_abs_logit_diff": diff, "max_abs_probability_diff": prob_diff}
 
 
 def _scales(run_dir: Path, checkpoint: str, model, cfg) -> tuple[list[float] | None, float, str]:
@@ -152,7 +199,11 @@ def _scales(run_dir: Path, checkpoint: str, model, cfg) -> tuple[list[float] | N
 
 
 def write_triton(out: Path, name: str, preset, num_classes: int, max_batch: int = 64) -> Path:
-    """A Triton model repository: <out>/triton/<name>/{config.pbtxt, 1/model.onnx}."""
+    """A Triton model repository: <out>/triton/<name>/{config.pbtxt, 1/model.onnx}, all three
+    outputs listed."""
+    outputs = ",\n".join(
+        f'  {{ name: "{o}", data_type: TYPE_FP32, dims: [ {num_classes} ] }}' for o in OUTPUTS
+    )
     model_dir = out / "triton" / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(out / "model.onnx", model_dir / "1" / "model.onnx")
@@ -163,7 +214,7 @@ input [
   {{ name: "{INPUT}", data_type: TYPE_FP32, dims: [ 3, {preset.crop}, {preset.crop} ] }}
 ]
 output [
-  {{ name: "{OUTPUT}", data_type: TYPE_FP32, dims: [ {num_classes} ] }}
+{outputs}
 ]
 dynamic_batching {{
   max_queue_delay_microseconds: 5000
@@ -182,25 +233,31 @@ def export(
     cfg, model, split, info = _load_run(run_dir, checkpoint)
     preset = presets.get_preset(cfg.data.preset)
     out.mkdir(parents=True, exist_ok=True)
-    export_onnx(model, preset.crop, out / "model.onnx")
+    scales, tau, fitted_on = _scales(run_dir, checkpoint, model, cfg)
+    export_onnx(model, preset.crop, out / "model.onnx", scales, tau)
     check_split = cfg.data.test_split or cfg.data.val_split or cfg.data.train_split
     _, _, images = _probs(model, cfg, check_split, limit=CHECK_IMAGES)
-    diff = compare_with_torch(model, out / "model.onnx", images[:CHECK_IMAGES])
+    images = images[:CHECK_IMAGES]
+    diff, prob_diff = compare_with_torch(model, out / "model.onnx", images, scales=scales, tau=tau)
     print(
-        f"ONNX Runtime vs torch on {min(len(images), CHECK_IMAGES)} {check_split} images: "
-        f"max |logit difference| {diff:.3g}"
+        f"ONNX Runtime vs torch on {len(images)} {check_split} images: max |logit difference| "
+        f"{diff:.3g}, max |re-balanced probability difference| {prob_diff:.3g}"
     )
-    if diff > TOLERANCE:
-        raise ExportError(f"ONNX Runtime and torch disagree by {diff:.3g} (> {TOLERANCE})")
-    cuda = compare_on_cuda(model, out / "model.onnx", images[:CHECK_IMAGES])
-    scales, tau, fitted_on = _scales(run_dir, checkpoint, model, cfg)
+    if diff > TOLERANCE or prob_diff > PROB_TOLERANCE:
+        raise ExportError(
+            f"ONNX Runtime and torch disagree by {diff:.3g} in logits (limit {TOLERANCE}) and "
+            f"{prob_diff:.3g} in re-balanced probabilities (limit {PROB_TOLERANCE})"
+        )
+    cuda = compare_on_cuda(model, out / "model.onnx", images, scales, tau)
     artifact = {
         "format_version": FORMAT_VERSION,
         "model_name": model_name,
         "architecture": cfg.model.name,
         "onnx": "model.onnx",
         "input": {"name": INPUT, "datatype": "FP32", "shape": [-1, 3, preset.crop, preset.crop]},
-        "output": {"name": OUTPUT, "datatype": "FP32", "shape": [-1, split.num_classes]},
+        "outputs": [
+            {"name": name, "datatype": "FP32", "shape": [-1, split.num_classes]} for name in OUTPUTS
+        ],
         "num_classes": split.num_classes,
         "class_names": list(split.class_names),
         "train_class_counts": list(split.class_counts),
@@ -209,8 +266,9 @@ def export(
         "source": {"run": str(run_dir.resolve()), "checkpoint": checkpoint, **info},
         "check": {
             "split": check_split,
-            "images": int(min(len(images), CHECK_IMAGES)),
+            "images": len(images),
             "max_abs_logit_diff": diff,
+            "max_abs_probability_diff": prob_diff,
             "cuda": cuda,
             "opset": OPSET,
         },

@@ -56,8 +56,9 @@ def running_server(artifact: Path, log: Path, *flags: str, env: dict = ENV):
     """A gala-serve process on a free port; yields a client once it is ready."""
     from conftest import free_port
 
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "gala_serve.app", "--artifact", str(artifact), "--port", str(port)]
+    cmd += ["--grpc-port", str(grpc_port)]
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [*cmd, *flags],
@@ -71,6 +72,7 @@ def running_server(artifact: Path, log: Path, *flags: str, env: dict = ENV):
             client.wait_ready(120, alive=lambda: proc.poll() is None)
         except (TimeoutError, RuntimeError):
             raise AssertionError(log.read_text()) from None
+        client.grpc_port, client.log = grpc_port, log
         yield client
     finally:
         proc.terminate()
@@ -81,7 +83,7 @@ def running_server(artifact: Path, log: Path, *flags: str, env: dict = ENV):
 def server(artifact, tmp_path_factory):
     flags = ["--max-batch", "16", "--max-delay-ms", "5", "--max-body-bytes", "2000000"]
     flags += ["--max-image-pixels", "1000000", "--max-request-batch", "64", "--providers", "cpu"]
-    flags += ["--idle-timeout", "2"]
+    flags += ["--idle-timeout", "2", "--request-timeout", "3"]
     with running_server(artifact, tmp_path_factory.mktemp("log") / "server.log", *flags) as c:
         yield c
 
@@ -109,14 +111,43 @@ def test_export_artifact(trained, artifact):
     pn = json.loads((run_dir / "pn.json").read_text())
     assert doc["rebalance"]["scales"] == pn["scales"] and doc["rebalance"]["tau"] == 1.0
     assert doc["preprocess"]["mean"] == list(presets.CIFAR_MEAN) and len(doc["class_names"]) == 6
+    assert doc["check"]["max_abs_probability_diff"] < 1e-5
     session = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == [
+        "logits",
+        "raw_probabilities",
+        "probabilities",
+    ]
     x = np.random.default_rng(0).normal(size=(5, 3, 32, 32)).astype(np.float32)
     got = session.run(None, {"input": x})[0]  # a batch size never seen at export: dynamic axis
     want = torch_model(run_dir)(torch.from_numpy(x)).detach().numpy()
     assert np.abs(got - want).max() < 1e-4
     triton = artifact / "triton" / "gala"
     assert (triton / "1" / "model.onnx").is_file()
-    assert "dynamic_batching" in (triton / "config.pbtxt").read_text()
+    config = (triton / "config.pbtxt").read_text()
+    assert "dynamic_batching" in config
+    assert all(f'name: "{o}"' in config for o in ("logits", "raw_probabilities", "probabilities"))
+
+
+def test_exported_graph_applies_the_stored_pn_itself(trained, artifact):
+    """Plain ONNX Runtime, no wrapper: the graph's outputs on real images are the softmax and
+    rebalance.apply of the torch model's logits with the artifact's scales and tau."""
+    from gala_scale import rebalance
+
+    _, run_dir = trained
+    pre = presets.get_preset("cifar")
+    x = np.stack(
+        [presets.eval_array(Image.open(io.BytesIO(d)), pre) for d, _ in sample_images(trained, 8)]
+    )
+    session = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits, raw, adjusted = session.run(None, {"input": x})
+    doc = json.loads((artifact / "artifact.json").read_text())["rebalance"]
+    with torch.no_grad():
+        want_raw = torch.softmax(torch_model(run_dir)(torch.from_numpy(x)).double(), 1).numpy()
+    want = rebalance.apply(want_raw, np.asarray(doc["scales"]), doc["tau"])
+    np.testing.assert_allclose(raw, want_raw, atol=1e-5)
+    np.testing.assert_allclose(adjusted, want, atol=1e-5)
+    assert not np.allclose(adjusted, raw, atol=1e-3)  # the scales do change the answer
 
 
 def test_server_preprocessing_is_the_training_eval_preset(trained):
@@ -149,7 +180,7 @@ def test_health_and_metadata(server):
     metrics = server.request("GET", "/metrics")[2].decode()
     assert "# TYPE gala_serve_provider gauge" in metrics
     assert (
-        'gala_serve_provider{fallback="false",provider="CPUExecutionProvider",requested="cpu"} 1'
+        'gala_serve_provider{fallback="false",provider="CPUExecutionProvider",requested="cpu"} 1.0'
         in metrics
     )
 
@@ -236,8 +267,8 @@ BAD = {
     "too many pixels": ("/v1/classify", _jpeg((1200, 1000)), {}, 413, "pixels"),
     "body too large": ("/v1/classify", b"x" * 2_000_001, {}, 413, "exceeds the limit"),
     "bad base64": (
-        "/v1/classify",
-        b'{"images": ["***"]}',
+        "/v2/models/gala/infer",
+        b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["***"]}]}',
         {"Content-Type": "application/json"},
         400,
         "base64",
@@ -371,15 +402,16 @@ RAW = {
         b"GET / HTTP/1.1\r\nX: " + b"a" * 70_000 + b"\r\n\r\n",
         [b"HTTP/1.1 431 Request Header Fields Too Large"],
     ),
+    # a chunked body is read (and here is not an image)
     "chunked": (
         b"POST /v1/classify HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n",
-        [b"HTTP/1.1 411 Length Required"],
+        [b"HTTP/1.1 400 Bad Request"],
     ),
     "negative length": (
         b"POST /v1/classify HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
         [b"HTTP/1.1 400 Bad Request"],
     ),
-    "no length": (b"POST /v1/classify HTTP/1.1\r\n\r\n", [b"HTTP/1.1 411 Length Required"]),
+    "no length": (b"POST /v1/classify HTTP/1.1\r\n\r\n", [b"HTTP/1.1 400 Bad Request"]),
     "expect 100-continue": (
         b"POST /v2/models/gala/infer HTTP/1.1\r\nExpect: 100-continue\r\n"
         b"Content-Length: 5\r\n\r\n{nope",
@@ -430,47 +462,45 @@ def test_concurrent_clients_all_answered_correctly(server, trained):
         t.join()
     assert not errors and len(results) == 96 and all(results.values())
     metrics = server.request("GET", "/metrics")[2].decode()
-    assert 'gala_requests_total{endpoint="classify"}' in metrics
+    assert 'gala_requests_total{endpoint="classify",protocol="http"}' in metrics
     assert "gala_batch_size_bucket" in metrics and "gala_request_errors_total" in metrics
 
 
 def test_batch_client_reproduces_the_trainer_accuracy_with_pn(server, trained, tmp_path, capsys):
+    """gala-batch sends the encoded images through tritonclient (HTTP, then gRPC) and gets the
+    trainer's own PN accuracy for the same weights, stored and transductive."""
     shards, run_dir = trained
     url = f"http://{server.host}:{server.port}"
     expected = json.loads((run_dir / "results.json").read_text())["test"]
     for flag, key in (
         ([], "PN, val scales, tau 1"),
         (["--transductive"], "PN, transductive on test, tau 1"),
+        (["--grpc", f"127.0.0.1:{server.grpc_port}"], "PN, val scales, tau 1"),
     ):
         out = tmp_path / "preds.jsonl"
-        assert (
-            batch_main(
-                [
-                    "--server",
-                    url,
-                    "--input",
-                    str(shards),
-                    "--out",
-                    str(out),
-                    "--concurrency",
-                    "4",
-                    *flag,
-                ]
-            )
-            == 0
-        )
+        args = ["--server", url, "--input", str(shards), "--out", str(out), "--concurrency", "4"]
+        assert batch_main([*args, *flag]) == 0
         summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert float(summary["top1"].rstrip("%")) == pytest.approx(
             100 * expected[key]["top1"], abs=0.01
         )
+        assert summary["protocol"] == ("grpc" if "--grpc" in flag else "http")
         lines = [json.loads(x) for x in out.read_text().splitlines()]
         assert len(lines) == 120 and lines[0]["id"].startswith("test_")
+        assert all(x["pred_class"] == f"class_{x['pred']:03d}" for x in lines)
 
 
 def test_json_images_and_unreachable_server(server, trained):
     images = [base64.b64encode(d).decode() for d, _ in sample_images(trained, 3)]
-    doc = server.json("POST", "/v1/classify?top_k=2", {"images": images})
-    assert len(doc["predictions"]) == 3 and len(doc["predictions"][0]["top_k"]) == 2
+    tensor = {"name": "image", "shape": [3], "datatype": "BYTES", "data": images}
+    doc = server.json("POST", "/v2/models/gala/infer", {"inputs": [tensor]})
+    probs = {o["name"]: np.array(o["data"]).reshape(o["shape"]) for o in doc["outputs"]}
+    assert probs["probabilities"].shape == (3, 6)
+    first = server.classify(base64.b64decode(images[0]), top_k=2, full=True)
+    np.testing.assert_allclose(first["probabilities"], probs["probabilities"][0], atol=1e-6)
+    names = server.json("GET", "/v2/models/gala")["parameters"]["class_names"]
+    top = first["top_k"][0]
+    assert len(first["top_k"]) == 2 and top["class"] == names[top["index"]]
     with pytest.raises(ServerError, match="404"):
         server.json("GET", "/v2/models/nope")
     dead = Client("http://127.0.0.1:9", retries=1, backoff=0.01)
@@ -577,7 +607,7 @@ model._gpu_present = lambda: True  # as on a GPU machine
 args = app.parse_args(["--artifact", sys.argv[1], "--device-id", "99", "--max-batch", "4"])
 service = app.Service(args)
 service.load()
-print(json.dumps({"meta": service.metadata(), "metrics": service.metrics.render()}))
+print(json.dumps({"meta": service.metadata(), "metrics": service.metrics.render().decode()}))
 """
 
 
@@ -599,7 +629,7 @@ def test_auto_provider_that_cannot_start_cuda_says_so_loudly(artifact):
     assert params["provider"] == "CPUExecutionProvider" and params["provider_requested"] == "auto"
     assert "CUDA provider" in params["provider_fallback"]
     assert (
-        'gala_serve_provider{fallback="true",provider="CPUExecutionProvider",requested="auto"} 1'
+        'gala_serve_provider{fallback="true",provider="CPUExecutionProvider",requested="auto"} 1.0'
         in found["metrics"]
     )
 
@@ -627,3 +657,204 @@ def test_startup_errors_exit_2_and_say_why(artifact, tmp_path):
     assert busy.returncode == 2 and "cannot listen on 127.0.0.1" in busy.stderr
     cuda = start("--artifact", str(artifact), "--port", "0", "--providers", "cuda")  # GPUs hidden
     assert cuda.returncode == 2 and "--providers cuda: the CUDA provider" in cuda.stderr
+
+
+# --- hostile clients -------------------------------------------------------------------------
+
+
+def _send(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Raw bytes on a fresh connection; whatever comes back until the server closes or, after
+    the first answer, goes quiet for a moment. Bounded by ``timeout``."""
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if b"\r\n\r\n" in received:
+                sock.settimeout(0.3)
+            try:
+                chunk = sock.recv(1 << 16)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            received += chunk
+    return received
+
+
+def _post(path: bytes, body: bytes, extra: bytes = b"") -> bytes:
+    head = b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: " + str(len(body)).encode()
+    return head + b"\r\n" + extra + b"\r\n" + body
+
+
+def _image(fmt: str, size=(16, 16)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size).save(out, format=fmt)
+    return out.getvalue()
+
+
+INFER = b"/v2/models/gala/infer"
+INFER_HEAD = b"POST /v2/models/gala/infer HTTP/1.1\r\nHost: x\r\n"
+HOSTILE = {
+    # each: raw request, expected status line, a word of the error
+    "invalid JSON": (_post(INFER, b"{nope"), 400, b"not valid JSON"),
+    "non-numeric binary header length": (
+        _post(INFER, b"{}", b"Inference-Header-Content-Length: 12a\r\n"),
+        400,
+        b"not a byte count",
+    ),
+    "parameters a list": (
+        _post(
+            INFER,
+            b'{"inputs": [{"name": "input", "shape": [1], "datatype": "FP32", "data": [1]}], '
+            b'"parameters": [1]}',
+        ),
+        400,
+        b"'parameters' must be dict",
+    ),
+    "input name a list": (
+        _post(INFER, b'{"inputs": [{"name": ["a"], "shape": [1], "datatype": "FP32"}]}'),
+        400,
+        b"'name' must be str",
+    ),
+    "shape overflowing int64": (
+        _post(
+            INFER,
+            b'{"inputs": [{"name": "input", "datatype": "FP32", "data": [1], '
+            b'"shape": [4294967296, 4294967296, 4294967296]}]}',
+        ),
+        413,
+        b"elements",
+    ),
+    "5,000-digit number": (
+        _post(
+            INFER,
+            b'{"inputs": [{"name": "input", "shape": [1], "datatype": "FP32", "data": ['
+            + b"7" * 5000
+            + b"]}]}",
+        ),
+        400,
+        b"not valid JSON",
+    ),
+    "5,000-digit Content-Length": (
+        INFER_HEAD + b"Content-Length: " + b"9" * 5000 + b"\r\n\r\n{}",
+        400,
+        b"Content-Length",
+    ),
+    "two Content-Length headers": (
+        INFER_HEAD + b"Content-Length: 2\r\nContent-Length: 40\r\n\r\n{}",
+        400,
+        b"Duplicate Content-Length",
+    ),
+    "chunked then identity": (
+        INFER_HEAD + b"Transfer-Encoding: chunked, identity\r\nContent-Length: 2\r\n\r\n{}",
+        400,
+        b"Transfer-Encoding",
+    ),
+    "Transfer-Encoding beside Content-Length": (
+        INFER_HEAD + b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        400,
+        b"Transfer-Encoding",
+    ),
+    "TIFF image": (_post(b"/v1/classify", _image("TIFF")), 400, b"JPEG/PNG/WEBP"),
+    "BMP image": (_post(b"/v1/classify", _image("BMP")), 400, b"JPEG/PNG/WEBP"),
+    "EPS image": (
+        _post(b"/v1/classify", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"),
+        400,
+        b"JPEG/PNG/WEBP",
+    ),
+    "top_k not a number": (_post(b"/v1/classify?top_k=1e9", _jpeg()), 400, b"top_k"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_requests_get_4xx_and_the_server_keeps_serving(server, case):
+    data, status, word = HOSTILE[case]
+    answer = _send(server.port, data)
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:300]
+    assert word in answer, answer[:500]
+    assert server.classify(_jpeg())["top_k"]
+    assert b"Traceback" not in server.log.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def patient_server(artifact, tmp_path_factory):
+    """A server whose batcher would wait 2 s for announced requests, with a 2 s request
+    deadline and room for 12 connections: stalled clients would show at once."""
+    flags = ["--max-batch", "16", "--max-delay-ms", "2000", "--providers", "cpu"]
+    flags += ["--request-timeout", "2", "--max-connections", "12"]
+    with running_server(artifact, tmp_path_factory.mktemp("log") / "server.log", *flags) as c:
+        yield c
+
+
+def _binary_infer(client, rows: int = 1) -> float:
+    """Seconds for one binary-tensor infer request of ``rows`` samples."""
+    x = np.zeros((rows, 3, 32, 32), np.float32)
+    spec = {"name": "input", "shape": list(x.shape), "datatype": "FP32"}
+    header = json.dumps({"inputs": [{**spec, "parameters": {"binary_data_size": x.nbytes}}]})
+    start = time.perf_counter()
+    status, _, data = client.request(
+        "POST",
+        "/v2/models/gala/infer",
+        header.encode() + x.tobytes(),
+        {"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert status == 200, data
+    return time.perf_counter() - start
+
+
+def test_stalled_clients_are_cut_and_never_hold_a_batch(patient_server):
+    """Six clients send a head and 2 bytes of a 100-byte body, then stall. A fast client's
+    requests are not held by them (an announced stalled request would make each batch wait
+    --max-delay-ms, 2 s), and each stalled client gets a 408 after --request-timeout."""
+    slow = []
+    for _ in range(6):
+        sock = socket.create_connection(("127.0.0.1", patient_server.port), timeout=15)
+        sock.sendall(INFER_HEAD + b"Content-Length: 100\r\n\r\n{\"")
+        slow.append(sock)
+    try:
+        times = sorted(_binary_infer(patient_server) for _ in range(20))
+        assert times[-1] < 1.0, times  # p99 of 20, well under the 2 s a held batch would take
+        for sock in slow:
+            start = time.monotonic()
+            answer = sock.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert time.monotonic() - start < 10
+    finally:
+        for sock in slow:
+            sock.close()
+    metrics = patient_server.request("GET", "/metrics")[2].decode()
+    assert "gala_request_timeouts_total 6.0" in metrics
+
+
+def test_connection_cap_is_answered_503(patient_server):
+    idle = [socket.create_connection(("127.0.0.1", patient_server.port)) for _ in range(11)]
+    try:
+        time.sleep(0.2)  # the server has accepted them
+        answer = _send(patient_server.port, b"GET /v2/health/live HTTP/1.1\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert b"open connections" in answer
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while _send(patient_server.port, b"GET /v2/health/live HTTP/1.1\r\n\r\n").startswith(
+        b"HTTP/1.1 503"
+    ):
+        assert time.monotonic() < deadline, "the cap never freed"
+        time.sleep(0.1)
+
+
+def test_images_are_bounded_after_the_resize_and_by_format():
+    pre = presets.get_preset("imagenet").to_dict()
+    sliver = _image("PNG", (10_000, 1))  # a few hundred bytes, 10,000 pixels
+    assert len(sliver) < 1000
+    with pytest.raises(preprocess.TooLarge, match=r"resized to 2560000x256"):
+        preprocess.decode(sliver, 40_000_000, "image 0", preprocess.FORMATS, pre, 4_000_000)
+    ok = preprocess.decode(_image("PNG", (500, 375)), 40_000_000, "x", preprocess.FORMATS, pre, 4e6)
+    assert preprocess.eval_array(ok, pre).shape == (3, 224, 224)
+    for fmt in ("TIFF", "BMP", "GIF"):
+        with pytest.raises(preprocess.RequestError, match="JPEG/PNG/WEBP"):
+            preprocess.decode(_image(fmt), 40_000_000)
+    cifar = presets.get_preset("cifar").to_dict()  # resizes any size to 32x32: no blow-up
+    preprocess.decode(sliver, 40_000_000, "image 0", preprocess.FORMATS, cifar, 4_000_000)

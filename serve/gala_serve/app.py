@@ -1,50 +1,63 @@
-"""gala-serve: the Open Inference Protocol over HTTP for a gala-scale artifact.
+"""gala-serve: the Open Inference Protocol over HTTP and gRPC for a gala-scale artifact.
 
     gala-serve --artifact runs/x/export [--model-name gala] [--host 127.0.0.1] [--port 8000]
-               [--max-batch 64] [--max-delay-ms 5] [--providers auto|cuda|cpu]
+               [--grpc-port 8001] [--max-batch 64] [--max-delay-ms 5] [--providers auto|cuda|cpu]
 
-Endpoints (KServe v2): ``GET /v2/health/live``, ``/v2/health/ready``, ``/v2``,
+HTTP (KServe v2, served by uvicorn): ``GET /v2/health/live``, ``/v2/health/ready``, ``/v2``,
 ``/v2/models/<name>``, ``/v2/models/<name>/ready``; ``POST /v2/models/<name>/infer`` with JSON
-tensors or the binary tensor data extension (input ``input``: FP32 [N, 3, H, W], normalised as
-the artifact's ``preprocess`` says; outputs ``probabilities`` (re-balanced with the stored PN
-scales), ``raw_probabilities`` and ``logits``). ``POST /v1/classify`` takes encoded images (the
-body itself, or JSON ``{"images": [base64, ...]}``) and returns the top-k classes with
-re-balanced and raw probabilities; ``?top_k=5&full=1``. ``GET /metrics``: Prometheus.
-Bad requests get a 4xx JSON ``{"error": ...}`` and the server keeps serving.
+tensors or the binary tensor data extension. gRPC (``inference.GRPCInferenceService``, as
+Triton and KServe): the same on ``--grpc-port`` (0: off). Inputs, one of: ``input``, FP32
+[N, 3, H, W] normalised as the artifact's ``preprocess`` says, or ``image``, BYTES [N] of encoded
+JPEG/PNG/WebP files. Outputs: ``probabilities`` (re-balanced with the stored PN scales, inside
+the graph), ``raw_probabilities`` and ``logits``. ``POST /v1/classify`` (a curl convenience)
+takes one encoded image as the body and answers the top-k classes by name; ``?top_k=5&full=1``.
+``GET /metrics``: Prometheus. Bad requests get a 4xx JSON ``{"error": ...}`` (gRPC:
+INVALID_ARGUMENT and the like) and the server keeps serving.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import json
+import logging
 import os
-import re
 import signal
+import socket
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from gala_serve import __version__, protocol
 from gala_serve.batcher import DynamicBatcher
-from gala_serve.errors import NotFound, RequestError, TooLarge
-from gala_serve.httpio import Request, Response, Server, error_response, json_response
-from gala_serve.metrics import BATCH_BUCKETS, Metrics
-from gala_serve.model import CONV_ALGO_SEARCH, ArtifactError, Model
-from gala_serve.preprocess import decode, eval_array
+from gala_serve.errors import NotFound, NotReady, RequestError, TooLarge
+from gala_serve.metrics import Metrics
+from gala_serve.model import CONV_ALGO_SEARCH, OUTPUTS, ArtifactError, Model
+from gala_serve.preprocess import FORMATS, decode, eval_array
 
-# Bigger requests are parsed, and bigger answers encoded, in the pool, off the event loop.
-OFFLOAD_BYTES = 1 << 20
-OFFLOAD_VALUES = 1 << 16
-MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?(/ready|/infer)?$")
+IMAGE = "image"  # the BYTES input of encoded images
+log = logging.getLogger("gala_serve")
+
+
+class Ticket:
+    """A request announced to the batcher as on its way (its body is in, it is being parsed or
+    decoded), so that a batch being formed waits for it; withdrawn when it is queued or fails.
+    A request whose body is still arriving is never announced: a stalled client cannot hold a
+    batch back."""
+
+    def __init__(self, batcher: DynamicBatcher) -> None:
+        self.batcher = batcher
+        batcher.expect(+1)
+
+    def withdraw(self) -> None:
+        if self.batcher is not None:
+            self.batcher.expect(-1)
+            self.batcher = None
 
 
 class Service:
-    """Everything a request handler needs: the model, the batcher, limits and metrics."""
+    """What every protocol front needs: the model, the batcher, limits and metrics."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.metrics = args, Metrics()
@@ -53,49 +66,129 @@ class Service:
         self.warmup: dict = {}
         self.ready = threading.Event()
         self.pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="offload")
+        self.formats = tuple(f.strip().upper() for f in args.image_formats.split(","))
 
     def load(self) -> None:
         a = self.args
         self.model = Model(
             a.artifact, a.providers, a.threads, a.device_id, a.cudnn_conv_algo_search
         )
-        self.metrics.set(
-            "gala_serve_provider",
-            1,
-            provider=self.model.provider,
-            requested=a.providers,
-            fallback="true" if self.model.fallback else "false",
-        )
+        self.metrics.provider.labels(
+            self.model.provider, a.providers, "true" if self.model.fallback else "false"
+        ).set(1)
         sizes = warmup_sizes(a.warmup, self.model.provider, a.max_batch)
         self.warmup = {"batch_sizes": len(sizes), "seconds": round(self.model.warm_up(sizes), 3)}
-
-        def record(size: int, seconds: float) -> None:
-            self.metrics.observe("gala_batch_size", size, BATCH_BUCKETS)
-            self.metrics.observe("gala_inference_seconds", seconds)
-
-        # The batcher thread also computes the softmax and re-balancing, once a batch.
         self.batcher = DynamicBatcher(
-            self.model.outputs, self.args.max_batch, self.args.max_delay_ms / 1000, record
+            self.model.outputs, a.max_batch, a.max_delay_ms / 1000, self.metrics.batch
         )
         self.ready.set()
 
-    async def handle(self, request: Request) -> Response:
-        return await Exchange(self, request).answer()
-
-    async def predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        out, k = await self.batcher.infer(batch), self.model.num_classes
-        self.metrics.inc("gala_images_total", len(batch))
-        return {
-            "logits": out[:, :k],
-            "raw_probabilities": out[:, k : 2 * k],
-            "probabilities": out[:, 2 * k :],
-        }
+    def ticket(self) -> Ticket:
+        if not self.ready.is_set():
+            raise NotReady("the model is still loading")
+        return Ticket(self.batcher)
 
     async def offload(self, fn, *args, big: bool = True):
         """``fn(*args)``, in the worker pool when ``big`` (CPU work that would stall the loop)."""
         if not big:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def check_model(self, name: str) -> None:
+        if name != self.args.model_name:
+            have = self.args.model_name
+            raise NotFound(f"unknown model {name[:100]!r}; this server has {have!r}")
+
+    def check_batch(self, size: int, what: str) -> None:
+        if size == 0:
+            raise RequestError(f"{what}: an empty batch")
+        if size > self.args.max_request_batch:
+            raise TooLarge(
+                f"{what}: {size} samples in one request; the limit is {self.args.max_request_batch}"
+            )
+
+    async def infer(self, request: protocol.InferRequest, ticket: Ticket) -> dict:
+        """The model's outputs for an Open Inference Protocol request (either input)."""
+        m = self.model
+        names = sorted(request.inputs)
+        if names not in ([m.input_name], [IMAGE]):
+            raise RequestError(
+                f"expected one input: {m.input_name!r} (FP32 [N, "
+                f"{', '.join(map(str, m.input_shape))}]) or {IMAGE!r} (BYTES [N], encoded "
+                f"{'/'.join(self.formats)}); got {[n[:40] for n in names][:4]}"
+            )
+        unknown = [n for n in request.outputs or () if n not in OUTPUTS]
+        if unknown:
+            raise RequestError(f"unknown outputs {unknown[:4]}; this model has {list(OUTPUTS)}")
+        if names == [IMAGE]:
+            images = request.inputs[IMAGE]
+            if images.dtype != object or not (
+                images.ndim == 1 or (images.ndim == 2 and images.shape[1] == 1)
+            ):
+                raise RequestError(f"input {IMAGE!r} must be BYTES of shape [N] or [N, 1]")
+            return await self.classify_images(list(images.ravel()), ticket)
+        batch = request.inputs[m.input_name]
+        name = m.input_name
+        if batch.dtype != np.float32:
+            raise RequestError(f"input {name!r} must be FP32, got {protocol.NAMES[batch.dtype]}")
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != m.input_shape or len(batch) == 0:
+            raise RequestError(
+                f"input {name!r} must have shape [N>0, {', '.join(map(str, m.input_shape))}]"
+                f", got {list(batch.shape)[:8]}"
+            )
+        self.check_batch(len(batch), f"input {name!r}")
+        if not np.isfinite(batch).all():
+            raise RequestError(f"input {name!r} contains NaN or inf")
+        return await self.predict(np.ascontiguousarray(batch), ticket)
+
+    async def classify_images(self, images: list[bytes], ticket: Ticket) -> dict:
+        self.check_batch(len(images), f"input {IMAGE!r}")
+        # Decoding is the costly part: in the pool, while the loop serves on.
+        return await self.predict(await self.offload(self._decode, images), ticket)
+
+    def _decode(self, images: list[bytes]) -> np.ndarray:
+        a, pre = self.args, self.model.artifact["preprocess"]
+        arrays = []
+        for i, data in enumerate(images):
+            what = f"image {i}"
+            img = decode(data, a.max_image_pixels, what, self.formats, pre, a.max_resized_pixels)
+            arrays.append(eval_array(img, pre))
+        return np.stack(arrays)
+
+    async def predict(self, batch: np.ndarray, ticket: Ticket) -> dict[str, np.ndarray]:
+        ticket.withdraw()  # from here on the request waits in the batcher's queue
+        out, k = await self.batcher.infer(batch), self.model.num_classes
+        self.metrics.images.inc(len(batch))
+        return {name: out[:, i * k : (i + 1) * k] for i, name in enumerate(OUTPUTS)}
+
+    def top_k(self, outputs: dict[str, np.ndarray], k: int, full: bool) -> list[dict]:
+        """Each row's ``k`` most likely classes (re-balanced), with names and raw probability."""
+        names = self.model.artifact["class_names"]
+        k = max(1, min(k, self.model.num_classes))
+        answers = []
+        for adjusted, raw in zip(
+            outputs["probabilities"], outputs["raw_probabilities"], strict=True
+        ):
+            order = np.argsort(-adjusted, kind="stable")[:k]
+            entry = {
+                "top_k": [
+                    {
+                        "index": int(i),
+                        "class": names[i],
+                        "probability": float(adjusted[i]),
+                        "raw_probability": float(raw[i]),
+                    }
+                    for i in order
+                ]
+            }
+            if full:
+                entry["probabilities"] = adjusted
+                entry["raw_probabilities"] = raw
+            answers.append(entry)
+        return answers
+
+    def server_metadata(self) -> dict:
+        return {"name": "gala-serve", "version": __version__, "extensions": ["binary_tensor_data"]}
 
     def metadata(self) -> dict:
         m, art = self.model, self.model.artifact
@@ -104,11 +197,11 @@ class Service:
             "name": self.args.model_name,
             "versions": ["1"],
             "platform": "onnxruntime_onnx",
-            "inputs": [{"name": m.input_name, "datatype": "FP32", "shape": [-1, *m.input_shape]}],
-            "outputs": [
-                {"name": n, "datatype": "FP32", "shape": [-1, k]}
-                for n in ("probabilities", "raw_probabilities", "logits")
+            "inputs": [
+                {"name": m.input_name, "datatype": "FP32", "shape": [-1, *m.input_shape]},
+                {"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
             ],
+            "outputs": [{"name": n, "datatype": "FP32", "shape": [-1, k]} for n in OUTPUTS],
             "parameters": {
                 "provider": m.provider,
                 "provider_requested": self.args.providers,
@@ -117,8 +210,9 @@ class Service:
                 "class_names": art["class_names"],
                 "train_class_counts": art.get("train_class_counts"),
                 "tau": m.tau,
-                "rebalanced": m.divisor is not None,
+                "rebalanced": m.rebalanced,
                 "preprocess": art["preprocess"],
+                "image_formats": list(self.formats),
                 "max_batch": self.args.max_batch,
             },
         }
@@ -135,183 +229,6 @@ def warmup_sizes(mode: str, provider: str, max_batch: int) -> list[int]:
     return sorted({1, max_batch})
 
 
-class Exchange:
-    """One request on its way to a :class:`Response`: routing, parsing, the model, errors."""
-
-    def __init__(self, service: Service, request: Request) -> None:
-        self.service, self.request = service, request
-        # Tell the batcher a sample is on its way while the request is read, so a batch being
-        # formed waits for it (and a lone request does not wait at all).
-        self.announced = request.method == "POST" and service.ready.is_set()
-        if self.announced:
-            service.batcher.expect(+1)
-
-    async def answer(self) -> Response:
-        start, endpoint = time.perf_counter(), "other"
-        try:
-            if self.request.method == "POST":
-                await self.request.body()  # read first: an error must not leave it unread
-            endpoint, response = await self._route()
-        except RequestError as err:
-            response = error_response(err)
-        except Exception as err:  # a bug or the model failing: 500, and keep serving
-            response = json_response(500, {"error": f"internal error: {type(err).__name__}: {err}"})
-        finally:
-            self._withdraw()
-        m = self.service.metrics
-        m.inc("gala_requests_total", endpoint=endpoint)
-        if response.status >= 400:
-            m.inc("gala_request_errors_total", endpoint=endpoint, code=str(response.status))
-        m.observe("gala_request_latency_seconds", time.perf_counter() - start, endpoint=endpoint)
-        return response
-
-    async def _route(self) -> tuple[str, Response]:
-        method, path, svc = self.request.method, self.request.path, self.service
-        if method in ("GET", "HEAD"):
-            if path == "/v2/health/live":
-                return "live", json_response(200, {"live": True})
-            if path == "/v2/health/ready":
-                ready = svc.ready.is_set()
-                return "ready", json_response(200 if ready else 503, {"ready": ready})
-            if path == "/metrics":
-                return "metrics", Response(
-                    200, svc.metrics.render().encode(), "text/plain; version=0.0.4"
-                )
-            if path == "/v2":
-                doc = {
-                    "name": "gala-serve",
-                    "version": __version__,
-                    "extensions": ["binary_tensor_data"],
-                }
-                return "server_metadata", json_response(200, doc)
-        if not svc.ready.is_set():
-            return "not_ready", json_response(503, {"error": "the model is still loading"})
-        if method == "POST" and path == "/v1/classify":
-            return "classify", await self._classify()
-        match = MODEL_ROUTE.match(path)
-        if match is None:
-            raise NotFound(f"no endpoint {method} {path}")
-        if match.group(1) != svc.args.model_name:
-            raise NotFound(
-                f"unknown model {match.group(1)!r}; this server has {svc.args.model_name!r}"
-            )
-        action = match.group(2)
-        if method == "GET" and action is None:
-            return "model_metadata", json_response(200, svc.metadata())
-        if method == "GET" and action == "/ready":
-            return "model_ready", json_response(200, {"name": svc.args.model_name, "ready": True})
-        if method == "POST" and action == "/infer":
-            return "infer", await self._infer()
-        raise NotFound(f"no endpoint {method} {path}")
-
-    async def _infer(self) -> Response:
-        svc, body = self.service, await self.request.body()
-        header = self.request.header(protocol.HEADER)
-        length = int(header) if header else None
-        big = len(body) > OFFLOAD_BYTES  # long JSON parses off the loop, which keeps serving
-        request = await svc.offload(protocol.parse_request, body, length, big=big)
-        name = svc.model.input_name
-        if set(request.inputs) != {name}:
-            raise RequestError(f"expected one input named {name!r}, got {sorted(request.inputs)}")
-        batch = request.inputs[name]
-        expected = svc.model.input_shape
-        if batch.dtype != np.float32:
-            raise RequestError(f"input {name!r} must be FP32, got {protocol.NAMES[batch.dtype]}")
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected or len(batch) == 0:
-            raise RequestError(
-                f"input {name!r} must have shape [N>0, {', '.join(map(str, expected))}]"
-                f", got {list(batch.shape)}"
-            )
-        self._check_batch(len(batch))
-        if not np.isfinite(batch).all():
-            raise RequestError(f"input {name!r} contains NaN or inf")
-        outputs = await self._predict(np.ascontiguousarray(batch))
-        body, header_length = await svc.offload(
-            protocol.encode_response,
-            svc.args.model_name,
-            request,
-            outputs,
-            big=len(batch) * svc.model.num_classes > OFFLOAD_VALUES,  # e.g. 8,142 classes as JSON
-        )
-        if header_length is None:
-            return Response(200, body)
-        return Response(
-            200, body, "application/octet-stream", {protocol.HEADER: str(header_length)}
-        )
-
-    def _withdraw(self) -> None:
-        if self.announced:
-            self.announced = False
-            self.service.batcher.expect(-1)
-
-    async def _predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        self._withdraw()  # from here on the request waits in the batcher's queue
-        return await self.service.predict(batch)
-
-    def _check_batch(self, size: int) -> None:
-        if size > self.service.args.max_request_batch:
-            raise TooLarge(
-                f"{size} samples in one request; the limit is {self.service.args.max_request_batch}"
-            )
-
-    async def _images(self) -> list[bytes]:
-        body = await self.request.body()
-        kind = (self.request.header("content-type") or "").split(";")[0].strip()
-        if kind != "application/json":
-            return [body]
-        doc = json.loads(body) if body else {}
-        images = doc.get("images") if isinstance(doc, dict) else None
-        if not isinstance(images, list) or not images:
-            raise RequestError("JSON body needs a non-empty 'images' list of base64 strings")
-        try:
-            return [base64.b64decode(item, validate=True) for item in images]
-        except (ValueError, TypeError) as err:
-            raise RequestError(f"an image is not valid base64 ({err})") from err
-
-    def _decode(self, images: list[bytes]) -> np.ndarray:
-        svc = self.service
-        pre = svc.model.artifact["preprocess"]
-        return np.stack(
-            [
-                eval_array(decode(data, svc.args.max_image_pixels, f"image {i}"), pre)
-                for i, data in enumerate(images)
-            ]
-        )
-
-    async def _classify(self) -> Response:
-        svc, query = self.service, self.request.query
-        try:
-            top_k = int(query.get("top_k", ["5"])[0])
-        except ValueError as err:
-            raise RequestError("top_k must be an integer") from err
-        full = query.get("full", ["0"])[0] in ("1", "true")
-        images = await self._images()
-        self._check_batch(len(images))
-        # Decoding is the costly part of this endpoint: in the pool, while the loop serves on.
-        out = await self._predict(await svc.offload(self._decode, images))
-        names = svc.model.artifact["class_names"]
-        k = max(1, min(top_k, svc.model.num_classes))
-        predictions = []
-        for adjusted, raw in zip(out["probabilities"], out["raw_probabilities"], strict=True):
-            order = np.argsort(-adjusted, kind="stable")[:k]
-            entry = {
-                "top_k": [
-                    {
-                        "index": int(i),
-                        "class": names[i],
-                        "probability": float(adjusted[i]),
-                        "raw_probability": float(raw[i]),
-                    }
-                    for i in order
-                ]
-            }
-            if full:
-                entry["probabilities"] = adjusted.tolist()
-                entry["raw_probabilities"] = raw.tolist()
-            predictions.append(entry)
-        return json_response(200, {"model_name": svc.args.model_name, "predictions": predictions})
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="gala-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -319,7 +236,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--artifact", required=True, help="folder written by gala_scale.export")
     p.add_argument("--model-name", default="gala")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="HTTP")
+    p.add_argument("--grpc-port", type=int, default=0, help="gRPC (0: off; Triton uses 8001)")
     p.add_argument("--max-batch", type=int, default=64, help="samples per ONNX Runtime call")
     p.add_argument("--max-delay-ms", type=float, default=5.0, help="wait to fill a batch")
     p.add_argument("--providers", choices=("auto", "cuda", "cpu"), default="auto")
@@ -339,57 +257,106 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "a CPU), all, none",
     )
     p.add_argument("--max-body-bytes", type=int, default=64 << 20)
-    p.add_argument("--max-image-pixels", type=int, default=40_000_000)
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="decoded image")
+    p.add_argument(
+        "--max-resized-pixels",
+        type=int,
+        default=4_000_000,
+        help="an image after the eval resize (e.g. 256 x 15,625 for a 256-pixel shorter side)",
+    )
+    p.add_argument(
+        "--image-formats", default=",".join(FORMATS), help="the encoded formats accepted"
+    )
     p.add_argument("--max-request-batch", type=int, default=1024, help="samples per request")
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        help="seconds from a request's first byte to its last; a slower client is cut (408)",
+    )
+    p.add_argument(
+        "--max-connections", type=int, default=1000, help="open HTTP connections; beyond: 503"
+    )
     p.add_argument(
         "--idle-timeout", type=float, default=300.0, help="close idle keep-alive connections (s)"
     )
     p.add_argument("--access-log", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("max_batch", "max_request_batch", "max_connections", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.request_timeout <= 0 or args.idle_timeout <= 0:
+        p.error("--request-timeout and --idle-timeout must be > 0")
+    unknown = set(args.image_formats.upper().split(",")) - set(FORMATS)
+    if unknown:
+        p.error(f"--image-formats: {sorted(unknown)} not among {FORMATS}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return asyncio.run(serve(args))
     except KeyboardInterrupt:
         return 0
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
 async def serve(args: argparse.Namespace) -> int:
     """Listen, load the model (live at once, ready when loaded), serve until SIGTERM/SIGINT."""
+    from gala_serve import grpc_service, web
+
     service = Service(args)
-    http = Server(
-        service.handle,
-        args.max_body_bytes,
-        f"gala-serve/{__version__}",
-        args.access_log,
-        args.idle_timeout,
-    )
     try:
-        server = await http.start(args.host, args.port)
+        sock = _listen(args.host, args.port)
     except OSError as err:
         print(f"error: cannot listen on {args.host}:{args.port}: {err}", file=sys.stderr)
         return 2
+    server = web.server(service, sock)
+    stop = lambda: setattr(server, "should_exit", True)  # noqa: E731
     loop = asyncio.get_running_loop()
+    # uvicorn takes SIGTERM/SIGINT while it serves and raises them again when it is done: these
+    # handlers answer those, and the signals during start-up.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    http = asyncio.create_task(server.serve(sockets=[sock]))
+    grpc_server = None
+    if args.grpc_port:
+        try:
+            grpc_server = await grpc_service.start(service, args.host, args.grpc_port)
+        except RuntimeError as err:
+            print(f"error: cannot listen for gRPC on {args.grpc_port}: {err}", file=sys.stderr)
+            stop()
+            await http
+            return 2
     try:
         await loop.run_in_executor(None, service.load)  # at start-up, not at import
     except (ArtifactError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
-        server.close()
+        stop()
+        await http
         return 2
-    host, port = server.sockets[0].getsockname()[:2]
+    host, port = sock.getsockname()[:2]
+    grpc_text = f" and grpc://{host}:{args.grpc_port}" if grpc_server else ""
     print(
         f"gala-serve: model {args.model_name!r} on {service.model.provider}, "
         f"max batch {args.max_batch} (warmed up {service.warmup['batch_sizes']} batch sizes in "
-        f"{service.warmup['seconds']} s), listening on http://{host}:{port}",
+        f"{service.warmup['seconds']} s), listening on http://{host}:{port}{grpc_text}",
         flush=True,
     )
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    server.close()
+    await http
+    if grpc_server is not None:
+        await grpc_server.stop(grace=2)
     service.pool.shutdown(wait=False, cancel_futures=True)
     return 0
 

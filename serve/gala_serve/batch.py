@@ -1,11 +1,16 @@
 """gala-batch: stream a shard set, an image folder or a list file through a gala-serve server.
 
     gala-batch --server http://127.0.0.1:8000 --input shards/x [--split test] --out preds.jsonl
-               [--concurrency 8] [--transductive] [--top-k 5]
+               [--concurrency 8] [--transductive] [--top-k 5] [--grpc 127.0.0.1:8001]
 
-Predictions are written in input order, one JSON object a line. Transient failures (connection
-errors, 429, 5xx) are retried with backoff. When labels are known, accuracy and many/medium/few
-shot accuracy (from the artifact's training class counts) are printed. ``--transductive`` applies
+Each image goes as it is (encoded JPEG/PNG/WebP) in the Open Inference Protocol's BYTES input
+``image``, through a stock tritonclient: HTTP, or gRPC with ``--grpc``. So any server of that
+protocol with the same input works, not only gala-serve. Images are read, sent and written as a
+stream (at most a few per thread in memory; ``--transductive`` keeps each image's raw
+probabilities, K floats, until the end). Predictions are written in input order, one JSON object
+a line. Transient failures (connection errors, 429, 5xx, UNAVAILABLE) are retried with backoff.
+When labels are known, accuracy and many/medium/few shot accuracy (from the artifact's training
+class counts) are printed. ``--transductive`` applies
 the paper's PN over the whole job instead of the stored scales: raw probabilities are collected
 and each class's column is divided by its total mass^tau at the end.
 """
@@ -17,13 +22,19 @@ import json
 import os
 import sys
 import tarfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import orjson
+import tenacity
+from tritonclient.utils import InferenceServerException
 
 from gala_serve.client import Client, ServerError
 
@@ -38,47 +49,59 @@ class Item:
 
 
 def _from_shards(root: Path, split: str) -> Iterator[Item]:
+    """A shard set's samples, streamed: WebDataset keeps a sample's files next to each other."""
     manifest = json.loads((root / "manifest.json").read_text())
     if split not in manifest["splits"]:
         raise ValueError(f"{root}: no split {split!r}; it has {sorted(manifest['splits'])}")
     ext = manifest.get("image_ext", "jpg")
+
+    def sample(key: str, parts: dict[str, bytes]) -> Item:
+        data = parts[ext]
+        return Item(key, int(parts["cls"]), lambda: data)
+
     for shard in manifest["splits"][split]["shards"]:
+        key, parts = None, {}
         with tarfile.open(root / shard["file"]) as tar:
-            files: dict[str, dict[str, bytes]] = {}
             for member in tar:
-                if member.isfile():
-                    key, _, suffix = member.name.partition(".")
-                    files.setdefault(key, {})[suffix] = tar.extractfile(member).read()
-        for key, parts in files.items():
-            data = parts[ext]
-            yield Item(key, int(parts["cls"]), lambda data=data: data)
+                if not member.isfile():
+                    continue
+                name, _, suffix = member.name.partition(".")
+                if name != key and parts:
+                    yield sample(key, parts)
+                    parts = {}
+                key = name
+                parts[suffix] = tar.extractfile(member).read()
+        if parts:
+            yield sample(key, parts)
 
 
 def _from_folder(root: Path, class_names: list[str]) -> Iterator[Item]:
+    index = {name: i for i, name in enumerate(class_names)}
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         parent = path.parent.name if path.parent != root else None
-        label = class_names.index(parent) if parent in class_names else None
-        yield Item(str(path.relative_to(root)), label, path.read_bytes)
+        yield Item(str(path.relative_to(root)), index.get(parent), path.read_bytes)
 
 
 def _from_list(path: Path, root: Path) -> Iterator[Item]:
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
-            raise ValueError(f"{path}:{number}: expected '<path> [label]', got {line!r}")
-        image = root / parts[0]
-        yield Item(parts[0], int(parts[1]) if len(parts) == 2 else None, image.read_bytes)
+    with open(path) as lines:
+        for number, line in enumerate(lines, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+                raise ValueError(f"{path}:{number}: expected '<path> [label]', got {line!r}")
+            image = root / parts[0]
+            yield Item(parts[0], int(parts[1]) if len(parts) == 2 else None, image.read_bytes)
 
 
-def items(source: Path, split: str, class_names: list[str], root: Path | None) -> list[Item]:
+def items(source: Path, split: str, class_names: list[str], root: Path | None) -> Iterator[Item]:
+    """The images of ``source``, one at a time."""
     if (source / "manifest.json").is_file():
-        return list(_from_shards(source, split))
+        return _from_shards(source, split)
     if source.is_dir():
-        return list(_from_folder(source, class_names))
+        return _from_folder(source, class_names)
     if source.is_file():
-        return list(_from_list(source, root or source.parent))
+        return _from_list(source, root or source.parent)
     raise ValueError(f"{source}: not a shard set, an image folder or a list file")
 
 
@@ -98,53 +121,147 @@ def shot_accuracy(preds: np.ndarray, labels: np.ndarray, counts: list[int] | Non
     return result
 
 
+RETRY_STATUS = {"429", "500", "502", "503", "504", "StatusCode.UNAVAILABLE"}
+
+
+def _transient(err: BaseException) -> bool:
+    if isinstance(err, InferenceServerException):
+        return str(err.status()) in RETRY_STATUS
+    return isinstance(err, OSError)
+
+
+class Inferrer:
+    """One tritonclient a thread (the HTTP one is not thread-safe), retries by tenacity."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        if args.grpc:
+            import tritonclient.grpc as tc
+
+            self.url = args.grpc
+        else:
+            import tritonclient.http as tc
+
+            self.url = args.server.split("://", 1)[-1]
+        self.tc, self.model, self.local = tc, args.model_name, threading.local()
+        self.retried = 0
+        self.retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(_transient),
+            stop=tenacity.stop_after_attempt(args.retries + 1),
+            wait=tenacity.wait_exponential(multiplier=0.2, max=10),
+            before_sleep=self._count,
+            reraise=True,
+        )
+
+    def _count(self, state) -> None:
+        self.retried += 1
+
+    def __call__(self, image: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """(re-balanced, raw) probabilities of one encoded image."""
+        return self.retrying(self._once, image)
+
+    def _once(self, image: bytes) -> tuple[np.ndarray, np.ndarray]:
+        tc = self.tc
+        client = getattr(self.local, "client", None)
+        if client is None:
+            client = self.local.client = tc.InferenceServerClient(self.url)
+        tensor = tc.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([image], dtype=object))
+        outputs = [tc.InferRequestedOutput(n) for n in ("probabilities", "raw_probabilities")]
+        if tc.__name__.endswith("http"):
+            outputs = [tc.InferRequestedOutput(o.name(), binary_data=True) for o in outputs]
+        try:
+            result = client.infer(self.model, [tensor], outputs=outputs)
+        except OSError:
+            self.local.client = None  # a broken connection: a new client for the retry
+            raise
+        return result.as_numpy("probabilities")[0], result.as_numpy("raw_probabilities")[0]
+
+
+def _ordered(fn: Callable, todo: Iterable[Item], concurrency: int) -> Iterator[tuple[Item, Any]]:
+    """(item, fn(item)) in input order, at most a few items a thread in flight."""
+    window: deque = deque()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for item in todo:
+            window.append((item, pool.submit(fn, item)))
+            if len(window) >= 4 * concurrency:
+                item, future = window.popleft()
+                yield item, future.result()
+        while window:
+            item, future = window.popleft()
+            yield item, future.result()
+
+
 def run(args: argparse.Namespace) -> dict:
     client = Client(args.server, retries=args.retries)
     meta = client.json("GET", f"/v2/models/{args.model_name}")["parameters"]
-    todo = items(args.input, args.split, meta["class_names"], args.root)
-    if not todo:
-        raise ValueError(f"{args.input}: no images")
-
-    def one(item: Item) -> dict:
-        return client.classify(item.load(), top_k=args.top_k, full=args.transductive)
-
+    names = meta["class_names"]
+    infer = Inferrer(args)
+    k = max(1, min(args.top_k, len(names)))
+    labels, preds, raws, count = [], [], [], 0
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
     start = time.perf_counter()
-    with ThreadPoolExecutor(args.concurrency) as pool:
-        answers = list(pool.map(one, todo))  # map keeps the input order
+    with open(tmp, "w") as f:
+        for item, (adjusted, raw) in _ordered(
+            lambda item: infer(item.load()),
+            items(args.input, args.split, names, args.root),
+            args.concurrency,
+        ):
+            count += 1
+            labels.append(item.label)
+            order = np.argsort(-adjusted, kind="stable")[:k]
+            preds.append(int(order[0]))
+            if args.transductive:
+                raws.append(raw)
+            record = {
+                "id": item.id,
+                "label": item.label,
+                "pred": int(order[0]),
+                "pred_class": names[order[0]],
+                "top_k": [
+                    {
+                        "index": int(i),
+                        "class": names[i],
+                        "probability": float(adjusted[i]),
+                        "raw_probability": float(raw[i]),
+                    }
+                    for i in order
+                ],
+            }
+            f.write(orjson.dumps(record).decode() + "\n")
     seconds = time.perf_counter() - start
-    preds = np.array([a["top_k"][0]["index"] for a in answers])
+    if not count:
+        tmp.unlink()
+        raise ValueError(f"{args.input}: no images")
+    preds = np.array(preds)
     if args.transductive:
-        raw = np.array([a["raw_probabilities"] for a in answers], dtype=np.float64)
+        # The paper's PN over the whole job: each class's column divided by its total mass^tau.
+        raw = np.array(raws, dtype=np.float64)
         adjusted = raw / raw.sum(0, keepdims=True) ** meta["tau"]
-        adjusted /= adjusted.sum(1, keepdims=True)
         preds = adjusted.argmax(1)
-    _write(args.out, todo, answers, preds, meta["class_names"])
+        _rewrite(tmp, preds, names)
+    os.replace(tmp, args.out)
     summary = {
-        "images": len(todo),
+        "images": count,
         "seconds": seconds,
-        "images_per_s": len(todo) / seconds,
-        "retries": client.retried,
+        "images_per_s": count / seconds,
+        "retries": infer.retried + client.retried,
         "mode": "transductive" if args.transductive else "stored",
+        "protocol": "grpc" if args.grpc else "http",
     }
-    labels = [item.label for item in todo]
     if all(label is not None for label in labels):
         summary.update(shot_accuracy(preds, np.array(labels), meta.get("train_class_counts")))
     return summary
 
 
-def _write(out: Path, todo: list[Item], answers: list[dict], preds, names: list[str]) -> None:
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w") as f:
-        for item, answer, pred in zip(todo, answers, preds, strict=True):
-            record = {
-                "id": item.id,
-                "label": item.label,
-                "pred": int(pred),
-                "pred_class": names[int(pred)],
-                "top_k": answer["top_k"],
-            }
-            f.write(json.dumps(record) + "\n")
-    os.replace(tmp, out)
+def _rewrite(path: Path, preds: np.ndarray, names: list[str]) -> None:
+    """Put the transductive predictions into the written records, a line at a time."""
+    tmp = path.with_name(path.name + ".2")
+    with open(path) as src, open(tmp, "w") as dst:
+        for line, pred in zip(src, preds, strict=True):
+            record = orjson.loads(line)
+            record["pred"], record["pred_class"] = int(pred), names[int(pred)]
+            dst.write(orjson.dumps(record).decode() + "\n")
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,11 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--retries", type=int, default=4)
     p.add_argument("--model-name", default="gala")
+    p.add_argument("--grpc", metavar="HOST:PORT", help="infer over gRPC at this address")
     p.add_argument("--transductive", action="store_true", help="the paper's PN over the job")
     args = p.parse_args(argv)
     try:
         summary = run(args)
-    except (ValueError, OSError, ServerError) as err:
+    except (ValueError, OSError, ServerError, InferenceServerException) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     shown = {

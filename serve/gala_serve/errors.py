@@ -1,4 +1,5 @@
-"""Request errors that become 4xx JSON answers; the message names what is wrong."""
+"""Request errors that become 4xx answers (gRPC: the matching status code); the message names
+what is wrong."""
 
 from __future__ import annotations
 
@@ -15,5 +16,5 @@ class NotFound(RequestError):
     status = 404
 
 
-class LengthRequired(RequestError):
-    status = 411
+class NotReady(RequestError):
+    status = 503

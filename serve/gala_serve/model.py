@@ -1,4 +1,5 @@
-"""The served model: an ONNX Runtime session over the artifact, plus the stored PN scales."""
+"""The served model: an ONNX Runtime session over the artifact, whose graph applies the PN
+scales itself (outputs ``logits``, ``raw_probabilities``, ``probabilities``)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+FORMAT_VERSION = 2  # gala_scale.export's: PN inside the graph
+OUTPUTS = ("logits", "raw_probabilities", "probabilities")
 REQUIRED = (
     "format_version",
     "onnx",
     "input",
-    "output",
+    "outputs",
     "num_classes",
     "class_names",
     "preprocess",
@@ -32,6 +35,11 @@ def load_artifact(folder: Path) -> dict:
     if not path.is_file():
         raise ArtifactError(f"{path}: missing (export with python -m gala_scale.export)")
     artifact = json.loads(path.read_text())
+    if artifact.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: format_version {artifact.get('format_version')}, this server reads "
+            f"{FORMAT_VERSION} (PN inside the graph): export the run again"
+        )
     missing = [k for k in REQUIRED if k not in artifact]
     if missing:
         raise ArtifactError(f"{path}: missing fields {missing}")
@@ -77,7 +85,7 @@ def provider_options(names: list[str], device_id: int, conv_algo_search: str) ->
 
 
 class Model:
-    """Run the ONNX graph and turn logits into raw and re-balanced probabilities.
+    """Run the ONNX graph: logits, raw and re-balanced probabilities.
 
     ``provider`` is what runs; ``fallback`` says why it is not the CUDA provider when ``auto``
     chose CUDA and it did not start (None otherwise), also printed as a warning.
@@ -134,8 +142,10 @@ class Model:
         self.num_classes = self.artifact["num_classes"]
         rebalance = self.artifact["rebalance"]
         self.tau = float(rebalance.get("tau", 1.0))
-        scales = rebalance.get("scales")
-        self.divisor = None if scales is None else np.asarray(scales, np.float64) ** self.tau
+        self.rebalanced = rebalance.get("scales") is not None
+        names = [o.name for o in self.session.get_outputs()]
+        if sorted(names) != sorted(OUTPUTS):
+            raise ArtifactError(f"{path}: graph outputs {names}, expected {list(OUTPUTS)}")
 
     def warm_up(self, sizes) -> float:
         """Run each batch size once (the CUDA provider tunes and allocates for each input shape
@@ -145,21 +155,6 @@ class Model:
             self.outputs(np.zeros((size, *self.input_shape), np.float32))
         return time.perf_counter() - start
 
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch})[0]
-
     def outputs(self, batch: np.ndarray) -> np.ndarray:
         """``[logits | raw | re-balanced]`` side by side, [N, 3K]: one array a batch to split."""
-        logits = self.logits(batch)
-        return np.concatenate([logits, *self.probabilities(logits)], axis=1)
-
-    def probabilities(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(raw softmax, re-balanced ``p / m^tau`` renormalised); the same if no scales."""
-        z = logits.astype(np.float64)
-        raw = np.exp(z - z.max(1, keepdims=True))
-        raw /= raw.sum(1, keepdims=True)
-        if self.divisor is None:
-            return raw.astype(np.float32), raw.astype(np.float32)
-        adjusted = raw / self.divisor
-        adjusted /= adjusted.sum(1, keepdims=True)
-        return raw.astype(np.float32), adjusted.astype(np.float32)
+        return np.concatenate(self.session.run(list(OUTPUTS), {self.input_name: batch}), axis=1)
