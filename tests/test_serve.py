@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -143,8 +144,10 @@ def test_exported_graph_applies_the_stored_pn_itself(trained, artifact):
     logits, raw, adjusted = session.run(None, {"input": x})
     doc = json.loads((artifact / "artifact.json").read_text())["rebalance"]
     with torch.no_grad():
-        want_raw = torch.softmax(torch_model(run_dir)(torch.from_numpy(x)).double(), 1).numpy()
+        want_logits = torch_model(run_dir)(torch.from_numpy(x)).double()
+    want_raw = torch.softmax(want_logits, 1).numpy()
     want = rebalance.apply(want_raw, np.asarray(doc["scales"]), doc["tau"])
+    np.testing.assert_allclose(logits, want_logits.numpy(), atol=1e-4)
     np.testing.assert_allclose(raw, want_raw, atol=1e-5)
     np.testing.assert_allclose(adjusted, want, atol=1e-5)
     assert not np.allclose(adjusted, raw, atol=1e-3)  # the scales do change the answer
@@ -810,7 +813,7 @@ def test_stalled_clients_are_cut_and_never_hold_a_batch(patient_server):
     slow = []
     for _ in range(6):
         sock = socket.create_connection(("127.0.0.1", patient_server.port), timeout=15)
-        sock.sendall(INFER_HEAD + b"Content-Length: 100\r\n\r\n{\"")
+        sock.sendall(INFER_HEAD + b'Content-Length: 100\r\n\r\n{"')
         slow.append(sock)
     try:
         times = sorted(_binary_infer(patient_server) for _ in range(20))
@@ -858,3 +861,275 @@ def test_images_are_bounded_after_the_resize_and_by_format():
             preprocess.decode(_image(fmt), 40_000_000)
     cifar = presets.get_preset("cifar").to_dict()  # resizes any size to 32x32: no blow-up
     preprocess.decode(sliver, 40_000_000, "image 0", preprocess.FORMATS, cifar, 4_000_000)
+
+
+# --- gRPC and the stock Triton clients --------------------------------------------------------
+
+
+def test_stock_triton_clients_over_grpc_and_http(server, trained):
+    """tritonclient, unchanged: health, metadata, FP32 tensors and encoded images (BYTES), as
+    binary data; both protocols give the HTTP JSON route's answer."""
+    import tritonclient.grpc as tgrpc
+    import tritonclient.http as thttp
+    from tritonclient.utils import InferenceServerException
+
+    images = [d for d, _ in sample_images(trained, 4)]
+    pre = presets.get_preset("cifar")
+    x = np.stack([presets.eval_array(Image.open(io.BytesIO(d)), pre) for d in images])
+    want = _infer_json(server, x)["probabilities"]
+    for tc, url in (
+        (tgrpc, f"127.0.0.1:{server.grpc_port}"),
+        (thttp, f"127.0.0.1:{server.port}"),
+    ):
+        client = tc.InferenceServerClient(url)
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("gala")
+        meta = client.get_model_metadata("gala")
+        inputs = meta["inputs"] if tc is thttp else [{"name": i.name} for i in meta.inputs]
+        assert [i["name"] for i in inputs] == ["input", "image"]
+        tensor = tc.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        got = client.infer("gala", [tensor]).as_numpy("probabilities")
+        np.testing.assert_allclose(got, want, atol=1e-6)
+        encoded = tc.InferInput("image", [len(images)], "BYTES")
+        encoded.set_data_from_numpy(np.array(images, dtype=object))
+        asked = [tc.InferRequestedOutput("probabilities"), tc.InferRequestedOutput("logits")]
+        result = client.infer("gala", [encoded], outputs=asked)
+        np.testing.assert_allclose(result.as_numpy("probabilities"), want, atol=1e-5)
+        assert result.as_numpy("raw_probabilities") is None  # only what was asked for
+        bad = tc.InferInput("input", [1, 3, 16, 16], "FP32")
+        bad.set_data_from_numpy(np.zeros((1, 3, 16, 16), np.float32))
+        with pytest.raises(InferenceServerException, match="must have shape"):
+            client.infer("gala", [bad])
+        with pytest.raises(InferenceServerException, match="unknown model"):
+            client.infer("other", [tensor])
+    metrics = server.request("GET", "/metrics")[2].decode()
+    assert 'gala_requests_total{endpoint="infer",protocol="grpc"}' in metrics
+    assert 'code="INVALID_ARGUMENT",endpoint="infer",protocol="grpc"' in metrics
+
+
+# --- fuzzing: property-based, over HTTP and gRPC -----------------------------------------------
+
+FUZZ_EXAMPLES = 1000
+NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    scalars = (
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**70), 2**70)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(max_size=12)
+    )
+    return st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+        max_leaves=12,
+    )
+
+
+def _valid_doc() -> dict:
+    return {
+        "id": "r",
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [1, 3, 2, 2],
+                "datatype": "FP32",
+                "data": [0.5] * 12,
+                "parameters": {},
+            }
+        ],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": False}}],
+        "parameters": {"binary_data_output": False},
+    }
+
+
+FIELDS = (
+    ("id",),
+    ("inputs",),
+    ("inputs", 0),
+    ("inputs", 0, "name"),
+    ("inputs", 0, "shape"),
+    ("inputs", 0, "shape", 0),
+    ("inputs", 0, "datatype"),
+    ("inputs", 0, "data"),
+    ("inputs", 0, "data", 0),
+    ("inputs", 0, "parameters"),
+    ("inputs", 0, "parameters", "binary_data_size"),
+    ("outputs",),
+    ("outputs", 0),
+    ("outputs", 0, "name"),
+    ("outputs", 0, "parameters"),
+    ("outputs", 0, "parameters", "binary_data"),
+    ("parameters",),
+    ("parameters", "binary_data_output"),
+)
+
+
+def _http_cases():
+    """(body, headers) of malformed Open Inference Protocol requests: a valid one with a field
+    replaced or removed, cut short, with a binary part that does not fit its header, or noise;
+    header sets with wrong binary header lengths and content types."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def case(draw):
+        doc = _valid_doc()
+        kind = draw(st.sampled_from(["replace", "remove", "truncate", "binary", "noise"]))
+        path = draw(st.sampled_from(FIELDS))
+        if kind in ("replace", "remove"):
+            target = doc
+            for key in path[:-1]:
+                target = target[key]
+            if kind == "remove" and isinstance(target, dict):
+                target.pop(path[-1], None)
+            elif kind == "remove":
+                del target[path[-1]]
+            else:
+                target[path[-1]] = draw(_json_values())
+        body = json.dumps(doc).encode()
+        headers = {"Content-Type": draw(st.sampled_from(["application/json", "text/plain", "x"]))}
+        if draw(st.booleans()):  # printable ASCII and DEL, which the HTTP parser refuses
+            headers["X-Fuzz"] = draw(st.text(st.characters(min_codepoint=33, max_codepoint=127)))
+        if kind == "truncate":
+            body = body[: draw(st.integers(0, len(body) - 1))]
+        elif kind == "binary":
+            doc["inputs"][0].pop("data")
+            doc["inputs"][0]["parameters"] = {"binary_data_size": draw(st.integers(-5, 100))}
+            header = json.dumps(doc).encode()
+            body = header + draw(st.binary(max_size=60))
+            word = st.text("0123456789abc-+ ", max_size=6).map(str.strip)
+            length = draw(st.integers(-3, len(body) + 3).map(str) | word)
+            headers["Inference-Header-Content-Length"] = length
+        elif kind == "noise":
+            body = draw(st.binary(max_size=200))
+            if draw(st.booleans()):
+                headers["Inference-Header-Content-Length"] = str(draw(st.integers(0, 300)))
+        return body, headers
+
+    return case()
+
+
+def _settings():
+    from hypothesis import HealthCheck, settings
+
+    return settings(
+        max_examples=FUZZ_EXAMPLES,
+        deadline=None,
+        derandomize=True,  # the same cases on every run: a failure reproduces
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+
+
+def test_fuzzed_http_requests_never_get_a_5xx(patient_server):
+    from hypothesis import given
+
+    http = httpx.Client(
+        base_url=f"http://127.0.0.1:{patient_server.port}",
+        timeout=10,
+        transport=httpx.HTTPTransport(socket_options=NODELAY),  # no 40 ms Nagle stalls
+    )
+    statuses = []
+
+    @_settings()
+    @given(_http_cases())
+    def check(case):
+        body, headers = case
+        response = http.post("/v2/models/gala/infer", content=body, headers=headers)
+        statuses.append(response.status_code)
+        assert response.status_code < 500, (body[:300], headers, response.text[:300])
+        if response.status_code >= 400:
+            assert "error" in response.json()
+
+    try:
+        check()
+    finally:
+        http.close()
+    assert len(statuses) >= FUZZ_EXAMPLES
+    assert sum(400 <= s < 500 for s in statuses) > 0.9 * len(statuses)
+    assert _binary_infer(patient_server) < 5  # a good request still succeeds
+    assert b"Traceback" not in patient_server.log.read_bytes()
+
+
+def _grpc_cases():
+    from hypothesis import strategies as st
+    from tritonclient.grpc import service_pb2 as pb
+
+    names = st.sampled_from(["input", "image", "", "x" * 300]) | st.text(max_size=8)
+    datatypes = st.sampled_from(["FP32", "BYTES", "INT8", "FP16", "BOOL", "?", ""])
+    shapes = st.lists(st.integers(-(2**63), 2**63 - 1) | st.integers(0, 5), max_size=5)
+
+    @st.composite
+    def tensor(draw):
+        t = pb.ModelInferRequest.InferInputTensor(
+            name=draw(names), datatype=draw(datatypes), shape=draw(shapes)
+        )
+        field = draw(st.sampled_from(["fp32", "bytes", "int", "bool", "none"]))
+        count = draw(st.integers(0, 13))
+        if field == "fp32":
+            t.contents.fp32_contents.extend(draw(st.lists(st.floats(width=32), max_size=count)))
+        elif field == "bytes":
+            t.contents.bytes_contents.extend(draw(st.lists(st.binary(max_size=20), max_size=3)))
+        elif field == "int":
+            t.contents.int_contents.extend(draw(st.lists(st.integers(-128, 127), max_size=count)))
+        elif field == "bool":
+            t.contents.bool_contents.extend(draw(st.lists(st.booleans(), max_size=count)))
+        return t
+
+    @st.composite
+    def request(draw):
+        r = pb.ModelInferRequest(
+            model_name=draw(st.sampled_from(["gala", "gala", "other", ""])),
+            id=draw(st.text(max_size=5)),
+            inputs=draw(st.lists(tensor(), max_size=3)),
+        )
+        if draw(st.booleans()):
+            r.raw_input_contents.extend(draw(st.lists(st.binary(max_size=64), max_size=3)))
+        for name in draw(st.lists(st.sampled_from(["probabilities", "logits", "nope"]))):
+            r.outputs.add(name=name)
+        return r
+
+    return request()
+
+
+def test_fuzzed_grpc_requests_never_get_internal(patient_server, server):
+    import grpc
+    from hypothesis import given
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    codes = []
+
+    @_settings()
+    @given(_grpc_cases())
+    def check(request):
+        try:
+            stub.ModelInfer(request, timeout=10)
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as err:
+            codes.append(err.code())
+            assert err.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), (
+                request,
+                err.details(),
+            )
+
+    try:
+        check()
+    finally:
+        channel.close()
+    assert len(codes) >= FUZZ_EXAMPLES
+    client_errors = (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    assert sum(c in client_errors for c in codes) > 0.9 * len(codes)
+    assert codes.count(grpc.StatusCode.INVALID_ARGUMENT) > 0.3 * len(codes)
+    assert server.classify(_jpeg())["top_k"]
+    assert b"Traceback" not in server.log.read_bytes()

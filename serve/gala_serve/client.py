@@ -4,6 +4,7 @@ through tritonclient (see :mod:`gala_serve.batch`)."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from urllib.parse import urlparse
@@ -36,7 +37,11 @@ class Client:
         self.host, self.port = parsed.hostname, parsed.port or 80
         self.base = f"http://{self.host}:{self.port}"
         self.retries, self.backoff = retries, backoff
-        self.http = httpx.Client(base_url=self.base, timeout=timeout)
+        # httpx writes the head and the body apart: without TCP_NODELAY, small bodies wait for
+        # the server's delayed ACK (40 ms).
+        nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+        transport = httpx.HTTPTransport(socket_options=nodelay)
+        self.http = httpx.Client(base_url=self.base, timeout=timeout, transport=transport)
         self.retried = 0
 
     def close(self) -> None:

@@ -40,6 +40,7 @@ DATATYPES = {
 NAMES = {np.dtype(v): k for k, v in DATATYPES.items()}
 HEADER = "Inference-Header-Content-Length"
 MAX_ELEMENTS = 1 << 31  # no tensor this server takes comes near it; a bigger shape is refused
+MAX_DIMS = 8
 _LENGTH = struct.Struct("<I")
 
 
@@ -81,15 +82,18 @@ def _tuple(kinds: type | tuple) -> tuple:
 
 
 def check_shape(name: str, shape) -> tuple[list[int], int]:
-    """The shape as ints and its element count; 400 unless a list of non-negative ints whose
-    product stays under :data:`MAX_ELEMENTS` (Python ints: no int64 overflow)."""
+    """The shape as ints and its element count; 400 unless a list of at most :data:`MAX_DIMS`
+    non-negative ints whose product, zeros left out, stays under :data:`MAX_ELEMENTS` (Python
+    ints: no int64 overflow; numpy refuses [0, 2**62, 2**62] too)."""
     where = f"input {name!r}"
     if not isinstance(shape, (list, tuple)) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise RequestError(f"{where}: 'shape' must be a list of non-negative integers")
+    if len(shape) > MAX_DIMS:
+        raise RequestError(f"{where}: {len(shape)} dimensions; at most {MAX_DIMS}")
     count = math.prod(shape)
-    if count > MAX_ELEMENTS:
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
         raise TooLarge(f"{where}: shape {list(shape)[:8]} has more than {MAX_ELEMENTS} elements")
     return list(shape), count
 

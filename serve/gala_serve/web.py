@@ -365,10 +365,11 @@ class Protocol(HttpToolsProtocol):
         at once would reset the connection, and a client still writing might lose the
         answer)."""
         self._disarm()
-        if self.cycle is None or not self.cycle.response_started:
+        cycle = self.cycle  # the last request's; it may be over (a keep-alive connection)
+        if cycle is None or cycle.response_complete or not cycle.response_started:
             self.transport.write(_status_reply(status, message))
-        if self.cycle is not None:
-            self.cycle.response_started = self.cycle.response_complete = True
+        if cycle is not None:
+            cycle.response_started = cycle.response_complete = True
         self.refused = True
         if self.transport.can_write_eof():
             self.transport.write_eof()
