@@ -570,14 +570,17 @@ def test_batcher_serves_coroutines_and_passes_model_errors_on():
 
 
 def test_serve_benchmark_prints_its_measurements_as_json_last(artifact):
-    args = ["--artifact", str(artifact), "--seconds", "0.3", "--levels", "1", "4"]
+    args = ["--artifact", str(artifact), "--seconds", "0.3", "--rounds", "2", "--levels", "1", "4"]
     proc = run_module("gala_serve.bench", *args, "--client-procs", "2", "--providers", "cpu")
     assert proc.returncode == 0, explain(proc)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["provider"] == "CPUExecutionProvider" and set(result["levels"]) == {"1", "4"}
     for row in result["levels"].values():
-        assert row["dynamic"]["requests"] > 0 and row["max_batch_1"]["requests"] > 0
-        assert row["throughput_ratio"] > 0
+        for target in ("gala_json", "gala_binary", "gala_grpc", "gala_max_batch_1"):
+            assert row[target]["requests"] > 0 and row[target]["p99_ms"] >= row[target]["p50_ms"]
+        assert row["dynamic_over_max_batch_1"]["throughput"] > 0
+        assert "json_over_peer" not in row  # no --peer-python
+    assert set(result["peak_rss_mib"]) == {"dynamic", "max_batch_1"}
     assert result["model_alone"]["batch_gain"] > 0
     assert result["ort_vs_torch_cpu"]["batch64"]["ort_speedup"] > 0
     assert "ort_vs_torch_cuda" not in result  # only when the servers run on CUDA

@@ -1,17 +1,27 @@
-"""Benchmark the server: dynamic batching vs none, latency, memory, ORT vs torch, gala-batch.
+"""Benchmark the server against a peer: protocols, dynamic batching, latency, memory, ORT vs torch.
 
-    python -m gala_serve.bench --artifact DIR [--seconds 4] [--shards DIR] [--providers auto]
+    python -m gala_serve.bench --artifact DIR [--seconds 3] [--rounds 3] [--levels 1 8 32]
+                               [--peer-python tools/.mlserver/bin/python] [--shards DIR]
 
-Two servers run side by side (``--max-batch 64`` and ``--max-batch 1``); at concurrency 1, 8
-and 32 the clients send one-sample binary infer requests for ``--seconds`` each, alternating
-between the servers. The clients are threads in ``--client-procs`` processes (by default one
-per 4 cores, so that on a large machine the load generator's GIL is not what is measured).
-Reported: requests/s, p50/p99 latency, the ratio at each level, each server's peak RSS and
-provider, and the model alone in process (ms a sample at batch 1 and 64 on the same provider):
-when the model is the bottleneck, batching cannot raise throughput by more than that gain.
-With torch and gala_scale importable, ONNX Runtime vs torch eager on the same weights (on the
-GPU too when both have CUDA); with ``--shards``, gala-batch images/s end to end. The last line
-is one JSON object.
+Servers, all on the same artifact and all up at once: gala-serve with dynamic batching
+(``--max-batch 64 --max-delay-ms 5``, HTTP and gRPC), gala-serve with ``--max-batch 1``, and,
+with ``--peer-python`` (a venv made by tools/mlserver_venv.sh), the peer: MLServer 1.7.1 serving
+the same ONNX graph through tools/mlserver_peer/, with adaptive batching (max batch 64, 5 ms)
+and without. Targets, each a closed loop of N clients sending one-sample infer requests back to
+back (one output, ``probabilities``):
+
+- ``gala_json``, ``peer_adaptive``, ``peer``: the same Open Inference Protocol JSON body, sent by
+  the same client code (httpx, a keep-alive connection a client);
+- ``gala_binary``, ``gala_max_batch_1``: the binary tensor data extension;
+- ``gala_grpc``: gRPC ``ModelInfer`` with raw contents.
+
+At each concurrency the targets run ``--rounds`` times for ``--seconds`` each, interleaved (the
+order rotates each round); requests/s and latency quantiles are over all rounds. The clients are
+threads in ``--client-procs`` processes (one per 4 cores by default). Also: each server's peak
+RSS, the model alone in process (ms a sample at batch 1 and 64), ONNX Runtime vs torch eager
+when torch is importable, and with ``--shards`` gala-batch images/s. The last line is one JSON
+object, with ``json_over_peer`` and ``binary_over_peer`` (against the peer's better mode) and
+``dynamic_over_max_batch_1`` per concurrency.
 """
 
 from __future__ import annotations
@@ -21,59 +31,84 @@ import json
 import multiprocessing
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 from gala_serve.client import Client
 
 LEVELS = (1, 8, 32)
+PEER_DIR = Path(__file__).resolve().parents[2] / "tools" / "mlserver_peer"
+NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
 
-def _server(
-    artifact: Path, port: int, max_batch: int, providers: str, log: Path
-) -> subprocess.Popen:
+def _gala(artifact: Path, max_batch: int, providers: str, log: Path) -> tuple:
+    """A gala-serve process; (process, HTTP port, gRPC port)."""
+    port, grpc_port = _free_port(), _free_port()
+    cmd = [sys.executable, "-m", "gala_serve.app", "--artifact", str(artifact)]  # no script
+    cmd += ["--port", str(port), "--grpc-port", str(grpc_port), "--max-batch", str(max_batch)]
+    cmd += ["--max-delay-ms", "5", "--providers", providers]
     with open(log, "w") as out:
-        return subprocess.Popen(
-            [
-                sys.executable,  # not the gala-serve script: works from a plain PYTHONPATH too
-                "-m",
-                "gala_serve.app",
-                "--artifact",
-                str(artifact),
-                "--port",
-                str(port),
-                "--max-batch",
-                str(max_batch),
-                "--max-delay-ms",
-                "5",
-                "--providers",
-                providers,
-            ],
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    return proc, port, grpc_port
+
+
+def _peer(python: str, artifact: Path, batching: bool, folder: Path, log: Path) -> tuple:
+    """An MLServer process serving the artifact's ONNX graph; (process, HTTP port, None)."""
+    port = _free_port()
+    folder.mkdir(parents=True)
+    shutil.copy(PEER_DIR / "onnx_peer.py", folder / "onnx_peer.py")
+    model = {
+        "name": "gala",
+        "implementation": "onnx_peer.OnnxPeer",
+        "parameters": {"uri": str((artifact / "model.onnx").resolve())},
+    }
+    if batching:
+        model.update(max_batch_size=64, max_batch_time=0.005)
+    settings = {
+        "http_port": port,
+        "grpc_port": _free_port(),
+        "metrics_port": _free_port(),
+        "parallel_workers": 0,  # inference in the server process, as in gala-serve
+        "host": "127.0.0.1",
+    }
+    (folder / "model-settings.json").write_text(json.dumps(model))
+    (folder / "settings.json").write_text(json.dumps(settings))
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(Path(python).parent / "mlserver"), "start", str(folder)],
+            cwd=folder,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+    return proc, port, None
 
 
-def _wait_ready(server: subprocess.Popen, port: int, log: Path) -> None:
+def _wait_ready(proc: subprocess.Popen, port: int, log: Path, path: str) -> None:
     client = Client(f"http://127.0.0.1:{port}", retries=0)
-    try:
-        client.wait_ready(120, alive=lambda: server.poll() is None)
-    except (TimeoutError, RuntimeError) as err:
-        raise RuntimeError(
-            f"gala-serve on port {port} did not get ready:\n{log.read_text()}"
-        ) from err
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            if client.http.get(path).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server on port {port} did not get ready:\n{log.read_text()[-3000:]}")
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -83,71 +118,107 @@ def _inputs(shape: tuple[int, ...], batch: int) -> np.ndarray:
     return np.random.default_rng(0).normal(size=(batch, *shape)).astype(np.float32)
 
 
-def _body(shape: tuple[int, ...]) -> tuple[bytes, dict]:
+@dataclass
+class Target:
+    name: str
+    kind: str  # json | binary | grpc
+    port: int
+
+
+def _request(kind: str, shape: tuple[int, ...]):
+    """What one client sends: (body, headers) over HTTP, a ModelInferRequest over gRPC."""
     x = _inputs(shape, 1)
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "input",
-                    "shape": [1, *shape],
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": x.nbytes},
-                }
-            ],
-            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
-        }
-    ).encode()
+    spec = {"name": "input", "shape": [1, *shape], "datatype": "FP32"}
+    if kind == "grpc":
+        from tritonclient.grpc import service_pb2 as pb
+
+        request = pb.ModelInferRequest(model_name="gala")
+        request.inputs.add(name="input", datatype="FP32", shape=[1, *shape])
+        request.outputs.add(name="probabilities")
+        request.raw_input_contents.append(x.tobytes())
+        return request
+    if kind == "json":
+        doc = {"inputs": [{**spec, "data": x.ravel().tolist()}]}
+        doc["outputs"] = [{"name": "probabilities"}]
+        return json.dumps(doc).encode(), {"Content-Type": "application/json"}
+    doc = {
+        "inputs": [{**spec, "parameters": {"binary_data_size": x.nbytes}}],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+    }
+    header = json.dumps(doc).encode()
     return header + x.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
 
 
-def load(
-    url: str, shape: tuple[int, ...], concurrency: int, seconds: float, procs: int = 1
-) -> dict:
-    """Closed-loop load: ``concurrency`` clients send one-sample requests back to back."""
-    procs = max(1, min(procs, concurrency))
-    shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
-    if procs == 1:
-        latencies, elapsed = _load_threads(url, shape, concurrency, seconds)
-    else:
-        with multiprocessing.get_context("spawn").Pool(procs) as pool:
-            parts = pool.starmap(_load_threads, [(url, shape, n, seconds) for n in shares])
-        latencies = [x for part, _ in parts for x in part]
-        elapsed = max(e for _, e in parts)
-    q = np.quantile(latencies, [0.5, 0.99])
-    return {
-        "requests_per_s": len(latencies) / elapsed,
-        "p50_ms": 1000 * q[0],
-        "p99_ms": 1000 * q[1],
-        "requests": len(latencies),
-    }
+def _client(target: Target, shape: tuple[int, ...]):
+    """A no-argument call sending one request to ``target`` on a connection of its own."""
+    if target.kind == "grpc":
+        import grpc
+        from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+        request = _request("grpc", shape)
+        stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{target.port}"))
+        return lambda: stub.ModelInfer(request, timeout=30)
+    body, headers = _request(target.kind, shape)
+    http = httpx.Client(
+        base_url=f"http://127.0.0.1:{target.port}",
+        timeout=30,
+        transport=httpx.HTTPTransport(socket_options=NODELAY),
+    )
+
+    def call() -> None:
+        response = http.post("/v2/models/gala/infer", content=body, headers=headers)
+        if response.status_code != 200:
+            raise RuntimeError(f"{target.name}: HTTP {response.status_code} {response.text[:200]}")
+
+    return call
 
 
 def _load_threads(
-    url: str, shape: tuple[int, ...], concurrency: int, seconds: float
+    target: Target, shape: tuple[int, ...], concurrency: int, seconds: float
 ) -> tuple[list[float], float]:
-    client, (body, headers) = Client(url, retries=0), _body(shape)
+    calls = [_client(target, shape) for _ in range(concurrency)]
+    for call in calls:
+        call()  # connect and warm up outside the timed window
     latencies: list[float] = []
     lock, deadline = threading.Lock(), time.perf_counter() + seconds
 
-    def worker() -> None:
+    def worker(call) -> None:
         mine = []
         while time.perf_counter() < deadline:
             start = time.perf_counter()
-            status, _, _ = client.request("POST", "/v2/models/gala/infer", body, headers)
-            if status != 200:
-                raise RuntimeError(f"HTTP {status}")
+            call()
             mine.append(time.perf_counter() - start)
         with lock:
             latencies.extend(mine)
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    threads = [threading.Thread(target=worker, args=(c,)) for c in calls]
     begin = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     return latencies, time.perf_counter() - begin
+
+
+def load(target: Target, shape: tuple[int, ...], concurrency: int, seconds: float, procs: int):
+    """Closed-loop load: (latencies, seconds) of ``concurrency`` clients for ``seconds``."""
+    procs = max(1, min(procs, concurrency))
+    if procs == 1:
+        return _load_threads(target, shape, concurrency, seconds)
+    shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
+    with multiprocessing.get_context("spawn").Pool(procs) as pool:
+        parts = pool.starmap(_load_threads, [(target, shape, n, seconds) for n in shares])
+    return [x for part, _ in parts for x in part], max(e for _, e in parts)
+
+
+def _summary(latencies: list[float], seconds: float) -> dict:
+    q = np.quantile(latencies, [0.5, 0.99])
+    return {
+        "requests_per_s": len(latencies) / seconds,
+        "p50_ms": 1000 * q[0],
+        "p99_ms": 1000 * q[1],
+        "requests": len(latencies),
+    }
 
 
 def _peak_rss_mib(pid: int) -> float:
@@ -215,7 +286,10 @@ def ort_vs_torch(artifact: Path, device: str, repeats: int = 20) -> dict | None:
         x = _inputs(tuple(doc["input"]["shape"][1:]), batch)
         tx = torch.from_numpy(x)
         ms = _medians(
-            {"ort": lambda x=x: session.run(None, {"input": x}), "torch": lambda tx=tx: eager(tx)},
+            {
+                "ort": lambda x=x: session.run(["logits"], {"input": x}),
+                "torch": lambda tx=tx: eager(tx),
+            },
             repeats,
         )
         result[f"batch{batch}"] = {
@@ -263,12 +337,17 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--artifact", type=Path, required=True)
-    p.add_argument("--seconds", type=float, default=4.0, help="load per level and server")
+    p.add_argument("--seconds", type=float, default=3.0, help="load per round, level and target")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per level")
     p.add_argument(
         "--shards", type=Path, help="also time gala-batch on this shard set's test split"
     )
     p.add_argument("--providers", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--levels", type=int, nargs="+", default=list(LEVELS), help="concurrencies")
+    p.add_argument(
+        "--peer-python",
+        help="the python of an MLServer venv (tools/mlserver_venv.sh): adds the peer",
+    )
     p.add_argument(
         "--client-procs",
         type=int,
@@ -277,44 +356,74 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     shape = tuple(json.loads((args.artifact / "artifact.json").read_text())["input"]["shape"][1:])
-    ports = {"dynamic": _free_port(), "max_batch_1": _free_port()}
     logs = Path(tempfile.mkdtemp(prefix="gala-serve-bench-"))
     servers = {
-        name: _server(args.artifact, ports[name], size, args.providers, logs / f"{name}.log")
-        for name, size in (("dynamic", 64), ("max_batch_1", 1))
+        "dynamic": _gala(args.artifact, 64, args.providers, logs / "dynamic.log"),
+        "max_batch_1": _gala(args.artifact, 1, args.providers, logs / "max_batch_1.log"),
     }
+    if args.peer_python:
+        for name, batching in (("peer_adaptive", True), ("peer", False)):
+            servers[name] = _peer(
+                args.peer_python, args.artifact, batching, logs / name, logs / f"{name}.log"
+            )
     try:
-        for name, port in ports.items():
-            _wait_ready(servers[name], port, logs / f"{name}.log")
-        meta = Client(f"http://127.0.0.1:{ports['dynamic']}").json("GET", "/v2/models/gala")
+        for name, (proc, port, _) in servers.items():
+            _wait_ready(proc, port, logs / f"{name}.log", "/v2/models/gala/ready")
+        dynamic, single = servers["dynamic"], servers["max_batch_1"]
+        targets = [
+            Target("gala_json", "json", dynamic[1]),
+            Target("gala_binary", "binary", dynamic[1]),
+            Target("gala_grpc", "grpc", dynamic[2]),
+            Target("gala_max_batch_1", "binary", single[1]),
+        ]
+        targets += [
+            Target(n, "json", servers[n][1]) for n in ("peer_adaptive", "peer") if n in servers
+        ]
+        meta = Client(f"http://127.0.0.1:{dynamic[1]}").json("GET", "/v2/models/gala")
         result: dict = {
             "benchmark": "serve",
             "artifact": str(args.artifact),
             "cpu_count": os.cpu_count(),
             "client_procs": args.client_procs,
             "provider": meta["parameters"]["provider"],
+            "seconds": args.seconds,
+            "rounds": args.rounds,
             "levels": {},
         }
-        for i, level in enumerate(args.levels):
-            row = {}
-            for name in ("dynamic", "max_batch_1") if i % 2 == 0 else ("max_batch_1", "dynamic"):
-                url = f"http://127.0.0.1:{ports[name]}"
-                row[name] = load(url, shape, level, args.seconds, args.client_procs)
-                print(f"concurrency {level}, {name}: {row[name]}", flush=True)
-            row["throughput_ratio"] = (
-                row["dynamic"]["requests_per_s"] / row["max_batch_1"]["requests_per_s"]
-            )
-            row["p99_ratio"] = row["dynamic"]["p99_ms"] / row["max_batch_1"]["p99_ms"]
+        for level in args.levels:
+            samples = {t.name: ([], 0.0) for t in targets}
+            for r in range(args.rounds):
+                k = r % len(targets)
+                for target in targets[k:] + targets[:k]:
+                    lat, sec = load(target, shape, level, args.seconds, args.client_procs)
+                    samples[target.name] = (
+                        samples[target.name][0] + lat,
+                        samples[target.name][1] + sec,
+                    )
+            row = {name: _summary(*sample) for name, sample in samples.items()}
+            for name, stats in row.items():
+                print(f"concurrency {level}, {name}: {stats}", flush=True)
+            rps = {name: stats["requests_per_s"] for name, stats in row.items()}
+            row["dynamic_over_max_batch_1"] = {
+                "throughput": rps["gala_binary"] / rps["gala_max_batch_1"],
+                "p99": row["gala_binary"]["p99_ms"] / row["gala_max_batch_1"]["p99_ms"],
+            }
+            peers = [rps[n] for n in ("peer_adaptive", "peer") if n in rps]
+            if peers:
+                row["json_over_peer"] = rps["gala_json"] / max(peers)
+                row["binary_over_peer"] = rps["gala_binary"] / max(peers)
             result["levels"][str(level)] = row
-        result["peak_rss_mib"] = {n: _peak_rss_mib(s.pid) for n, s in servers.items()}
+        result["peak_rss_mib"] = {n: _peak_rss_mib(s[0].pid) for n, s in servers.items()}
         if args.shards:
-            result["gala_batch"] = batch_throughput(
-                f"http://127.0.0.1:{ports['dynamic']}", args.shards
-            )
+            result["gala_batch"] = batch_throughput(f"http://127.0.0.1:{dynamic[1]}", args.shards)
     finally:
-        for server in servers.values():
-            server.terminate()
-            server.wait(10)
+        for proc, _, _ in servers.values():
+            proc.terminate()
+        for proc, _, _ in servers.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         shutil.rmtree(logs, ignore_errors=True)
     result["model_alone"] = model_alone(args.artifact, args.providers)
     result["ort_vs_torch_cpu"] = ort_vs_torch(args.artifact, "cpu")
