@@ -1,0 +1,231 @@
+"""A scale rehearsal: what a cluster run of a real config does, on one machine, with the true
+label space, so that what breaks at 8,142 classes breaks here first.
+
+    python -m gala_scale.rehearse --like inat2018 --out DIR [--scale 0.002] [--epochs 2]
+                                  [--model tiny] [--image-size 64x48] [--set key=value ...]
+
+1. ``shards synth --like`` writes raw data in the real dataset's own format (iNat JSON or LT
+   list files) with the real per-class profile scaled by ``--scale``;
+2. the real builder (``shards build inat|list``) turns it into a shard set;
+3. ``configs/<like>.yaml`` trains with 2 processes (``accelerate launch``, DDP, as the config
+   runs on a cluster), unchanged except for what a rehearsal must shrink, every override
+   printed; it is preempted (SIGTERM) once its first checkpoint is written and resumed with
+   ``--resume auto``;
+4. the trainer tests itself with the true label space (many/medium/few, ``per_class.csv``, PN
+   fitted on val) and draws its plots;
+5. the run is exported, served by ``gala-serve`` and the test split sent through ``gala-batch``.
+
+The last line printed is one JSON object: ``num_classes``, each stage's seconds and peak RSS,
+``trainer_top1`` (PN with the stored val scales, as the trainer reports it) and ``served_top1``
+(the same images through the server, which applies the same scales inside the graph).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from gala_scale.launch import train_command
+from gala_scale.shards import like
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CONFIGS = {"inat2018": "inat2018", "imagenet_lt": "imagenet_lt", "places_lt": "places_lt"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Stages:
+    """Runs each stage's command, printed first; keeps its seconds and peak RSS."""
+
+    def __init__(self) -> None:
+        self.record: dict[str, dict] = {}
+
+    def run(self, name: str, cmd: list[str], expect: tuple[int, ...] = (0,), **kw) -> int:
+        print(f"\n== {name}\n$ {' '.join(cmd)}", flush=True)
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, **kw)
+        code, rss = _wait(proc)
+        self._add(name, time.perf_counter() - start, rss)
+        if code not in expect:
+            raise RuntimeError(f"{name}: exit {code} (expected {expect}): {' '.join(cmd)}")
+        return code
+
+    def _add(self, name: str, seconds: float, rss_mib: float) -> None:
+        entry = self.record.setdefault(name, {"seconds": 0.0, "peak_rss_mib": 0.0})
+        entry["seconds"] = round(entry["seconds"] + seconds, 2)
+        entry["peak_rss_mib"] = round(max(entry["peak_rss_mib"], rss_mib), 1)
+        print(f"   ({seconds:.1f} s, peak RSS {rss_mib:.0f} MiB)", flush=True)
+
+
+def _wait(proc: subprocess.Popen) -> tuple[int, float]:
+    """Reap ``proc``: its exit code and the peak RSS (MiB) of it and the children it waited
+    for (Linux keeps the largest in the rusage that ``wait4`` returns)."""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss / 1024
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def overrides(args: argparse.Namespace, shards: Path, run_dir: Path) -> list[str]:
+    """What the rehearsal changes in the real config: where things are, and what must shrink."""
+    return [
+        f"run_dir={run_dir}",
+        f"data.shards={shards}",
+        f"model.name={args.model}",
+        f"train.epochs={args.epochs}",
+        "train.eval_every=1",
+        "optim.warmup_epochs=0",
+        f"data.batch_size={args.batch_size}",
+        f"data.eval_batch_size={2 * args.batch_size}",
+        "data.num_workers=0",
+        *args.set,
+    ]
+
+
+def _train_until_checkpoint(stages: Stages, cmd: list[str], run_dir: Path) -> None:
+    """Start training; once its first checkpoint is on disk, SIGTERM it as a cluster's
+    preemption would, and expect the preempted exit (99)."""
+    from gala_scale.train import EXIT_PREEMPTED
+
+    print(f"\n== train (2 processes), preempted after its first checkpoint\n$ {' '.join(cmd)}")
+    status = run_dir / "exit_status"
+    status.unlink(missing_ok=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+    checkpoints = run_dir / "checkpoints"
+    while proc.poll() is None and not (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        time.sleep(0.5)
+    if proc.returncode is None:
+        print("   first checkpoint written: SIGTERM", flush=True)
+        os.killpg(proc.pid, signal.SIGTERM)  # the launcher and its workers, as Slurm does
+        code, rss = _wait(proc)
+    else:
+        code, rss = proc.returncode, 0.0
+    stages._add("train, until preempted", time.perf_counter() - start, rss)
+    # The launcher's own code on SIGTERM is torch elastic's (1); what the trainer did is in
+    # exit_status, which slurm/inat_gala.sh reads the same way to decide on a requeue.
+    trainer = int(status.read_text()) if status.is_file() else None
+    if trainer not in (EXIT_PREEMPTED, 0):
+        raise RuntimeError(f"training ended with {trainer} (launcher {code}), not preempted")
+    print(f"   the trainer checkpointed and exited {trainer}", flush=True)
+
+
+def rehearse(args: argparse.Namespace) -> dict:
+    out = args.out.resolve()
+    raw, shards, run_dir = out / "raw", out / "shards", out / "run"
+    stages = Stages()
+    py = sys.executable
+    synth = [py, "-m", "gala_scale.shards", "synth", "--like", args.like, "--scale"]
+    synth += [str(args.scale), "--root", str(raw), "--workers", str(args.workers)]
+    if args.image_size:
+        synth += ["--image-size", args.image_size]
+    if not (raw / ".complete").exists():
+        stages.run("synthesize raw data", synth)
+        (raw / ".complete").write_text("")
+    if not (shards / "manifest.json").exists():
+        build = [py, "-m", "gala_scale.shards", *like.build_command(args.like, raw, shards)]
+        stages.run("build the shard set", [*build, "--workers", str(args.workers)])
+    config = ROOT / "configs" / f"{CONFIGS[args.like]}.yaml"
+    changed = overrides(args, shards, run_dir)
+    print(f"\nconfig {config.relative_to(ROOT)}, overridden: {' '.join(changed)}", flush=True)
+    train = [*train_command(2, _free_port()), "--config", str(config), "--resume", "auto"]
+    if not (run_dir / "results.json").exists():
+        _train_until_checkpoint(stages, [*train, *changed], run_dir)
+        stages.run("train, resumed", [*train, *changed])
+    results = json.loads((run_dir / "results.json").read_text())
+    export = out / "export"
+    stages.run(
+        "export to ONNX",
+        [py, "-m", "gala_scale.export", "--run", str(run_dir), "--out", str(export)],
+    )
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    served = _serve_and_batch(stages, export, shards, cfg["data"]["test_split"], out)
+    tau = results["tau"]
+    return {
+        "like": args.like,
+        "scale": args.scale,
+        "num_classes": len(json.loads((export / "artifact.json").read_text())["class_names"]),
+        "overrides": changed,
+        "stages": stages.record,
+        "trainer_top1": results["test"][f"PN, val scales, tau {tau:g}"]["top1"],
+        "served_top1": served["top1"],
+        "served": served,
+    }
+
+
+def _serve_and_batch(stages: Stages, export: Path, shards: Path, split: str, out: Path) -> dict:
+    port, grpc_port = _free_port(), _free_port()
+    cmd = [str(BIN / "gala-serve"), "--artifact", str(export), "--port", str(port)]
+    cmd += ["--grpc-port", str(grpc_port), "--providers", "cpu"]
+    print(f"\n== serve\n$ {' '.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    server = subprocess.Popen(cmd, cwd=ROOT)
+    try:
+        from gala_serve.client import Client
+
+        Client(f"http://127.0.0.1:{port}").wait_ready(300, alive=lambda: server.poll() is None)
+        stages._add("serve: load and warm up", time.perf_counter() - start, 0.0)
+        preds = out / "served_predictions.jsonl"
+        batch = [str(BIN / "gala-batch"), "--server", f"http://127.0.0.1:{port}"]
+        batch += ["--grpc", f"127.0.0.1:{grpc_port}", "--input", str(shards), "--split", split]
+        batch += ["--out", str(preds), "--concurrency", "4"]
+        summary = out / "served_summary.json"
+        with open(summary, "w") as f:
+            stages.run("gala-batch through the server", batch, stdout=f)
+        server_rss = _peak_rss_mib(server.pid)
+    finally:
+        server.terminate()
+        server.wait(30)
+    stages.record["serve: load and warm up"]["peak_rss_mib"] = round(server_rss, 1)
+    doc = json.loads(summary.read_text().strip().splitlines()[-1])
+    return {k: (float(v.rstrip("%")) / 100 if isinstance(v, str) and v.endswith("%") else v)
+            for k, v in doc.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m gala_scale.rehearse",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--like", choices=sorted(CONFIGS), default="inat2018")
+    p.add_argument("--out", type=Path, required=True, help="everything goes here")
+    p.add_argument("--scale", type=float, default=0.002, help="of the real per-class counts")
+    p.add_argument("--image-size", help="WxH of the synthetic images (default: the real ones)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--model", default="tiny", help="model.name for the rehearsal")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="synth and build processes")
+    p.add_argument("--set", nargs="*", default=[], help="more config overrides, key=value")
+    args = p.parse_args(argv)
+    try:
+        result = rehearse(args)
+    except (RuntimeError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
