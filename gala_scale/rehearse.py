@@ -197,9 +197,10 @@ def _serve_and_batch(stages: Stages, export: Path, shards: Path, split: str, out
         server.terminate()
         server.wait(30)
     stages.record["serve: load and warm up"]["peak_rss_mib"] = round(server_rss, 1)
-    doc = json.loads(summary.read_text().strip().splitlines()[-1])
-    return {k: (float(v.rstrip("%")) / 100 if isinstance(v, str) and v.endswith("%") else v)
-            for k, v in doc.items()}
+    doc = json.loads(summary.read_text().strip().splitlines()[-1])  # accuracies as "12.34%"
+    records = [json.loads(line) for line in preds.read_text().splitlines()]
+    doc["top1"] = sum(r["pred"] == r["label"] for r in records) / len(records)
+    return doc
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -169,18 +169,7 @@ class Service:
         for adjusted, raw in zip(
             outputs["probabilities"], outputs["raw_probabilities"], strict=True
         ):
-            order = np.argsort(-adjusted, kind="stable")[:k]
-            entry = {
-                "top_k": [
-                    {
-                        "index": int(i),
-                        "class": names[i],
-                        "probability": float(adjusted[i]),
-                        "raw_probability": float(raw[i]),
-                    }
-                    for i in order
-                ]
-            }
+            entry = {"top_k": protocol.top_classes(adjusted, raw, names, k)}
             if full:
                 entry["probabilities"] = adjusted
                 entry["raw_probabilities"] = raw

@@ -37,6 +37,7 @@ import tenacity
 from tritonclient.utils import InferenceServerException
 
 from gala_serve.client import Client, ServerError
+from gala_serve.protocol import top_classes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -208,24 +209,16 @@ def run(args: argparse.Namespace) -> dict:
         ):
             count += 1
             labels.append(item.label)
-            order = np.argsort(-adjusted, kind="stable")[:k]
-            preds.append(int(order[0]))
+            top = top_classes(adjusted, raw, names, k)
+            preds.append(top[0]["index"])
             if args.transductive:
                 raws.append(raw)
             record = {
                 "id": item.id,
                 "label": item.label,
-                "pred": int(order[0]),
-                "pred_class": names[order[0]],
-                "top_k": [
-                    {
-                        "index": int(i),
-                        "class": names[i],
-                        "probability": float(adjusted[i]),
-                        "raw_probability": float(raw[i]),
-                    }
-                    for i in order
-                ],
+                "pred": top[0]["index"],
+                "pred_class": top[0]["class"],
+                "top_k": top,
             }
             f.write(orjson.dumps(record).decode() + "\n")
     seconds = time.perf_counter() - start

@@ -236,6 +236,21 @@ def parse_request(body: bytes, header_length: int | None) -> InferRequest:
     return InferRequest(request_id, inputs, outputs, wanted_binary, binary_default)
 
 
+def top_classes(adjusted: np.ndarray, raw: np.ndarray, names: list[str], k: int) -> list[dict]:
+    """The ``k`` most likely classes of one row (by the re-balanced probability), with name,
+    re-balanced and raw probability: the answer of ``/v1/classify`` and of gala-batch."""
+    order = np.argsort(-adjusted, kind="stable")[:k]
+    return [
+        {
+            "index": int(i),
+            "class": names[i],
+            "probability": float(adjusted[i]),
+            "raw_probability": float(raw[i]),
+        }
+        for i in order
+    ]
+
+
 def select_outputs(request: InferRequest, tensors: dict[str, np.ndarray]) -> list[str]:
     names = request.outputs or list(tensors)
     unknown = [n for n in names if n not in tensors]

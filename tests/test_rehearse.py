@@ -1,0 +1,48 @@
+"""The scale rehearsal end to end at iNat 2018's 8,142 classes (``-k scale``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from train_helpers import explain, run_module
+
+from gala_scale.shards import like
+
+
+@pytest.mark.slow
+def test_scale_rehearsal_at_8142_classes_serves_what_the_trainer_scored(tmp_path):
+    """synth -> the real iNat builder -> configs/inat2018.yaml on 2 processes, preempted once
+    and resumed -> test with PN -> export -> gala-serve -> gala-batch over gRPC: the served
+    top-1 on the val images is the trainer's. Tiny model, 32 x 32 images, 2 epochs."""
+    if not (like.DATA / "lt_splits" / "cls_freq" / "iNaturalist18.json").is_file():
+        pytest.skip(f"no iNat 2018 class profile under {like.DATA}")
+    out = tmp_path / "rehearsal"
+    args = ["--like", "inat2018", "--out", str(out), "--scale", "0.0005"]
+    args += ["--image-size", "32x32", "--epochs", "2", "--set", "data.preset=cifar"]
+    proc = run_module("gala_scale.rehearse", *args, timeout=900)
+    assert proc.returncode == 0, explain(proc)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["num_classes"] == 8142
+    assert "model.name=tiny" in result["overrides"] and "data.preset=cifar" in result["overrides"]
+    stages = result["stages"]
+    for stage in ("synthesize raw data", "build the shard set", "train, until preempted"):
+        assert stages[stage]["seconds"] > 0
+    assert stages["train, resumed"]["peak_rss_mib"] > 0
+    assert "the trainer checkpointed and exited 99" in proc.stdout
+    run = out / "run"
+    assert "resuming from" in proc.stdout + proc.stderr
+    served = result["served"]
+    assert served["images"] == json.loads((run / "results.json").read_text())["test_samples"]
+    assert served["images"] >= 8142  # every class has val images
+    assert result["served_top1"] == pytest.approx(result["trainer_top1"], abs=1.5 / 8142)
+    with open(run / "per_class.csv") as f:
+        rows = list(csv.reader(f))
+    assert len(rows) == 8143 and rows[1][1] == "Plantae species 0000"
+    assert {p.name for p in (run / "plots").glob("*.png")} >= {"per_class_accuracy.png"}
+    names = json.loads((out / "shards" / "manifest.json").read_text())["class_names"]
+    for line in (out / "served_predictions.jsonl").read_text().splitlines()[:100]:
+        record = json.loads(line)  # class names from the iNat JSON, through the server
+        assert record["pred_class"] == names[record["pred"]]
+        assert len(record["top_k"]) == 5
