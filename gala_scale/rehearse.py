@@ -10,7 +10,9 @@ label space, so that what breaks at 8,142 classes breaks here first.
 3. ``configs/<like>.yaml`` trains with 2 processes (``accelerate launch``, DDP, as the config
    runs on a cluster), unchanged except for what a rehearsal must shrink, every override
    printed; it is preempted (SIGTERM) once its first checkpoint is written and resumed with
-   ``--resume auto``;
+   ``--resume auto``. With ``--slurm`` the same goes through ``sbatch slurm/inat_gala.sh`` on
+   two nodes, preempted with ``scancel --signal=TERM``: the job must requeue itself, resume and
+   complete;
 4. the trainer tests itself with the true label space (many/medium/few, ``per_class.csv``, PN
    fitted on val) and draws its plots;
 5. the run is exported, served by ``gala-serve`` and the test split sent through ``gala-batch``.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -64,11 +67,14 @@ class Stages:
             raise RuntimeError(f"{name}: exit {code} (expected {expect}): {' '.join(cmd)}")
         return code
 
-    def _add(self, name: str, seconds: float, rss_mib: float) -> None:
-        entry = self.record.setdefault(name, {"seconds": 0.0, "peak_rss_mib": 0.0})
+    def _add(self, name: str, seconds: float, rss_mib: float | None) -> None:
+        """Record a stage; ``rss_mib`` None where it is not known here (a Slurm job's)."""
+        entry = self.record.setdefault(name, {"seconds": 0.0, "peak_rss_mib": None})
         entry["seconds"] = round(entry["seconds"] + seconds, 2)
-        entry["peak_rss_mib"] = round(max(entry["peak_rss_mib"], rss_mib), 1)
-        print(f"   ({seconds:.1f} s, peak RSS {rss_mib:.0f} MiB)", flush=True)
+        if rss_mib is not None:
+            entry["peak_rss_mib"] = round(max(entry["peak_rss_mib"] or 0.0, rss_mib), 1)
+        rss = "" if rss_mib is None else f", peak RSS {rss_mib:.0f} MiB"
+        print(f"   ({seconds:.1f} s{rss})", flush=True)
 
 
 def _wait(proc: subprocess.Popen) -> tuple[int, float]:
@@ -120,7 +126,7 @@ def _train_until_checkpoint(stages: Stages, cmd: list[str], run_dir: Path) -> No
         os.killpg(proc.pid, signal.SIGTERM)  # the launcher and its workers, as Slurm does
         code, rss = _wait(proc)
     else:
-        code, rss = proc.returncode, 0.0
+        code, rss = proc.returncode, None
     stages._add("train, until preempted", time.perf_counter() - start, rss)
     # The launcher's own code on SIGTERM is torch elastic's (1); what the trainer did is in
     # exit_status, which slurm/inat_gala.sh reads the same way to decide on a requeue.
@@ -128,6 +134,60 @@ def _train_until_checkpoint(stages: Stages, cmd: list[str], run_dir: Path) -> No
     if trainer not in (EXIT_PREEMPTED, 0):
         raise RuntimeError(f"training ended with {trainer} (launcher {code}), not preempted")
     print(f"   the trainer checkpointed and exited {trainer}", flush=True)
+
+
+def _slurm(cmd: list[str], env: dict) -> str:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def _job_state(job: str, env: dict) -> dict:
+    out = _slurm(["scontrol", "show", "job", job], env)
+    return dict(re.findall(r"(\w+)=(\S+)", out))
+
+
+def _train_on_slurm(
+    stages: Stages, config: Path, run_dir: Path, shards: Path, changed: list[str], out: Path
+) -> None:
+    """``sbatch slurm/inat_gala.sh`` on the cluster that SLURM_CONF names (two nodes, one
+    process each); preempted with ``scancel --signal=TERM`` once its first checkpoint is on disk,
+    it must requeue itself, resume and complete."""
+    extra = [c for c in changed if not c.startswith(("run_dir=", "data.shards="))]
+    env = {
+        **os.environ,
+        "CONFIG": str(config),
+        "RUN_DIR": str(run_dir),
+        "SHARDS": str(shards),
+        "GPUS_PER_NODE": "1",
+        "DEEPSPEED_CONFIG": "none",
+        "VENV": sys.prefix,
+        "PORT": str(_free_port()),
+        "EXTRA_ARGS": " ".join(extra),
+    }
+    cmd = ["sbatch", "--parsable", "--gres=none", "--cpus-per-task=1", "--time=60"]
+    cmd += [f"--output={out}/slurm-%j.out", f"--chdir={ROOT}", str(ROOT / "slurm/inat_gala.sh")]
+    print(f"\n== train on Slurm (2 nodes x 1 process), preempted once\n$ {' '.join(cmd)}")
+    start = time.perf_counter()
+    job = _slurm(cmd, env).strip().split(";")[0]
+    checkpoints, signalled = run_dir / "checkpoints", False
+    while True:
+        state = _job_state(job, env)
+        if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            break
+        if not signalled and checkpoints.is_dir() and any(checkpoints.iterdir()):
+            print(f"   first checkpoint written: scancel --signal=TERM {job}", flush=True)
+            _slurm(["scancel", "--signal=TERM", job], env)
+            signalled = True
+        time.sleep(1)
+    stages._add("train on Slurm, preempted and requeued", time.perf_counter() - start, None)
+    if state["JobState"] != "COMPLETED" or int(state.get("Restarts", 0)) < 1:
+        log = (out / f"slurm-{job}.out").read_text()[-3000:]
+        raise RuntimeError(
+            f"Slurm job {job}: {state['JobState']}, restarts {state.get('Restarts')}:\n{log}"
+        )
+    print(f"   job {job} completed after {state['Restarts']} requeue(s)", flush=True)
 
 
 def rehearse(args: argparse.Namespace) -> dict:
@@ -149,7 +209,9 @@ def rehearse(args: argparse.Namespace) -> dict:
     changed = overrides(args, shards, run_dir)
     print(f"\nconfig {config.relative_to(ROOT)}, overridden: {' '.join(changed)}", flush=True)
     train = [*train_command(2, _free_port()), "--config", str(config), "--resume", "auto"]
-    if not (run_dir / "results.json").exists():
+    if args.slurm and not (run_dir / "results.json").exists():
+        _train_on_slurm(stages, config, run_dir, shards, changed, out)
+    elif not (run_dir / "results.json").exists():
         _train_until_checkpoint(stages, [*train, *changed], run_dir)
         stages.run("train, resumed", [*train, *changed])
     results = json.loads((run_dir / "results.json").read_text())
@@ -184,7 +246,7 @@ def _serve_and_batch(stages: Stages, export: Path, shards: Path, split: str, out
         from gala_serve.client import Client
 
         Client(f"http://127.0.0.1:{port}").wait_ready(300, alive=lambda: server.poll() is None)
-        stages._add("serve: load and warm up", time.perf_counter() - start, 0.0)
+        stages._add("serve: load and warm up", time.perf_counter() - start, None)
         preds = out / "served_predictions.jsonl"
         batch = [str(BIN / "gala-batch"), "--server", f"http://127.0.0.1:{port}"]
         batch += ["--grpc", f"127.0.0.1:{grpc_port}", "--input", str(shards), "--split", split]
@@ -218,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="synth and build processes")
     p.add_argument("--set", nargs="*", default=[], help="more config overrides, key=value")
+    p.add_argument(
+        "--slurm",
+        action="store_true",
+        help="train through slurm/inat_gala.sh on the Slurm cluster SLURM_CONF names "
+        "(bash tools/slurm_cluster.sh start makes a local two-node one)",
+    )
     args = p.parse_args(argv)
     try:
         result = rehearse(args)
