@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m gala_scale.bench {loss} [options]``.
+"""Benchmarks: ``python -m gala_scale.bench {loss,shards,loader,train,step,scale} [options]``.
 
 Each prints progress lines and, as its last line, one JSON object with the medians and ratios it
 measured; docs/benchmarks.md records them with the command, date and machine.
@@ -12,7 +12,7 @@ import sys
 
 from gala_scale.bench.common import emit
 
-BENCHMARKS = ("loss", "shards", "loader", "train", "step")
+BENCHMARKS = ("loss", "shards", "loader", "train", "step", "scale")
 
 
 def main(argv: list[str] | None = None) -> int:
