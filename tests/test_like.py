@@ -5,10 +5,12 @@ import json
 import numpy as np
 import pytest
 
+from gala_scale.config import load_config
 from gala_scale.shards import like
 from gala_scale.shards.__main__ import main as shards_main
 from gala_scale.shards.manifest import load_manifest
 
+ROOT = like.ROOT
 FREQ = like.DATA / "lt_splits" / "cls_freq"
 needs_profiles = pytest.mark.skipif(
     not FREQ.is_dir(), reason=f"the real class profiles are not at {FREQ}"
@@ -68,6 +70,9 @@ def test_scale_raw_data_builds_with_the_real_builders(tmp_path, capsys, name, cl
         assert names[0] == "Plantae species 0000" and names[-1] == "Bacteria species 8141"
     assert manifest["splits"]["train"]["class_counts"] == expected
     assert all(n >= 1 for n in manifest["splits"]["val"]["class_counts"])
+    # The shipped config of the dataset names splits the set has (iNat 2018 has no test split).
+    data = load_config(ROOT / "configs" / f"{name}.yaml").data
+    assert {data.train_split, data.val_split, data.test_split} <= set(manifest["splits"])
 
 
 @pytest.mark.parametrize("classes", [10, 8142])

@@ -108,13 +108,13 @@ if [ "$CUDA" = 1 ]; then  # the real sizes
     PAPER_EPOCHS=${PAPER_EPOCHS:-200} PAPER_WORKERS=4 PAPER_EVAL=20 PAPER_SET=()
     LOADER_SET=(--image-size 224 --max-per-class 200 --test-per-class 1 --val-per-class 1)
     LOADER_RUN=(--batches 30 --repeats 1)
-    SERVE=(--seconds 3 --levels 1 16 64)
+    SERVE=(--seconds 1 --rounds 2 --levels 1 16 64)
 else  # the dry run on a CPU: token sizes
     STEP=(--model tiny --image-size 32 --classes 10 --batch-size 16 --steps 3 --warmup 1)
     PAPER_EPOCHS=${PAPER_EPOCHS:-1} PAPER_WORKERS=1 PAPER_EVAL=1 PAPER_SET=(--set model.name=tiny)
     LOADER_SET=(--image-size 224 --max-per-class 20 --test-per-class 1 --val-per-class 1)
     LOADER_RUN=(--batches 4 --repeats 1 --batch-size 8)
-    SERVE=(--seconds 0.5 --levels 1 --client-procs 1)
+    SERVE=(--seconds 0.5 --rounds 1 --levels 1 --client-procs 1)
 fi
 
 # 1. The GPU tests, then the trainer's step on ResNet-50 under both launchers.

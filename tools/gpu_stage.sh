@@ -8,7 +8,8 @@
 # .gpu/wheels/: what steps 1-2 of the GPU run need beyond the image (torch, accelerate, numpy,
 #   psutil, einops, msgpack, ninja, py-cpuinfo are there): deepspeed (pure Python, built here
 #   from its sdist), its hjson and pydantic (with pydantic-core, annotated-types,
-#   typing-inspection), webdataset and braceexpand, at the versions of this checkout's .venv.
+#   typing-inspection), webdataset and braceexpand, and gala-serve's HTTP and gRPC stack, at the
+#   versions of this checkout's .venv.
 # .gpu/cifar10_lt_if100.tar.gz: the paper_budget step's shard set, built from
 #   ../shared/data/cifar10 (skipped with a message when that is absent).
 # .gpu/paper_runs.tar.gz.N (not made here): copy a previous GPU run's $OUT/paper_runs.tar.gz.*
@@ -35,7 +36,11 @@ download() {  # download DEST NAME==VERSION...: binary wheels for the GPU machin
 
 rm -rf .gpu/wheels && mkdir -p .gpu/wheels
 small=()
-for name in webdataset braceexpand hjson pydantic pydantic-core annotated-types typing-inspection; do
+# gala-serve's stack, for the serve step (server, gRPC, the benchmark's httpx client).
+serve=(uvicorn h11 click httptools orjson prometheus-client grpcio protobuf tritonclient ml-dtypes
+       python-rapidjson urllib3 httpx httpcore anyio sniffio idna certifi tenacity)
+for name in webdataset braceexpand hjson pydantic pydantic-core annotated-types typing-inspection \
+        "${serve[@]}"; do
     small+=("$name==$(version "$name")")
 done
 download .gpu/wheels "${small[@]}"
