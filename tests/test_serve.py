@@ -19,6 +19,7 @@ import pytest
 import torch
 from gala_serve import preprocess
 from gala_serve.batch import main as batch_main
+from gala_serve.batch import transductive_predictions
 from gala_serve.client import Client, ServerError
 from PIL import Image
 from safetensors.torch import load_file
@@ -488,9 +489,27 @@ def test_batch_client_reproduces_the_trainer_accuracy_with_pn(server, trained, t
             100 * expected[key]["top1"], abs=0.01
         )
         assert summary["protocol"] == ("grpc" if "--grpc" in flag else "http")
+        assert summary["peak_rss_mib"] > 0
+        assert not list(tmp_path.glob(".preds.jsonl*")), "temporary files are left"
         lines = [json.loads(x) for x in out.read_text().splitlines()]
         assert len(lines) == 120 and lines[0]["id"].startswith("test_")
         assert all(x["pred_class"] == f"class_{x['pred']:03d}" for x in lines)
+
+
+def test_transductive_predictions_read_in_chunks_equal_the_whole_matrix(tmp_path):
+    """The transductive PN of gala-batch reads a memory map of the raw probabilities a few rows
+    at a time; chunk boundaries (here 3 rows) must not change any prediction."""
+    rng = np.random.default_rng(0)
+    raw = rng.dirichlet(np.full(7, 0.3), size=10).astype(np.float32)
+    raw[:, 0] *= 5  # a head class that the column normalisation must pull down
+    raw /= raw.sum(1, keepdims=True)
+    path = tmp_path / "raw.f32"
+    path.write_bytes(raw.tobytes())
+    mapped = np.memmap(path, np.float32, "r", shape=raw.shape)
+    for tau in (0.0, 0.5, 1.0):
+        whole = (raw / raw.sum(0, dtype=np.float64) ** tau).argmax(1)
+        np.testing.assert_array_equal(transductive_predictions(mapped, tau, rows=3), whole)
+    assert (transductive_predictions(mapped, 1.0) != raw.argmax(1)).any()
 
 
 def test_json_images_and_unreachable_server(server, trained):

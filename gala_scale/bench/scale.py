@@ -1,12 +1,12 @@
 """Benchmark: how the cost of every stage grows with the label space (K = 10, 1,000, 8,142).
 
     python -m gala_scale.bench scale [--classes 10 1000 8142] [--images 2048] [--repeats 20]
-                                     [--server-seconds 3] [--big-models resnet50 resnet152]
+        [--step-repeats 300] [--server-seconds 3] [--big-models resnet50 resnet152]
 
 The same inputs (32 x 32, batch 64) and the tiny model at every K, side by side in one run:
 
-- ``train``: a training step (forward, loss, backward, SGD) with CE and with GALA, interleaved;
-  ``gala_over_ce``;
+- ``train``: a training step (forward, loss, backward, SGD) with CE and with GALA (built as the
+  trainer builds it), interleaved for ``--step-repeats`` rounds; ``gala_over_ce``;
 - ``ledger_sync``: the all-reduce of theta and phi (2 x K floats) between 2 gloo processes;
 - ``eval``: the tiny model over ``--images`` images, softmax, ``metrics.summarize`` and PN (fit
   and apply), in a process of its own whose peak RSS is the eval's;
@@ -17,7 +17,8 @@ The same inputs (32 x 32, batch 64) and the tiny model at every K, side by side 
 - ``server``: gala-serve on that graph: one-sample binary requests at concurrency 1 and 32
   (p50, p99, requests/s), and the JSON answer's bytes for one image: ``/v1/classify`` (top 5)
   and with ``full=1``, and the Open Inference Protocol JSON answer with all three outputs;
-- ``gala_batch``: images/s through the server for ``--images`` encoded images.
+- ``gala_batch``: images/s through the server for ``--images`` encoded images, and its peak RSS
+  there and, at the largest K, on 4x the images.
 
 ``growth`` is each measure's exponent in K between the smallest and the largest K
 (log(cost ratio) / log(K ratio)): 1 is linear. The last line is one JSON object.
@@ -26,7 +27,6 @@ The same inputs (32 x 32, batch 64) and the tiny model at every K, side by side 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import math
@@ -34,6 +34,8 @@ import multiprocessing
 import os
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", type=int, nargs="+", default=[10, 1000, 8142])
     parser.add_argument("--images", type=int, default=2048, help="eval and gala-batch images")
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds per measure")
+    parser.add_argument("--step-repeats", type=int, default=300, help="timed rounds of a step")
     parser.add_argument("--server-seconds", type=float, default=3.0, help="load per level")
     parser.add_argument(
         "--big-models", nargs="*", default=["resnet50", "resnet152"], help="checkpoint only"
@@ -184,11 +187,29 @@ def _png(seed: int) -> bytes:
     return out.getvalue()
 
 
-def serve(artifact: Path, images: int, seconds: float, folder: Path) -> dict:
-    """gala-serve on ``artifact``: latency at concurrency 1 and 32, answer sizes, gala-batch."""
+def _gala_batch(pictures: Path, count: int, port: int, grpc_port: int) -> dict:
+    """gala-batch over gRPC on ``count`` images, in a process of its own: its summary line."""
+    pictures.mkdir()
+    for i in range(count):
+        (pictures / f"{i:05d}.png").write_bytes(_png(i))
+    argv = ["--server", f"http://127.0.0.1:{port}", "--input", str(pictures)]
+    argv += ["--out", str(pictures / "p.jsonl"), "--concurrency", "8"]
+    argv += ["--grpc", f"127.0.0.1:{grpc_port}"]
+    done = subprocess.run(
+        [sys.executable, "-m", "gala_serve.batch", *argv],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    summary = json.loads(done.stdout.splitlines()[-1])
+    return {key: summary[key] for key in ("images", "images_per_s", "peak_rss_mib")}
+
+
+def serve(artifact: Path, seconds: float, folder: Path, batch_images: list[int]) -> dict:
+    """gala-serve on ``artifact``: latency at concurrency 1 and 32, answer sizes, gala-batch
+    on each of ``batch_images`` image counts (its peak RSS shows whether memory grows)."""
     import httpx
     from gala_serve import bench as serve_bench
-    from gala_serve.batch import main as batch_main
 
     log = folder / f"server-{artifact.name}.log"
     proc, port, grpc_port = serve_bench._gala(artifact, 64, "cpu", log)
@@ -209,19 +230,12 @@ def serve(artifact: Path, images: int, seconds: float, folder: Path) -> dict:
         result["infer_json_all_outputs_bytes"] = len(
             http.post("/v2/models/gala/infer", json=doc).content
         )
-        pictures = folder / f"images-{artifact.name}"
-        pictures.mkdir()
-        for i in range(images):
-            (pictures / f"{i:05d}.png").write_bytes(_png(i))
-        printed = io.StringIO()
-        url = f"http://127.0.0.1:{port}"
-        argv = ["--server", url, "--input", str(pictures), "--out", str(folder / "p.jsonl")]
-        argv += ["--concurrency", "8", "--grpc", f"127.0.0.1:{grpc_port}"]
-        with contextlib.redirect_stdout(printed):
-            batch_main(argv)
-        result["gala_batch_images_per_s"] = json.loads(printed.getvalue().splitlines()[-1])[
-            "images_per_s"
-        ]
+        for count in batch_images:
+            summary = _gala_batch(
+                folder / f"images-{artifact.name}-{count}", count, port, grpc_port
+            )
+            result[f"gala_batch_{count}"] = summary
+        result["gala_batch_images_per_s"] = result[f"gala_batch_{batch_images[0]}"]["images_per_s"]
         result["server_peak_rss_mib"] = serve_bench._peak_rss_mib(proc.pid)
     finally:
         proc.terminate()
@@ -244,7 +258,11 @@ def run(args: argparse.Namespace) -> dict:
         labels = torch.arange(BATCH) % k
         rows[k] = {
             "train": _gala_vs_ce(
-                lambda k=k: create_model("tiny", num_classes=k), inputs, labels, k, args.repeats
+                lambda k=k: create_model("tiny", num_classes=k),
+                inputs,
+                labels,
+                k,
+                args.step_repeats,
             )
         }
         print(f"K={k}: train {rows[k]['train']}", flush=True)
@@ -254,8 +272,10 @@ def run(args: argparse.Namespace) -> dict:
         for k in classes:
             rows[k].update(_in_process(_per_k, k, args.images, tmp, "tiny", True))
             print(f"K={k}: {rows[k]}", flush=True)
+            # At the largest K, gala-batch also on 4x the images: its memory must not follow.
+            counts = [args.images] + ([4 * args.images] if k == classes[-1] else [])
             rows[k]["server"] = serve(
-                Path(rows[k].pop("artifact")), args.images, args.server_seconds, Path(tmp)
+                Path(rows[k].pop("artifact")), args.server_seconds, Path(tmp), counts
             )
             print(f"K={k}: server {rows[k]['server']}", flush=True)
         big = {
