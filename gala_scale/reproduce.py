@@ -22,7 +22,10 @@ prints the tables again from such files, without training.
 
 A call reuses the runs an earlier call finished with the same configuration (exit status 0,
 ``results.json``), so a longer list of seeds or losses only trains what is new; their wall time
-is reported as 0.
+is reported as 0. ``--keep FILE`` also takes the runs of a raw results file (one committed under
+``docs/results/``, when the run folders are gone) as they are, if its data set, epochs, model and
+training counts are this call's: ``--keep docs/results/x.json --seeds 0 1 2`` trains seeds 1 and
+2 beside the committed seed 0. Each run keeps its own date in the raw file.
 
 ``--concurrent`` starts the runs at once (several processes sharing one GPU) instead of
 one after another. ``--time-limit S`` sends SIGTERM to runs still going after S seconds: each
@@ -151,6 +154,10 @@ def _train_all(args: argparse.Namespace, shards: Path) -> tuple[dict, dict]:
     for batch in batches:
         start, procs = time.perf_counter(), {}
         for offset, run in enumerate(batch):
+            if _kept(run, args) is not None:
+                print(f"\n== {_label(run)}: kept from {args.keep}", flush=True)
+                codes[run], seconds[run] = 0, _kept(run, args)["seconds"]
+                continue
             if _finished(run, args, shards):
                 print(f"\n== {_label(run)}: finished by an earlier call, kept", flush=True)
                 codes[run], seconds[run] = 0, 0.0
@@ -162,6 +169,41 @@ def _train_all(args: argparse.Namespace, shards: Path) -> tuple[dict, dict]:
             codes[run] = _wait(proc, deadline)
             seconds[run] = time.perf_counter() - start
     return codes, seconds
+
+
+def _kept(run: tuple[str, int], args: argparse.Namespace) -> dict | None:
+    """The entry of ``run`` in the ``--keep`` raw results file, if it has one."""
+    return args.kept.get("runs", {}).get(run[0], {}).get(str(run[1]))
+
+
+def _load_kept(args: argparse.Namespace, shards: Path) -> dict:
+    """The ``--keep`` file, after checking that its runs were made under this call's set-up."""
+    if args.keep is None:
+        return {}
+    try:
+        kept = json.loads(args.keep.read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--keep {args.keep}: {err}") from err
+    cfg = load_config(args.config, _overrides(args))
+    manifest = load_manifest(shards)
+    wanted = {
+        "name": _name(args),
+        "epochs": cfg.train.epochs,
+        "model": cfg.model.name,
+        "val_from": _val_from(manifest),
+        "train_class_counts": manifest["splits"]["train"]["class_counts"],
+    }
+    for field, value in wanted.items():
+        if kept.get(field) != value:
+            raise SystemExit(
+                f"--keep {args.keep}: field {field!r} is {kept.get(field)!r}, this call's is "
+                f"{value!r}; its runs cannot join this table"
+            )
+    return kept
+
+
+def _val_from(manifest: dict) -> str:
+    return manifest.get("val_from") or "the source's own val split"
 
 
 def _finished(run: tuple[str, int], args: argparse.Namespace, shards: Path) -> bool:
@@ -258,22 +300,27 @@ def _raw(args, runs: list[tuple[str, int]], seconds: dict, shards: Path, command
     cfg = load_config(args.config, _overrides(args))
     manifest = load_manifest(shards)
     by_loss: dict[str, dict] = {}
+    today = _dt.date.today().isoformat()
     for run in runs:
-        res = json.loads((_run_dir(run, args) / "results.json").read_text())
-        by_loss.setdefault(run[0], {})[str(run[1])] = {
-            "seconds": round(seconds[run], 1),
-            "test": _test_results(res, True),
-        }
+        entry = _kept(run, args)
+        if entry is None:
+            res = json.loads((_run_dir(run, args) / "results.json").read_text())
+            entry = {"seconds": round(seconds[run], 1), "date": today}
+            entry["test"] = _test_results(res, True)
+        else:
+            entry = {"date": args.kept["date"], **entry}
+        by_loss.setdefault(run[0], {})[str(run[1])] = entry
+    dates = sorted({e["date"] for by_seed in by_loss.values() for e in by_seed.values()})
     return {
         "name": _name(args),
         "epochs": cfg.train.epochs,
         "model": cfg.model.name,
         "seeds": args.seeds,
         "command": command,
-        "date": _dt.date.today().isoformat(),
+        "date": ", ".join(dates),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
         f"{args.processes} training process(es) a run",
-        "val_from": manifest.get("val_from") or "the source's own val split",
+        "val_from": _val_from(manifest),
         "train_class_counts": manifest["splits"]["train"]["class_counts"],
         "runs": by_loss,
     }
@@ -333,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a config override"
     )
     p.add_argument("--tables", type=Path, nargs="+", help="print the tables of raw result files")
+    p.add_argument("--keep", type=Path, help="a raw results file whose runs are taken as they are")
     args = p.parse_args(argv)
     if args.tables:
         for path in args.tables:
@@ -347,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.root is not None:
         shards = args.out / "shards" / _name(args)
         _build_shards(args, shards)
+    args.kept = _load_kept(args, shards)
     codes, seconds = _train_all(args, shards)
     summary = {_label(run): _summary(run, args, codes[run], seconds[run]) for run in codes}
     if all(code == 0 for code in codes.values()):

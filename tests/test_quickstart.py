@@ -90,3 +90,23 @@ def test_reproduce_builds_trains_and_reports_under_the_factor_used(tmp_path):
     repeat = run_module("gala_scale.reproduce", *argv, timeout=300)
     assert repeat.returncode == 0, repeat.stderr[-3000:]
     assert repeat.stdout.count("finished by an earlier call, kept") == 4
+    # A raw results file joins a new call's table: its runs are kept, only a new seed is trained.
+    stored = report.parent / "results" / "cifar10_lt_if10_1ep.json"
+    keep = tmp_path / "kept.json"
+    keep.write_text(stored.read_text())
+    head, tail = argv[: argv.index("--epochs")], argv[argv.index("--set") :]
+    third = [*head, "--epochs", "1", "--losses", "ce", "--seeds", "0", "1", "2", *tail]
+    third += ["--keep", str(keep)]
+    joined = run_module("gala_scale.reproduce", *third, timeout=300)
+    assert joined.returncode == 0, joined.stderr[-3000:]
+    assert joined.stdout.count(f"kept from {keep}") == 2
+    merged = json.loads(stored.read_text())
+    assert merged["seeds"] == [0, 1, 2] and set(merged["runs"]) == {"ce"}
+    before = json.loads(keep.read_text())
+    for seed in ("0", "1"):
+        assert merged["runs"]["ce"][seed] == before["runs"]["ce"][seed]
+    assert (out / "cifar10_lt_if10" / "ce" / "seed2" / "results.json").is_file()
+    # Runs made under another set-up do not: the field at fault is named.
+    other = [*head, "--epochs", "2", *third[third.index("--losses") :]]
+    refused = run_module("gala_scale.reproduce", *other, timeout=300)
+    assert refused.returncode != 0 and "field 'epochs' is 1" in refused.stderr
