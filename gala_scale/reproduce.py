@@ -22,10 +22,11 @@ prints the tables again from such files, without training.
 
 A call reuses the runs an earlier call finished with the same configuration (exit status 0,
 ``results.json``), so a longer list of seeds or losses only trains what is new; their wall time
-is reported as 0. ``--keep FILE`` also takes the runs of a raw results file (one committed under
-``docs/results/``, when the run folders are gone) as they are, if its data set, epochs, model and
-training counts are this call's: ``--keep docs/results/x.json --seeds 0 1 2`` trains seeds 1 and
-2 beside the committed seed 0. Each run keeps its own date in the raw file.
+is reported as 0. ``--keep FILE`` puts every run of a raw results file (one committed under
+``docs/results/``, when the run folders are gone) into this call's table as it is, if the file's
+data set, epochs, model and training counts are this call's, and trains only the runs it lacks:
+``--keep docs/results/x.json --seeds 0 1 2`` adds seeds 1 and 2 to a committed seed 0. Each run
+keeps its date in the raw file, and each row of the table says over which seeds it is.
 
 ``--concurrent`` starts the runs at once (several processes sharing one GPU) instead of
 one after another. ``--time-limit S`` sends SIGTERM to runs still going after S seconds: each
@@ -271,15 +272,19 @@ def _cell(values: list) -> str:
 def tables(raw: dict) -> list[str]:
     """The markdown section for one raw results file (what ``--tables`` prints)."""
     seeds = raw["seeds"]
-    rows = ["| loss | PN | overall | many | medium | few |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| loss | seeds | PN | overall | many | medium | few |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, by_seed in raw["runs"].items():
+        mine = sorted(by_seed, key=int)
         for pn in PN_NAMES:
             cells = [
-                _cell([by_seed[str(seed)]["test"][pn][k] for seed in seeds])
+                _cell([by_seed[seed]["test"][pn][k] for seed in mine])
                 for k in ("top1", "many", "medium", "few")
             ]
-            rows.append(f"| {name} | {pn} | " + " | ".join(cells) + " |")
-    spread = "mean ± std over seeds " + ", ".join(map(str, seeds)) if len(seeds) > 1 else ""
+            rows.append(f"| {name} | {', '.join(mine)} | {pn} | " + " | ".join(cells) + " |")
+    spread = "a cell over several seeds is their mean ± sample std" if len(seeds) > 1 else ""
     return [
         f"## {raw['name']}, {raw['epochs']} epochs ({raw['model']}, "
         + (f"seeds {', '.join(map(str, seeds))})" if len(seeds) > 1 else f"seed {seeds[0]})"),
@@ -301,6 +306,8 @@ def _raw(args, runs: list[tuple[str, int]], seconds: dict, shards: Path, command
     manifest = load_manifest(shards)
     by_loss: dict[str, dict] = {}
     today = _dt.date.today().isoformat()
+    kept = [(n, int(seed)) for n, by_seed in args.kept.get("runs", {}).items() for seed in by_seed]
+    runs = runs + [run for run in kept if run not in runs]
     for run in runs:
         entry = _kept(run, args)
         if entry is None:
@@ -315,7 +322,7 @@ def _raw(args, runs: list[tuple[str, int]], seconds: dict, shards: Path, command
         "name": _name(args),
         "epochs": cfg.train.epochs,
         "model": cfg.model.name,
-        "seeds": args.seeds,
+        "seeds": sorted({seed for _, seed in runs}),
         "command": command,
         "date": ", ".join(dates),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
@@ -380,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a config override"
     )
     p.add_argument("--tables", type=Path, nargs="+", help="print the tables of raw result files")
-    p.add_argument("--keep", type=Path, help="a raw results file whose runs are taken as they are")
+    p.add_argument("--keep", type=Path, help="a raw results file whose runs join the table")
     args = p.parse_args(argv)
     if args.tables:
         for path in args.tables:

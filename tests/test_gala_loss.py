@@ -62,6 +62,40 @@ def test_loss_and_gradient_equal_eq6_by_hand(variant):
     torch.testing.assert_close(logits.grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_loss_at_8142_classes_and_extreme_logits_equals_float64_cross_entropy(variant):
+    """The hard-label loss is computed in place in one (batch, K) buffer; at iNat's K and with
+    logits far past exp's float32 range it still equals cross-entropy of the adjusted logits."""
+    k = 8142
+    loss = GALALoss(k, variant=variant).train()
+    gen = torch.Generator().manual_seed(0)
+    loss.theta_global.copy_(torch.rand(k, generator=gen, dtype=torch.float64) * 1e4)
+    loss.phi_global.copy_(torch.rand(k, generator=gen, dtype=torch.float64) * 1e4)
+    logits = (torch.randn(32, k, generator=gen) * 60).requires_grad_(True)
+    labels = torch.randint(0, k, (32,), generator=gen)
+    reference = logits.detach().double().requires_grad_(True)
+    expected = F.cross_entropy(loss.adjusted_logits(reference, labels), labels)
+    expected.backward()
+    value = loss(logits, labels)
+    value.backward()
+    assert math.isfinite(value.item()) and value.item() > 1  # the extreme rows are wrong
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(logits.grad.double(), reference.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_nll_passes_gradcheck():
+    from gala_scale.losses.gala import _ShiftedNLL
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    shift, on_target = torch.randn(6, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    labels = torch.tensor([0, 5, 2, 2])
+    for extra in (None, on_target):
+        assert torch.autograd.gradcheck(
+            lambda z, extra=extra: _ShiftedNLL.apply(z, shift, extra, labels), (logits,)
+        )
+
+
 def test_variants_differ_with_published_lambdas():
     logits, labels = batch()
     paper = seeded_loss("paper")(logits, labels)

@@ -78,7 +78,7 @@ def test_reproduce_builds_trains_and_reports_under_the_factor_used(tmp_path):
     assert raw["seeds"] == [0, 1] and raw["val_from"] == "reserved"
     firsts = [raw["runs"]["ce"][s]["test"]["plain"]["top1"] for s in ("0", "1")]
     mean, std = statistics.mean(firsts) * 100, statistics.stdev([100 * f for f in firsts])
-    assert f"| ce | plain | {mean:.1f} ± {std:.1f} |" in text
+    assert f"| ce | 0, 1 | plain | {mean:.1f} ± {std:.1f} |" in text
     again = run_module(
         "gala_scale.reproduce",
         "--tables",
@@ -100,12 +100,14 @@ def test_reproduce_builds_trains_and_reports_under_the_factor_used(tmp_path):
     joined = run_module("gala_scale.reproduce", *third, timeout=300)
     assert joined.returncode == 0, joined.stderr[-3000:]
     assert joined.stdout.count(f"kept from {keep}") == 2
-    merged = json.loads(stored.read_text())
-    assert merged["seeds"] == [0, 1, 2] and set(merged["runs"]) == {"ce"}
-    before = json.loads(keep.read_text())
+    assert (out / "cifar10_lt_if10" / "ce" / "seed2" / "results.json").is_file()
+    merged, before = json.loads(stored.read_text()), json.loads(keep.read_text())
+    # ce over seeds 0-2; gala_counts, not asked for, stays in the table with its seeds 0 and 1.
+    assert merged["seeds"] == [0, 1, 2] and list(merged["runs"]) == ["ce", "gala_counts"]
+    assert merged["runs"]["gala_counts"] == before["runs"]["gala_counts"]
+    assert "| gala_counts | 0, 1 | plain |" in report.read_text()
     for seed in ("0", "1"):
         assert merged["runs"]["ce"][seed] == before["runs"]["ce"][seed]
-    assert (out / "cifar10_lt_if10" / "ce" / "seed2" / "results.json").is_file()
     # Runs made under another set-up do not: the field at fault is named.
     other = [*head, "--epochs", "2", *third[third.index("--losses") :]]
     refused = run_module("gala_scale.reproduce", *other, timeout=300)

@@ -147,13 +147,13 @@ class GALALoss(nn.Module):
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         targets = self._check_inputs(logits, targets)
         # Losses are computed in float32 even when the model runs in bf16.
-        shifted = self._softmax_logits(logits.float(), targets)
+        logits = logits.float()
         if targets.dim() == 1:
             # Per-sample -log p'_y: its mean is the loss and it alone gives the ledger increment.
-            nll = F.cross_entropy(shifted, targets, reduction="none")
+            nll = _ShiftedNLL.apply(logits, *self._shifts(targets, logits.dtype), targets)
             loss = nll.mean()
         else:
-            log_p = F.log_softmax(shifted, dim=1)
+            log_p = F.log_softmax(self._soft_logits(logits, targets), dim=1)
             loss = -(targets * log_p).sum(dim=1).mean()
         # NaN or +inf in any logit of a row makes the loss non-finite; checking the scalar costs
         # one device-to-host sync per step but no extra pass over the (batch, K) logits.
@@ -168,27 +168,30 @@ class GALALoss(nn.Module):
             self._accumulate(log_p.detach(), targets)
         return loss
 
-    def _softmax_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Logits equal to :meth:`adjusted_logits` up to a constant per row.
+    def _shifts(
+        self, targets: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What hard-label logits need added to equal :meth:`adjusted_logits` up to a constant
+        per row: a (K,) shift of every row, and a (B,) extra shift of each row's target logit.
 
         A per-row constant cancels in the softmax, so the loss and its gradient are those of the
-        adjusted logits, in one (batch, K) pass instead of three. The reference variant drops its
-        lambda2 row term; eq. 6 adds lambda2 * log(phi_k + eps) to its whole row, which leaves
-        ``z_j + lambda1 * log(theta_j + eps)`` off the target and ``z_k + lambda2 * log(phi_k +
-        eps)`` on it.
+        adjusted logits. The reference variant drops its lambda2 row term (no target shift); eq.
+        6 adds lambda2 * log(phi_k + eps) to its whole row, which leaves ``z_j + lambda1 *
+        log(theta_j + eps)`` off the target and ``z_k + lambda2 * log(phi_k + eps)`` on it.
         """
-        if self.variant == "paper" and targets.dim() == 2:
-            return self.adjusted_logits(logits, targets)
-        # In place on a fresh sum, and lambda1 folded into the (batch, K) add: the fewest passes
-        # and kernel launches, which a step at K = 8,142 notices.
         log_theta = torch.add(self.theta_global, self.theta_delta).add_(self.eps).log_()
-        shifted = torch.add(logits, log_theta.to(logits.dtype), alpha=self.lambda1)
+        shift = (self.lambda1 * log_theta).to(dtype)
+        if self.variant == "reference":
+            return shift, None
+        on_target = self.lambda2 * torch.log(self.phi[targets] + self.eps)
+        return shift, (on_target - self.lambda1 * log_theta[targets]).to(dtype)
+
+    def _soft_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The adjusted logits of soft targets, up to a constant per row (reference variant)."""
         if self.variant == "paper":
-            target_shift = self.lambda2 * torch.log(self.phi[targets] + self.eps) - (
-                self.lambda1 * log_theta[targets]
-            )
-            shifted.scatter_add_(1, targets.unsqueeze(1), target_shift.to(logits.dtype)[:, None])
-        return shifted
+            return self.adjusted_logits(logits, targets)
+        log_theta = torch.log(self.theta + self.eps)
+        return logits + (self.lambda1 * log_theta).to(logits.dtype)
 
     @torch.no_grad()
     def _accumulate(self, log_p: torch.Tensor, targets: torch.Tensor) -> None:
@@ -253,3 +256,34 @@ class GALALoss(nn.Module):
         else:
             targets = targets.to(torch.float32)
         return targets
+
+
+class _ShiftedNLL(torch.autograd.Function):
+    """Per-sample ``-log softmax(z + shift)_y`` (``shift`` (K,) on every row, ``target_shift``
+    (B,) on each row's target logit, neither differentiated) and its gradient in z.
+
+    ``F.cross_entropy(z + shift)`` makes a (B, K) sum, a (B, K) log-softmax, and two (B, K)
+    tensors more in the backward pass; at K = 8,142 those allocations cost more than the
+    arithmetic. Here the sum is made once and turned in place into the probabilities, which the
+    backward pass reuses: gradient ``(p - onehot(y)) * grad``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, shift, target_shift, targets):
+        col = targets.unsqueeze(1)
+        p = logits + shift
+        if target_shift is not None:
+            p.scatter_add_(1, col, target_shift.unsqueeze(1))
+        p.sub_(p.amax(1, keepdim=True))  # the largest exponent is 0: no overflow
+        target = p.gather(1, col).squeeze(1)
+        total = p.exp_().sum(1)
+        p.div_(total.unsqueeze(1))
+        ctx.save_for_backward(p, col)
+        return total.log_().sub_(target)
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, col = ctx.saved_tensors
+        grad = grad.unsqueeze(1)
+        out = p * grad
+        return out.scatter_add_(1, col, -grad), None, None, None
