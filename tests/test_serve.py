@@ -173,7 +173,7 @@ def test_server_preprocessing_is_the_training_eval_preset(trained):
 def test_health_and_metadata(server):
     assert server.json("GET", "/v2/health/live") == {"live": True}
     assert server.json("GET", "/v2/health/ready") == {"ready": True}
-    assert "binary_tensor_data" in server.json("GET", "/v2")["extensions"]
+    assert {"binary_tensor_data", "classification"} <= set(server.json("GET", "/v2")["extensions"])
     meta = server.json("GET", "/v2/models/gala")
     assert meta["inputs"][0]["shape"] == [-1, 3, 32, 32]
     params = meta["parameters"]
@@ -919,12 +919,34 @@ def test_stock_triton_clients_over_grpc_and_http(server, trained):
         result = client.infer("gala", [encoded], outputs=asked)
         np.testing.assert_allclose(result.as_numpy("probabilities"), want, atol=1e-5)
         assert result.as_numpy("raw_probabilities") is None  # only what was asked for
+        # The classification extension: each row's top 3 as "value:index:class name".
+        top3 = tc.InferRequestedOutput("probabilities", class_count=3)
+        labels = client.infer("gala", [encoded], outputs=[top3]).as_numpy("probabilities")
+        assert labels.shape == (len(images), 3)
+        for row, answer in zip(want, labels, strict=True):
+            parts = [x.decode().split(":") for x in answer]
+            indices = [int(i) for _, i, _ in parts]
+            assert indices == list(np.argsort(-row, kind="stable")[:3])
+            assert [name for _, _, name in parts] == [f"class_{i:03d}" for i in indices]
+            np.testing.assert_allclose([float(v) for v, _, _ in parts], row[indices], atol=1e-5)
         bad = tc.InferInput("input", [1, 3, 16, 16], "FP32")
         bad.set_data_from_numpy(np.zeros((1, 3, 16, 16), np.float32))
         with pytest.raises(InferenceServerException, match="must have shape"):
             client.infer("gala", [bad])
         with pytest.raises(InferenceServerException, match="unknown model"):
             client.infer("other", [tensor])
+    for bad_count in (0, -2, "3", 1.5, True):
+        doc = {
+            "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["eA=="]}],
+            "outputs": [{"name": "probabilities", "parameters": {"classification": bad_count}}],
+        }
+        status, _, body = server.request("POST", "/v2/models/gala/infer", json.dumps(doc).encode())
+        assert status == 400 and b"classification" in body, (bad_count, body)
+    doc["outputs"][0]["parameters"]["classification"] = 10_000  # more than K: every class
+    doc["inputs"][0]["data"] = [base64.b64encode(images[0]).decode()]
+    answer = server.json("POST", "/v2/models/gala/infer", doc)["outputs"][0]
+    assert answer["datatype"] == "BYTES" and answer["shape"] == [1, 6]
+    assert sorted(int(x.split(":")[1]) for x in answer["data"]) == list(range(6))
     metrics = server.request("GET", "/metrics")[2].decode()
     assert 'gala_requests_total{endpoint="infer",protocol="grpc"}' in metrics
     assert 'code="INVALID_ARGUMENT",endpoint="infer",protocol="grpc"' in metrics
@@ -1113,7 +1135,14 @@ def _grpc_cases():
         if draw(st.booleans()):
             r.raw_input_contents.extend(draw(st.lists(st.binary(max_size=64), max_size=3)))
         for name in draw(st.lists(st.sampled_from(["probabilities", "logits", "nope"]))):
-            r.outputs.add(name=name)
+            out = r.outputs.add(name=name)
+            kind = draw(st.sampled_from(["none", "int64_param", "string_param", "bool_param"]))
+            if kind == "int64_param":
+                out.parameters["classification"].int64_param = draw(st.integers(-(2**63), 99))
+            elif kind == "string_param":
+                out.parameters["classification"].string_param = draw(st.text(max_size=4))
+            elif kind == "bool_param":
+                out.parameters["classification"].bool_param = draw(st.booleans())
         return r
 
     return request()

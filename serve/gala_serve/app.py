@@ -108,7 +108,16 @@ class Service:
             )
 
     async def infer(self, request: protocol.InferRequest, ticket: Ticket) -> dict:
-        """The model's outputs for an Open Inference Protocol request (either input)."""
+        """The model's outputs for an Open Inference Protocol request (either input), those it
+        asks to classify as class labels (the classification extension)."""
+        outputs = await self._infer(request, ticket)
+        if not request.classify:
+            return outputs
+        names = self.model.artifact["class_names"]
+        big = len(next(iter(outputs.values()))) * self.model.num_classes > protocol.OFFLOAD_VALUES
+        return await self.offload(protocol.classified, request, outputs, names, big=big)
+
+    async def _infer(self, request: protocol.InferRequest, ticket: Ticket) -> dict:
         m = self.model
         names = sorted(request.inputs)
         if names not in ([m.input_name], [IMAGE]):
@@ -177,7 +186,11 @@ class Service:
         return answers
 
     def server_metadata(self) -> dict:
-        return {"name": "gala-serve", "version": __version__, "extensions": ["binary_tensor_data"]}
+        return {
+            "name": "gala-serve",
+            "version": __version__,
+            "extensions": ["binary_tensor_data", "classification"],
+        }
 
     def metadata(self) -> dict:
         m, art = self.model, self.model.artifact

@@ -16,7 +16,6 @@ import time
 import traceback
 
 import grpc
-import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
@@ -69,7 +68,14 @@ def to_request(request: pb.ModelInferRequest) -> protocol.InferRequest:
         else:
             raise RequestError(f"input {name!r}: {datatype} travels only as raw_input_contents")
     outputs = [o.name for o in request.outputs] or None
-    return protocol.InferRequest(request.id or None, inputs, outputs, set(), False)
+    classify = {}
+    for o in request.outputs:
+        if "classification" in o.parameters:
+            param = o.parameters["classification"]
+            if param.WhichOneof("parameter_choice") != "int64_param":
+                raise RequestError(f"output {o.name!r} parameters: 'classification' must be int64")
+            classify[o.name] = protocol.class_count(o.name, param.int64_param)
+    return protocol.InferRequest(request.id or None, inputs, outputs, set(), False, classify)
 
 
 class Servicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -149,18 +155,18 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 ticket.withdraw()
             names = protocol.select_outputs(parsed, outputs)
-            arrays = [np.ascontiguousarray(outputs[n], dtype="<f4") for n in names]
+            arrays = [outputs[n] for n in names]
             return pb.ModelInferResponse(
                 model_name=svc.args.model_name,
                 model_version="1",
                 id=request.id,
                 outputs=[
                     pb.ModelInferResponse.InferOutputTensor(
-                        name=n, datatype="FP32", shape=list(a.shape)
+                        name=n, datatype=protocol.NAMES[a.dtype], shape=list(a.shape)
                     )
                     for n, a in zip(names, arrays, strict=True)
                 ],
-                raw_output_contents=[a.tobytes() for a in arrays],
+                raw_output_contents=[protocol.to_raw(a) for a in arrays],
             )
 
         return await self._call("infer", context, answer)

@@ -8,6 +8,11 @@ there, and an output asked for with ``parameters.binary_data: true`` is answered
 its bytes (binary data, gRPC ``raw_input_contents``), ``bytes_contents`` over gRPC, or base64
 strings in JSON (JSON strings cannot carry arbitrary bytes).
 
+The classification extension (Triton's): an output asked for with ``parameters.classification:
+k`` (gRPC: an ``int64_param``) is answered as BYTES ``[N, k]``, each element
+``"<value>:<index>:<class name>"`` for the row's k highest values, best first; as JSON its
+elements are plain strings, as Triton sends them.
+
 Every field is type-checked; a wrong one raises :class:`RequestError` naming it, never anything
 else, so the servers answer 400 (gRPC ``INVALID_ARGUMENT``) and not 500.
 """
@@ -18,7 +23,7 @@ import base64
 import binascii
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import orjson
@@ -41,6 +46,8 @@ NAMES = {np.dtype(v): k for k, v in DATATYPES.items()}
 HEADER = "Inference-Header-Content-Length"
 MAX_ELEMENTS = 1 << 31  # no tensor this server takes comes near it; a bigger shape is refused
 MAX_DIMS = 8
+# Answers with more values than this are encoded (or classified) in the pool, off the event loop.
+OFFLOAD_VALUES = 1 << 16
 _LENGTH = struct.Struct("<I")
 
 
@@ -51,6 +58,7 @@ class InferRequest:
     outputs: list[str] | None  # None: all
     binary: set[str]  # outputs to answer as binary data
     binary_default: bool
+    classify: dict[str, int] = field(default_factory=dict)  # output -> top k, as class labels
 
 
 def loads(data: bytes, what: str) -> dict:
@@ -124,6 +132,13 @@ def split_bytes(name: str, raw: bytes | memoryview, count: int) -> np.ndarray:
     if offset != len(raw):
         raise RequestError(f"input {name!r}: {len(raw) - offset} bytes after {count} elements")
     return _objects(items)
+
+
+def to_raw(array: np.ndarray) -> bytes:
+    """A tensor's raw bytes as the binary extension and gRPC carry them (BYTES length-prefixed)."""
+    if array.dtype == object:
+        return join_bytes(array.ravel())
+    return array.astype(array.dtype.newbyteorder("<")).tobytes()
 
 
 def join_bytes(items) -> bytes:
@@ -219,7 +234,7 @@ def parse_request(body: bytes, header_length: int | None) -> InferRequest:
         raise RequestError(f"{len(binary) - offset} binary bytes after the last input")
     params = _field(doc, "parameters", dict, "request") or {}
     binary_default = bool(_field(params, "binary_data_output", bool, "request parameters"))
-    outputs, wanted_binary = None, set()
+    outputs, wanted_binary, classify = None, set(), {}
     specs = _field(doc, "outputs", list, "request")
     if specs:
         outputs = []
@@ -228,12 +243,44 @@ def parse_request(body: bytes, header_length: int | None) -> InferRequest:
                 raise RequestError(f"request: outputs[{i}] must be a JSON object")
             name = _field(out, "name", str, f"outputs[{i}]", required=True)
             out_params = _field(out, "parameters", dict, f"output {name!r}") or {}
-            wanted = _field(out_params, "binary_data", bool, f"output {name!r} parameters")
+            where = f"output {name!r} parameters"
+            wanted = _field(out_params, "binary_data", bool, where)
             outputs.append(name)
             if binary_default if wanted is None else wanted:
                 wanted_binary.add(name)
+            count = _field(out_params, "classification", int, where)
+            if count is not None:
+                classify[name] = class_count(name, count)
     request_id = _field(doc, "id", str, "request")
-    return InferRequest(request_id, inputs, outputs, wanted_binary, binary_default)
+    return InferRequest(request_id, inputs, outputs, wanted_binary, binary_default, classify)
+
+
+def class_count(name: str, count: int) -> int:
+    """The ``classification`` parameter of output ``name``: a count of at least 1."""
+    if count < 1:
+        raise RequestError(
+            f"output {name!r} parameters: 'classification' must be >= 1, got {count}"
+        )
+    return count
+
+
+def classified(
+    request: InferRequest, tensors: dict[str, np.ndarray], names: list[str]
+) -> dict[str, np.ndarray]:
+    """``tensors`` with each output the request asks to classify as BYTES ``[N, k]`` labels."""
+    if not request.classify:
+        return tensors
+    out = dict(tensors)
+    for name, count in request.classify.items():
+        if name not in tensors:
+            continue  # select_outputs names it
+        values = tensors[name]
+        top = np.argsort(-values, axis=1, kind="stable")[:, :count]
+        labels = np.empty(top.shape, dtype=object)
+        for r, (row, order) in enumerate(zip(values, top, strict=True)):
+            labels[r] = [f"{row[i]:f}:{i}:{names[i]}".encode() for i in order]
+        out[name] = labels
+    return out
 
 
 def top_classes(adjusted: np.ndarray, raw: np.ndarray, names: list[str], k: int) -> list[dict]:
@@ -267,12 +314,13 @@ def encode_response(
     for name in select_outputs(request, tensors):
         array = np.ascontiguousarray(tensors[name])
         entry = {"name": name, "datatype": NAMES[array.dtype], "shape": list(array.shape)}
+        text = array.dtype == object  # BYTES: class labels
         if name in request.binary or (request.outputs is None and request.binary_default):
-            data = array.astype(array.dtype.newbyteorder("<")).tobytes()
+            data = to_raw(array)
             entry["parameters"] = {"binary_data_size": len(data)}
             blobs.append(data)
         else:
-            entry["data"] = array.ravel()
+            entry["data"] = [x.decode() for x in array.ravel()] if text else array.ravel()
         outputs.append(entry)
     doc = {"model_name": model, "model_version": "1", "outputs": outputs}
     if request.id is not None:

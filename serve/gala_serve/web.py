@@ -39,9 +39,8 @@ from gala_serve.metrics import CONTENT_TYPE as METRICS_TYPE
 HEAD_LIMIT = 64 << 10  # request line and headers
 DRAIN_FACTOR = 4
 LINGER_S = 1.0
-# Bigger requests are parsed, and bigger answers encoded, in the pool, off the event loop.
+# Bigger requests are parsed in the pool, off the event loop (answers: protocol.OFFLOAD_VALUES).
 OFFLOAD_BYTES = 1 << 20
-OFFLOAD_VALUES = 1 << 16
 MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?(/ready|/infer)?$")
 JSON = b"application/json"
 log = logging.getLogger("gala_serve")
@@ -215,7 +214,8 @@ class Exchange:
             svc.args.model_name,
             request,
             outputs,
-            big=rows * svc.model.num_classes > OFFLOAD_VALUES,  # e.g. 8,142 classes as JSON
+            big=rows * svc.model.num_classes
+            > protocol.OFFLOAD_VALUES,  # e.g. 8,142 classes as JSON
         )
         if header_length is None:
             return Reply(200, body)
