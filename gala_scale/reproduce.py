@@ -48,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gala_scale import plots
@@ -166,9 +167,15 @@ def _train_all(args: argparse.Namespace, shards: Path) -> tuple[dict, dict]:
             cmd = _command(run, args, shards, args.port + offset)
             print(f"\n== {_label(run)}\n$ {' '.join(cmd)}", flush=True)
             procs[run] = subprocess.Popen(cmd, cwd=ROOT)
-        for run, proc in procs.items():
-            codes[run] = _wait(proc, deadline)
-            seconds[run] = time.perf_counter() - start
+
+        def finish(item, start=start):
+            run, proc = item
+            return run, _wait(proc, deadline), time.perf_counter() - start
+
+        # One waiter a process, so that each run's seconds end when it does.
+        with ThreadPoolExecutor(max(1, len(procs))) as pool:
+            for run, code, spent in pool.map(finish, procs.items()):
+                codes[run], seconds[run] = code, spent
     return codes, seconds
 
 
