@@ -187,7 +187,7 @@ class GALALoss(nn.Module):
         return shift, (on_target - self.lambda1 * log_theta[targets]).to(dtype)
 
     def _soft_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The adjusted logits of soft targets, up to a constant per row (reference variant)."""
+        """The adjusted logits of soft targets (the reference variant's up to a row constant)."""
         if self.variant == "paper":
             return self.adjusted_logits(logits, targets)
         log_theta = torch.log(self.theta + self.eps)
