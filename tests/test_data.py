@@ -11,12 +11,15 @@ from shard_fixtures import jpeg_bytes, random_rgb
 from gala_scale.data import PAD_LABEL, create_loader
 from gala_scale.data.autoaugment import (
     CIFAR10_POLICY,
+    RANDAUGMENT_BINS,
+    RANDAUGMENT_M,
     RANDAUGMENT_OPS,
     _apply,
     _randaugment_op,
     autoaugment_pil,
     color_jitter_pil,
     randaugment_pil,
+    randaugment_translate_pixels,
 )
 from gala_scale.data.common import cutout_, rebatch
 from gala_scale.data.presets import Augment
@@ -252,19 +255,12 @@ def test_autoaugment_pil_runs_every_operation():
     assert 10 < changed < 50  # sub-policies fire with their probabilities
 
 
-def _dali_autoaugment_ops(img: np.ndarray, cases: list[tuple]) -> list[np.ndarray]:
-    """Each (operation, magnitude bin, sign) of DALI's ``reduced_cifar10`` policy on ``img``."""
+def _dali_ops(img: np.ndarray, augmentations: dict, cases: list[tuple], bins: int) -> list:
+    """Each (operation, magnitude bin, sign) of ``augmentations`` (DALI's) on ``img``."""
     from nvidia.dali import fn, pipeline_def
-    from nvidia.dali.auto_aug import auto_augment
-
-    from gala_scale.data.autoaugment import MAGNITUDE_BINS, translate_pixels
-
-    augmentations = auto_augment.get_reduced_cifar10_policy().augmentations
 
     def fixed(name: str, sign: float):
         aug = augmentations[name]
-        if name.startswith("translate"):  # as the DALI loader sets it for this side
-            aug = aug.augmentation(mag_range=(0, translate_pixels(img.shape[0])))
         if aug.randomly_negate:
             low, high = aug.mag_range
             aug = aug.augmentation(mag_range=(sign * low, sign * high), randomly_negate=False)
@@ -274,13 +270,32 @@ def _dali_autoaugment_ops(img: np.ndarray, cases: list[tuple]) -> list[np.ndarra
     def pipe():
         data = fn.external_source(source=lambda: [img], batch=True, layout="HWC")
         return tuple(
-            fixed(name, sign)(data, magnitude_bin=bin_ or 0, num_magnitude_bins=MAGNITUDE_BINS)
+            fixed(name, sign)(data, magnitude_bin=bin_ or 0, num_magnitude_bins=bins)
             for name, bin_, sign in cases
         )
 
     pipeline = pipe()
     pipeline.build()
     return [np.array(out.as_cpu()[0]) for out in pipeline.run()]
+
+
+def _dali_autoaugment_ops(img: np.ndarray, cases: list[tuple]) -> list[np.ndarray]:
+    """Each (operation, magnitude bin, sign) of DALI's ``reduced_cifar10`` policy on ``img``."""
+    from nvidia.dali.auto_aug import auto_augment
+
+    from gala_scale.data.autoaugment import MAGNITUDE_BINS, translate_pixels
+
+    augmentations = dict(auto_augment.get_reduced_cifar10_policy().augmentations)
+    for name, aug in augmentations.items():
+        if name.startswith("translate"):  # as the DALI loader sets it for this side
+            augmentations[name] = aug.augmentation(mag_range=(0, translate_pixels(img.shape[0])))
+    return _dali_ops(img, augmentations, cases, MAGNITUDE_BINS)
+
+
+def _test_image() -> np.ndarray:
+    y, x = np.mgrid[0:32, 0:32]
+    smooth = np.stack([x * 8, y * 8, (x + y) * 4], -1) * 0.6
+    return (smooth + random_rgb(3, 32) * 0.4).clip(0, 255).astype(np.uint8)
 
 
 def test_autoaugment_pil_equals_dali_operation_by_operation():
@@ -291,9 +306,7 @@ def test_autoaugment_pil_equals_dali_operation_by_operation():
     that PIL's sharpness leaves unfiltered.
     """
     pytest.importorskip("nvidia.dali")
-    y, x = np.mgrid[0:32, 0:32]
-    smooth = np.stack([x * 8, y * 8, (x + y) * 4], -1) * 0.6
-    img = (smooth + random_rgb(3, 32) * 0.4).clip(0, 255).astype(np.uint8)
+    img = _test_image()
     cases = sorted(
         {(name, bin_, sign) for sub in CIFAR10_POLICY for name, _, bin_ in sub for sign in (1, -1)},
         key=str,
@@ -302,6 +315,33 @@ def test_autoaugment_pil_equals_dali_operation_by_operation():
         ours = np.asarray(_apply(Image.fromarray(img), name, bin_, float(sign))).astype(int)
         diff = np.abs(ours - theirs.astype(int))
         where = f"{name} magnitude {bin_} sign {sign:+d}"
+        assert diff.mean() <= 2.0 and (diff > 2).mean() <= 0.12, (where, diff.mean())
+
+
+def test_randaugment_pil_equals_dali_operation_by_operation():
+    """Each of the 14 operations at the magnitude the loaders use (9 of 30), both signs where
+    DALI negates, against DALI's ``rand_augment`` suite with the DALI loader's translate bound.
+    Tolerance as for AutoAugment."""
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali.auto_aug import rand_augment
+
+    img = _test_image()
+    suite = rand_augment.get_rand_augment_suite(
+        max_translate_abs=randaugment_translate_pixels(img.shape[0])
+    )
+    augmentations = {aug.name: aug for aug in suite}
+    assert sorted(augmentations) == sorted(RANDAUGMENT_OPS)
+    cases = [
+        (name, RANDAUGMENT_M, sign)
+        for name in RANDAUGMENT_OPS
+        for sign in ((1, -1) if augmentations[name].randomly_negate else (1,))
+    ]
+    level = RANDAUGMENT_M / (RANDAUGMENT_BINS - 1)
+    theirs_all = _dali_ops(img, augmentations, cases, RANDAUGMENT_BINS)
+    for (name, _, sign), theirs in zip(cases, theirs_all, strict=True):
+        ours = np.asarray(_randaugment_op(Image.fromarray(img), name, level, float(sign)))
+        diff = np.abs(ours.astype(int) - theirs.astype(int))
+        where = f"{name} sign {sign:+d}"
         assert diff.mean() <= 2.0 and (diff > 2).mean() <= 0.12, (where, diff.mean())
 
 

@@ -137,22 +137,26 @@ def randaugment_translate_pixels(side: int) -> int:
 
 
 def _randaugment_op(img: Image.Image, name: str, level: float, sign: float) -> Image.Image:
-    """One RandAugment operation at ``level`` in [0, 1] (magnitude / (bins - 1))."""
+    """One RandAugment operation at ``level`` in [0, 1] (magnitude / (bins - 1)), as DALI's
+    ``rand_augment`` suite defines it: the geometric ones interpolate linearly, translations
+    reach ``randaugment_translate_pixels(side)``, and signs run as in :func:`_apply`."""
     if name == "identity":
         return img
     if name in ENHANCERS:
         return ENHANCERS[name](img).enhance(1 + sign * 0.9 * level)
+    bilinear = Image.Resampling.BILINEAR
     if name in ("translate_x", "translate_y"):
-        shift = sign * level * RANDAUGMENT_MAX_TRANSLATE_REL
+        side = img.width if name == "translate_x" else img.height
+        shift = sign * level * randaugment_translate_pixels(side)
         if name == "translate_x":
-            return _affine(img, (1, 0, shift * img.width, 0, 1, 0))
-        return _affine(img, (1, 0, 0, 0, 1, shift * img.height))
+            return _affine(img, (1, 0, -shift, 0, 1, 0), bilinear)
+        return _affine(img, (1, 0, 0, 0, 1, -shift), bilinear)
     if name == "shear_x":
-        return _affine(img, (1, sign * 0.3 * level, 0, 0, 1, 0))
+        return _affine(img, (1, -sign * 0.3 * level, 0, 0, 1, 0), bilinear)
     if name == "shear_y":
-        return _affine(img, (1, 0, 0, sign * 0.3 * level, 1, 0))
+        return _affine(img, (1, 0, 0, -sign * 0.3 * level, 1, 0), bilinear)
     if name == "rotate":
-        return img.rotate(sign * 30 * level, fillcolor=FILL)
+        return img.rotate(sign * 30 * level, resample=bilinear, fillcolor=FILL)
     if name == "posterize":
         return ImageOps.posterize(img, round(8 - 4 * level))
     if name == "solarize":
