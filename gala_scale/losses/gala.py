@@ -179,7 +179,7 @@ class GALALoss(nn.Module):
         6 adds lambda2 * log(phi_k + eps) to its whole row, which leaves ``z_j + lambda1 *
         log(theta_j + eps)`` off the target and ``z_k + lambda2 * log(phi_k + eps)`` on it.
         """
-        log_theta = torch.add(self.theta_global, self.theta_delta).add_(self.eps).log_()
+        log_theta = self.theta.add_(self.eps).log_()  # theta is a fresh sum: in place is safe
         shift = (self.lambda1 * log_theta).to(dtype)
         if self.variant == "reference":
             return shift, None
