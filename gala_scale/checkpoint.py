@@ -2,7 +2,9 @@
 
 A checkpoint is ``accelerator.save_state`` output (model as safetensors, optimizer, scheduler,
 grad scaler, RNG states of every process, DeepSpeed's own files under DeepSpeed) plus the
-registered custom state (the GALA ledger, :class:`TrainState`). It is written into
+registered custom state (the GALA ledger, :class:`TrainState`), and each rank's files: its training
+loader's position (``loader_rank<r>.json``, DALI only) and, mid-epoch, its unsynced ledger
+delta. It is written into
 ``checkpoints/.tmp-<name>`` and renamed to ``checkpoints/<name>`` by the main process once every
 process has finished writing, so a directory without the ``.tmp-`` prefix is always complete;
 a kill during the write leaves only a ``.tmp-`` folder, which is never read and is removed later.
@@ -24,6 +26,7 @@ from safetensors.torch import load_file, save_file
 NAME = re.compile(r"^e(\d{4})-s(\d{6})$")
 STATE_FILE = "train_state.json"
 DELTA_FILE = "ledger_delta_rank{}.safetensors"
+LOADER_FILE = "loader_rank{}.json"  # a training loader's position (DALI pipeline state)
 
 
 @dataclass
@@ -181,3 +184,40 @@ def restore_ledger_delta(criterion, accelerator, checkpoint: Path) -> None:
         delta = load_file(path)
         criterion.theta_global += delta["theta"].to(device)
         criterion.phi_global += delta["phi"].to(device)
+
+
+def save_loader_states(loaders, folder: Path) -> None:
+    """Where each of this process's training loaders stands (nothing for the torch loader)."""
+    for loader in loaders:
+        state = loader.state()
+        if state is not None:
+            (folder / LOADER_FILE.format(loader.rank)).write_text(json.dumps(state))
+
+
+def restore_loader_states(loaders, checkpoint: Path, epoch: int, step: int) -> list[str]:
+    """Put each DALI training loader back where the checkpoint left it.
+
+    Returns what could not be restored, to be said: such a loader starts a pipeline seeded from
+    ``(seed, epoch, rank)`` and decodes the batches before ``step`` to skip them.
+    """
+    problems = []
+    for loader in loaders:
+        if loader.kind != "dali":
+            continue
+        path = checkpoint / LOADER_FILE.format(loader.rank)
+        fallback = f"rank {loader.rank} reads epoch {epoch + 1} afresh, decoding {step} batches"
+        if not path.is_file():
+            problems.append(f"{path}: missing; {fallback}")
+            continue
+        state = json.loads(path.read_text())
+        if (state.get("epoch"), state.get("step")) != (epoch, step):
+            problems.append(
+                f"{path}: saved at epoch {state.get('epoch')} step {state.get('step')}, "
+                f"not at the checkpoint's epoch {epoch} step {step}; {fallback}"
+            )
+            continue
+        try:
+            loader.restore(state)
+        except (ValueError, KeyError) as err:
+            problems.append(f"{path}: {err}; {fallback}")
+    return problems

@@ -38,8 +38,10 @@ from gala_scale.checkpoint import (
     checkpoint_name,
     newest_checkpoint,
     restore_ledger_delta,
+    restore_loader_states,
     save_checkpoint,
     save_ledger_delta,
+    save_loader_states,
     save_weights,
 )
 from gala_scale.config import ConfigError, RunConfig, describe, get, load_config, to_dict
@@ -312,13 +314,27 @@ def _evaluate_val(run: Run, log: RunLog, state: TrainState, epoch: int) -> None:
         )
 
 
-def _preempt(run: Run, state: TrainState, guard: Guard, per_rank=None) -> int:
+def _rank_files(run: Run, mid_epoch: bool):
+    """What each process adds to a checkpoint: where its training loaders stand and, mid-epoch,
+    its unsynced ledger delta (so the resumed run computes exactly what an uninterrupted one
+    would)."""
+
+    def write(folder: Path, rank: int) -> None:
+        save_loader_states(run.train, folder)
+        if mid_epoch:
+            save_ledger_delta(run.criterion, folder, rank)
+
+    return write
+
+
+def _preempt(run: Run, state: TrainState, guard: Guard, mid_epoch: bool = False) -> int:
     """Checkpoint where training stands (unless that point is saved already) and say so."""
     acc, run_dir = run.accelerator, Path(run.cfg.run_dir)
     where = newest_checkpoint(run_dir) if dist.rank() == 0 else None
     where = dist.broadcast_object(where)
     if where is None or where.name != checkpoint_name(state):
-        where = save_checkpoint(acc, run_dir, state, run.cfg.train.keep_checkpoints, per_rank)
+        keep = run.cfg.train.keep_checkpoints
+        where = save_checkpoint(acc, run_dir, state, keep, _rank_files(run, mid_epoch))
     _say(acc, f"stop requested (signal {guard.signal}): checkpoint {where}; --resume auto goes on")
     return EXIT_PREEMPTED
 
@@ -366,15 +382,8 @@ def train_epochs(run: Run, state: TrainState, log: RunLog, guard: Guard) -> int:
         result = _train_epoch(run, state, guard, epoch, first)
         state.global_step += result.steps
         if result.stopped:
-            # Mid-epoch: each rank keeps its unsynced ledger delta (saved per rank), so the
-            # resumed run computes exactly what an uninterrupted one would.
             state.epoch, state.step = epoch, first + result.steps
-            return _preempt(
-                run,
-                state,
-                guard,
-                per_rank=lambda folder, rank: save_ledger_delta(run.criterion, folder, rank),
-            )
+            return _preempt(run, state, guard, mid_epoch=True)
         sync_ledger(run.criterion)  # before any evaluation or checkpoint
         world_images = result.samples * acc.num_processes
         log.write(
@@ -394,7 +403,8 @@ def train_epochs(run: Run, state: TrainState, log: RunLog, guard: Guard) -> int:
             _evaluate_val(run, log, state, epoch)
         state.epoch, state.step = epoch + 1, 0
         if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
-            save_checkpoint(acc, Path(cfg.run_dir), state, cfg.train.keep_checkpoints)
+            keep = cfg.train.keep_checkpoints
+            save_checkpoint(acc, Path(cfg.run_dir), state, keep, _rank_files(run, False))
         _say(acc, f"epoch {epoch + 1}: loss {result.loss:.4f}, {result.seconds:.1f} s")
         if guard.stop_requested():  # a signal during evaluation or the checkpoint
             return _preempt(run, state, guard)
@@ -457,6 +467,8 @@ def run_training(cfg: RunConfig, accelerator, resume: str, guard: Guard) -> int:
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         restore_ledger_delta(run.criterion, accelerator, checkpoint)
+        for problem in restore_loader_states(run.train, checkpoint, state.epoch, state.step):
+            print(f"warning: {problem}", file=sys.stderr, flush=True)
         _say(
             accelerator, f"resuming from {checkpoint} (epoch {state.epoch + 1}, step {state.step})"
         )

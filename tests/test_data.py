@@ -1,4 +1,6 @@
+import json
 import shutil
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -106,15 +108,17 @@ def test_one_epoch_holds_the_manifest_labels(kind, unique_set):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("train", [False, True])
 def test_two_ranks_disjoint_complete_and_equal_length(kind, train, unique_set):
-    ranks = [labels_of(make(unique_set, kind, train, rank=r, world=2)) for r in range(2)]
-    real = [{x for x in labels if x != PAD_LABEL} for labels in ranks]
-    assert len(ranks[0]) == len(ranks[1])  # equal batch counts from uneven shards
-    assert not real[0] & real[1]
-    if train:
-        assert len(ranks[0]) == (103 // 2 // 8) * 8
-    else:
-        assert real[0] | real[1] == set(range(103))
-        assert len(ranks[0]) == 7 * 8  # ceil(ceil(103 / 2) / 8) batches
+    loaders = [make(unique_set, kind, train, rank=r, world=2) for r in range(2)]
+    for epoch in (0, 1):  # DALI's second epoch comes from the same pipelines, reshuffled
+        ranks = [labels_of(loader, epoch) for loader in loaders]
+        real = [{x for x in labels if x != PAD_LABEL} for labels in ranks]
+        assert len(ranks[0]) == len(ranks[1])  # equal batch counts from uneven shards
+        assert not real[0] & real[1]
+        if train:
+            assert len(ranks[0]) == (103 // 2 // 8) * 8
+        else:
+            assert real[0] | real[1] == set(range(103))
+            assert len(ranks[0]) == 7 * 8  # ceil(ceil(103 / 2) / 8) batches
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -134,6 +138,50 @@ def test_start_step_resumes_inside_an_epoch(kind, unique_set):
     resumed = [y for _, y in loader.epoch(2, start_step=5)]
     assert len(resumed) == len(whole) - 5
     assert all(torch.equal(a, b) for a, b in zip(whole[5:], resumed, strict=True))
+
+
+def _spoil_images(root: Path, labels: set[int]) -> None:
+    """Overwrite the start of these samples' JPEGs in place (unique_set: the key is the label)."""
+    for path in sorted((root / "train").glob("*.tar")):
+        with tarfile.open(path) as tar:
+            offsets = [m.offset_data for m in tar if int(m.name[1:6]) in labels and "jpg" in m.name]
+        with open(path, "r+b") as f:
+            for offset in offsets:
+                f.seek(offset)
+                f.write(bytes(16))
+
+
+def test_dali_state_resumes_exactly_without_decoding_the_skipped_batches(unique_set, tmp_path):
+    augment = Augment(autoaugment=True, color_jitter=0.4)
+    loader = make(unique_set, "dali", True, augment=augment)
+    labels_of(loader, 0)  # the pipeline carries on into epoch 1
+    stream = loader.epoch(1)
+    skipped = [next(stream) for _ in range(5)]
+    state = json.loads(json.dumps(loader.state()))  # as a checkpoint stores it
+    assert (state["epoch"], state["step"]) == (1, 5)
+    rest = list(stream)
+    at_end = loader.state()
+    assert (at_end["epoch"], at_end["step"]) == (2, 0)
+    epoch2 = list(loader.epoch(2))
+
+    spoiled = tmp_path / "spoiled"
+    shutil.copytree(unique_set, spoiled)
+    _spoil_images(spoiled, {int(v) for _, y in skipped for v in y})
+    with pytest.raises(ValueError, match=f"{spoiled}: split 'train': an image does not decode"):
+        labels_of(make(spoiled, "dali", True))  # decoding those samples fails
+    resumed = make(spoiled, "dali", True, augment=augment)
+    resumed.restore(state)
+    again = list(resumed.epoch(1, start_step=5))
+    assert len(again) == len(rest) == resumed.steps_per_epoch - 5
+    for (x, y), (x_again, y_again) in zip(rest, again, strict=True):
+        assert torch.equal(y, y_again) and torch.equal(x, x_again)  # augmentations included
+
+    resumed = make(unique_set, "dali", True, augment=augment)
+    resumed.restore(at_end)
+    for (x, y), (x_again, y_again) in zip(epoch2, resumed.epoch(2), strict=True):
+        assert torch.equal(y, y_again) and torch.equal(x, x_again)
+    with pytest.raises(ValueError, match=r"seed 3 \(this loader: 4\)"):
+        make(unique_set, "dali", True, seed=4).restore(state)
 
 
 def eval_tensors(root, kind, preset):

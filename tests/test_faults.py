@@ -69,6 +69,43 @@ def test_killed_rank_fails_the_launch_fast_and_resume_finishes(shards, tmp_path,
     print(f"\ncrashed launch: {took:.1f} s in all; resumed run: {time.time() - started:.1f} s")
 
 
+def test_a_stop_inside_an_epoch_resumes_where_every_loader_stood(shards, tmp_path):
+    """The mid-epoch checkpoint holds each (virtual) rank's DALI pipeline state; the resumed run
+    restores it instead of decoding the skipped batches, and ends as the uninterrupted one."""
+    extra = (*LONGER, "train.log_every=1", "train.emulate_world=2")
+    reference = tmp_path / "reference"
+    proc = run_single(debug_overrides(shards, reference, *extra))
+    assert proc.returncode == 0, explain(proc)
+    per_epoch = json.loads((reference / "metrics.jsonl").read_text().splitlines()[0])["steps"]
+
+    run_dir = tmp_path / "stopped"
+    args = debug_overrides(shards, run_dir, *extra)
+    stop_at = (
+        per_epoch + per_epoch // 2
+    )  # asked to stop before this SGD step: epoch 2 stops after it
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "die_at_step.py"), *args],
+        cwd=ROOT,
+        env={**ENV, "DIE_RANK": "0", "DIE_AT_STEP": str(stop_at), "DIE_SIGNAL": "SIGUSR1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 99, explain(proc)
+    checkpoint = newest_checkpoint(run_dir)
+    step = stop_at - per_epoch
+    assert checkpoint.name == f"e0001-s{step:06d}"
+    for rank in (0, 1):
+        state = json.loads((checkpoint / f"loader_rank{rank}.json").read_text())
+        assert (state["rank"], state["epoch"], state["step"]) == (rank, 1, step)
+
+    resumed = run_single([*args, "--resume", "auto"])
+    assert resumed.returncode == 0, explain(resumed)
+    assert f"e0001-s{step:06d}" in resumed.stdout and "warning:" not in resumed.stderr
+    assert ranks(run_dir)[0]["ledger_sha256"] == ranks(reference)[0]["ledger_sha256"]
+    assert results(run_dir)["test"] == results(reference)["test"]
+
+
 KILL_DURING_SAVE = """
 import os, sys
 import accelerate

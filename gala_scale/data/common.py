@@ -121,6 +121,8 @@ def rebatch(
 
     Chunks that already are whole batches pass through without a copy.
     """
+    if steps <= 0:  # nothing left of the epoch: do not touch the chunks
+        return
     held_x: list[torch.Tensor] = []
     held_y: list[torch.Tensor] = []
     done = 0

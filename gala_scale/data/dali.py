@@ -2,12 +2,16 @@
 
 With CUDA, images are decoded by nvJPEG (``device="mixed"``) and augmented on the GPU, and
 batches arrive as CUDA tensors; without it the same operators run on the CPU
-(``device_id=None``). The pipeline is rebuilt every epoch from ``(seed, epoch)``: the shard order
-is permuted, so a run resumed at epoch e reads what it would have read.
+(``device_id=None``). A loader builds one pipeline a split and keeps it for the whole run: the
+reader reshuffles the shard order after every epoch (the same seed on every rank, so the ranks'
+shares stay disjoint) and shuffles samples through its buffer. Checkpointing is on: the state of
+the reader and of every random operator after the last batch handed out can be saved, and a
+pipeline built from it continues exactly there, without reading back what came before.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -149,9 +153,11 @@ def build_pipeline(
     rank: int,
     world: int,
     seed: int,
+    shuffle_seed: int,
     device_id: int | None,
     num_threads: int,
     channels_last: bool = False,
+    checkpoint: bytes | None = None,
 ):
     gpu = device_id is not None
     hints = MIXED_DECODER if gpu else {}
@@ -164,6 +170,7 @@ def build_pipeline(
         seed=seed,
         enable_conditionals=conditionals,
         prefetch_queue_depth=2,
+        enable_checkpointing=True,
     )
     def pipeline():
         encoded, cls = fn.readers.webdataset(
@@ -173,6 +180,14 @@ def build_pipeline(
             missing_component_behavior="error",
             random_shuffle=train,
             initial_fill=SHUFFLE_BUFFER,
+            # Training: a new shard order every epoch, alike on every rank. Evaluation: each rank
+            # reads the same share every time.
+            stick_to_shard=not train,
+            **(
+                {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": shuffle_seed}
+                if train
+                else {}
+            ),
             shard_id=rank,
             num_shards=world,
             pad_last_batch=True,
@@ -201,21 +216,68 @@ def build_pipeline(
             images = _eval(images, preset, device, layout)
         return images, labels
 
-    return pipeline()
+    return pipeline(checkpoint=checkpoint)
 
 
-def iterate(pipe, channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """A built pipeline's (images, labels) batches for one epoch, the last one partial."""
-    iterator = DALIGenericIterator(
-        [pipe],
-        ["images", "cls"],
-        reader_name="reader",
-        last_batch_policy=LastBatchPolicy.PARTIAL,
-        auto_reset=False,
-    )
+@contextlib.contextmanager
+def _named_decode_errors(where: str):
+    """DALI decoder errors name neither set nor sample: name the set, and how to find the sample."""
     try:
-        for (batch,) in iterator:
-            images = batch["images"].permute(0, 3, 1, 2) if channels_last else batch["images"]
-            yield images, parse_cls(batch["cls"])
-    finally:
-        del iterator, pipe
+        yield
+    except RuntimeError as err:
+        if "decoders.image" not in str(err):
+            raise
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        cause = [line for line in lines if "no longer valid" not in line] or lines or [""]
+        raise ValueError(
+            f"{where}: an image does not decode (DALI: {cause[-1]}); "
+            "`python -m gala_scale.shards verify` on the set names the sample"
+        ) from err
+
+
+class Stream:
+    """A split's pipeline and iterator, read epoch after epoch for a whole run.
+
+    ``epoch`` is the epoch being read and ``position`` how many of its batches have been handed
+    out; ``checkpoint()`` is the pipeline's state at that point.
+    """
+
+    def __init__(self, pipe, epoch: int, channels_last: bool, position: int = 0, where: str = ""):
+        self.where = where  # named in errors: the split's shard set
+        with _named_decode_errors(where):  # the iterator runs the pipeline ahead
+            self.iterator = DALIGenericIterator(
+                [pipe],
+                ["images", "cls"],
+                reader_name="reader",
+                last_batch_policy=LastBatchPolicy.PARTIAL,
+                auto_reset=False,
+            )
+        self.epoch, self.position, self.channels_last = epoch, position, channels_last
+
+    def _next(self):
+        """The next batch, or None at the epoch's end. (``iter()`` on a DALI iterator resets it.)"""
+        try:
+            return next(self.iterator)[0]
+        except StopIteration:
+            return None
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The rest of the epoch's (images, labels) batches, the last one partial."""
+        with _named_decode_errors(self.where):
+            while (batch := self._next()) is not None:
+                self.position += 1
+                images = batch["images"]
+                if self.channels_last:
+                    images = images.permute(0, 3, 1, 2)
+                yield images, parse_cls(batch["cls"])
+
+    def finish(self) -> None:
+        """Read out the epoch's rest (a batch or two that training drops) and start the next."""
+        with _named_decode_errors(self.where):
+            while self._next() is not None:
+                pass
+            self.iterator.reset()
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def checkpoint(self) -> bytes:
+        return self.iterator.checkpoints()[0]
