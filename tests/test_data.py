@@ -239,6 +239,24 @@ def test_dali_mixed_decoding_lands_on_the_gpu(unique_set):
     assert x.device.type == "cuda" and y.device.type == "cuda"
 
 
+@pytest.mark.gpu
+def test_dali_state_restores_mixed_decoding_on_the_gpu(large_images):
+    """The GPU pipeline (nvJPEG random-crop decoding, GPU augmentation) restores exactly too."""
+    options = {"preset": "imagenet", "batch_size": 4, "device": "cuda"}
+    options["augment"] = Augment(color_jitter=0.4, randaugment=True)
+    loader = make(large_images, "dali", True, **options)
+    stream = loader.epoch(0)
+    next(stream)
+    state = loader.state()
+    rest = list(stream)
+    resumed = make(large_images, "dali", True, **options)
+    resumed.restore(state)
+    again = list(resumed.epoch(0, start_step=1))
+    assert len(again) == len(rest) == 2
+    for (x, y), (x_again, y_again) in zip(rest, again, strict=True):
+        assert torch.equal(y, y_again) and torch.equal(x, x_again)
+
+
 def test_errors_name_what_is_wrong(unique_set, large_images, tmp_path):
     with pytest.raises(ValueError, match="expects 32x32 images"):
         make(large_images, "torch", True, preset="cifar")
