@@ -125,10 +125,14 @@ class ShardLoader:
             channels_last=self.channels_last,
             checkpoint=checkpoint,
         )
-        where = f"{self.info.root}: split {self.info.split!r}"
-        stream = dali.Stream(pipe, epoch, self.channels_last, position, where)
-        stream.built = built
-        return stream
+        return dali.Stream(
+            pipe,
+            epoch,
+            built=built,
+            channels_last=self.channels_last,
+            position=position,
+            where=f"{self.info.root}: split {self.info.split!r}",
+        )
 
     def _dali_at(self, epoch: int, start_step: int):
         """The run's pipeline, at batch ``start_step`` of ``epoch``."""

@@ -239,10 +239,21 @@ class Stream:
     """A split's pipeline and iterator, read epoch after epoch for a whole run.
 
     ``epoch`` is the epoch being read and ``position`` how many of its batches have been handed
-    out; ``checkpoint()`` is the pipeline's state at that point.
+    out; ``checkpoint()`` is the pipeline's state at that point. ``built`` is the epoch whose
+    seeds built the pipeline: a pipeline restored from a checkpoint is built alike.
     """
 
-    def __init__(self, pipe, epoch: int, channels_last: bool, position: int = 0, where: str = ""):
+    def __init__(
+        self,
+        pipe,
+        epoch: int,
+        *,
+        built: int,
+        channels_last: bool,
+        position: int = 0,
+        where: str = "",
+    ):
+        self.built = built
         self.where = where  # named in errors: the split's shard set
         with _named_decode_errors(where):  # the iterator runs the pipeline ahead
             self.iterator = DALIGenericIterator(
