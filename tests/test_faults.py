@@ -80,9 +80,8 @@ def test_a_stop_inside_an_epoch_resumes_where_every_loader_stood(shards, tmp_pat
 
     run_dir = tmp_path / "stopped"
     args = debug_overrides(shards, run_dir, *extra)
-    stop_at = (
-        per_epoch + per_epoch // 2
-    )  # asked to stop before this SGD step: epoch 2 stops after it
+    # Asked to stop before this SGD step, the run stops after it, inside epoch 2.
+    stop_at = per_epoch + per_epoch // 2
     proc = subprocess.run(
         [sys.executable, str(HERE / "die_at_step.py"), *args],
         cwd=ROOT,
