@@ -7,6 +7,8 @@ single-process runs).
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import torch
@@ -58,3 +60,15 @@ def destroy() -> None:
     """Tear the process group down (a gloo group left alive can abort the process at exit)."""
     if is_initialized():
         torch_dist.destroy_process_group()
+
+
+def leave(code: int, world: int) -> int:
+    """End a launched process: the group torn down, output flushed, and with ``world`` > 1 an
+    exit without Python's exit handlers, where gloo can abort a finished process
+    ("terminate called without an active exception"). Returns ``code`` when ``world`` is 1."""
+    destroy()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if world > 1:
+        os._exit(code)
+    return code

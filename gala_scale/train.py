@@ -517,13 +517,8 @@ def _main(args: argparse.Namespace, guard: Guard) -> int:
             (Path(cfg.run_dir) / "exit_status").write_text(f"{code}\n")
     finally:
         accelerator.end_training()
-        dist.destroy()
-        sys.stdout.flush()
-        sys.stderr.flush()
-    if world > 1:
-        # gloo can abort a finished process in its exit handlers; leave without them.
-        os._exit(code)
-    return code
+        dist.destroy()  # an exception passing through leaves no group behind either
+    return dist.leave(code, world)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def worker(argv: list[str]) -> None:
     """One process of one candidate: build the trainer's parts, time its step, write its record."""
-    from gala_scale import recipe
+    from gala_scale import dist, recipe
     from gala_scale.config import load_config
     from gala_scale.engine import train_one_epoch
     from gala_scale.runtime import Guard, make_accelerator
@@ -171,6 +171,7 @@ def worker(argv: list[str]) -> None:
         record["peak_gpu_mib"] = torch.cuda.max_memory_allocated(acc.device) / 2**20
     (args.out / f"rank{acc.process_index}.json").write_text(json.dumps(record))
     acc.end_training()
+    dist.leave(0, acc.num_processes)
 
 
 if __name__ == "__main__":
