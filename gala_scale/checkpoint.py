@@ -141,9 +141,7 @@ def save_weights(accelerator, model, criterion, folder: Path, extra: dict) -> No
         {k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / "model.safetensors"
     )
     if hasattr(criterion, "theta"):
-        save_file(
-            {"theta": criterion.theta.cpu(), "phi": criterion.phi.cpu()}, tmp / "ledger.safetensors"
-        )
+        save_file(ledger_tensors(criterion), tmp / "ledger.safetensors")
     (tmp / "info.json").write_text(json.dumps(extra, indent=1))
     if folder.exists():
         old = folder.with_name(f".{folder.name}.old")
@@ -154,13 +152,19 @@ def save_weights(accelerator, model, criterion, folder: Path, extra: dict) -> No
         tmp.rename(folder)
 
 
+def ledger_tensors(criterion) -> dict:
+    """The GALA ledger as a file keeps it: theta and phi, and with ``loss.ledger: sum_of_sums``
+    S_theta and S_phi (``s_theta``, ``s_phi``), what the logits use."""
+    tensors = {"theta": criterion.theta.cpu(), "phi": criterion.phi.cpu()}
+    if criterion.ledger == "sum_of_sums":
+        tensors |= {"s_theta": criterion.logit_theta.cpu(), "s_phi": criterion.logit_phi.cpu()}
+    return tensors
+
+
 def save_ledger_delta(criterion, folder: Path, rank: int) -> None:
     """This rank's unsynced GALA ledger delta, for a mid-epoch checkpoint."""
-    if hasattr(criterion, "theta_delta"):
-        save_file(
-            {"theta": criterion.theta_delta.cpu(), "phi": criterion.phi_delta.cpu()},
-            folder / DELTA_FILE.format(rank),
-        )
+    if hasattr(criterion, "delta_state"):
+        save_file(criterion.delta_state(), folder / DELTA_FILE.format(rank))
 
 
 def restore_ledger_delta(criterion, accelerator, checkpoint: Path) -> None:
@@ -170,20 +174,15 @@ def restore_ledger_delta(criterion, accelerator, checkpoint: Path) -> None:
     shared ledger instead (what a sync would have done).
     """
     files = sorted(checkpoint.glob(DELTA_FILE.format("*")))
-    if not files or not hasattr(criterion, "theta_delta"):
+    if not files or not hasattr(criterion, "delta_state"):
         return
-    device = criterion.theta_delta.device
-    if len(files) == accelerator.num_processes:
-        delta = load_file(checkpoint / DELTA_FILE.format(accelerator.process_index))
-        criterion.theta_delta.copy_(delta["theta"].to(device))
-        criterion.phi_delta.copy_(delta["phi"].to(device))
-        return
-    criterion.theta_delta.zero_()
-    criterion.phi_delta.zero_()
-    for path in files:
-        delta = load_file(path)
-        criterion.theta_global += delta["theta"].to(device)
-        criterion.phi_global += delta["phi"].to(device)
+    try:
+        if len(files) == accelerator.num_processes:
+            criterion.load_delta(load_file(checkpoint / DELTA_FILE.format(accelerator.process_index)))
+        else:
+            criterion.fold_deltas([load_file(path) for path in files])
+    except ValueError as err:
+        raise ValueError(f"{checkpoint}: {err}") from None
 
 
 def save_loader_states(loaders, folder: Path) -> None:

@@ -52,6 +52,11 @@ class LossConfig:
         "zeros", "GALA: zeros | counts (theta = phi = scale x (1 - 1/K) x training count)"
     )
     ledger_init_scale: float = _f(1.0, "GALA, ledger_init counts: epochs' worth of increments")
+    ledger: str = _f(
+        "sum",
+        "GALA: what the logits take: sum (theta, phi: the running sums) | sum_of_sums (their "
+        "running sums, S_t = S_(t-1) + theta_t a step: the authors' code)",
+    )
     tau: float = _f(1.0, "logit_adjusted: weight of log prior")
 
 
@@ -125,6 +130,7 @@ CHOICES = {
     "loss.name": ("ce", "logit_adjusted", "balanced_softmax", "gala"),
     "loss.variant": ("reference", "paper"),
     "loss.ledger_init": ("zeros", "counts"),
+    "loss.ledger": ("sum", "sum_of_sums"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.channels_last": ("auto", "on", "off"),
     "optim.implementation": ("auto", "fused", "foreach", "for_loop"),

@@ -65,11 +65,14 @@ def per_class_accuracy(train_counts, acc_plain, acc_pn, path: Path) -> None:
     _save(fig, path)
 
 
-def ledger(theta_history, phi_history, train_counts, path: Path) -> None:
-    """theta and phi over the epochs (log scale): one line a class, coloured by training count,
-    or beyond MAX_LEDGER_LINES classes the median and 10-90 % band of the head, middle and tail
-    thirds."""
-    theta, phi = np.asarray(theta_history), np.asarray(phi_history)
+def ledger(history: dict, train_counts, path: Path) -> None:
+    """What the logits used over the epochs (log scale): theta and phi, or S_theta and S_phi when
+    ``history`` has them (``loss.ledger: sum_of_sums``). One line a class, coloured by training
+    count, or beyond MAX_LEDGER_LINES classes the median and 10-90 % band of the head, middle and
+    tail thirds."""
+    sums = "s_theta" in history
+    theta = np.asarray(history["s_theta" if sums else "theta"])
+    phi = np.asarray(history["s_phi" if sums else "phi"])
     counts = np.asarray(train_counts)
     order = np.argsort(-counts, kind="stable")
     epochs = np.arange(1, len(theta) + 1)
@@ -78,8 +81,8 @@ def ledger(theta_history, phi_history, train_counts, path: Path) -> None:
     thirds = np.array_split(order, 3)
     colours = plt.cm.viridis(np.linspace(0, 1, 3 if banded else len(order)))
     for ax, values, name in (
-        (axes[0], theta, "theta (positive)"),
-        (axes[1], phi, "phi (negative)"),
+        (axes[0], theta, "S_theta (sum of sums of positive)" if sums else "theta (positive)"),
+        (axes[1], phi, "S_phi (sum of sums of negative)" if sums else "phi (negative)"),
     ):
         values = values + 1e-3
         if banded:

@@ -143,5 +143,5 @@ def _write(run, results: dict, scales, tau: float) -> None:
     )
     history = RunLog(run_dir, False, 0).ledger_history()
     if history is not None:
-        plots.ledger(*history, run.class_counts, run_dir / "plots" / "ledger.png")
+        plots.ledger(history, run.class_counts, run_dir / "plots" / "ledger.png")
     print(table(results), flush=True)

@@ -65,6 +65,9 @@ VARIANTS = {
     "gala_paper": ["loss.name=gala", "loss.variant=paper"],
     "gala_reference": ["loss.name=gala", "loss.variant=reference"],
     "gala_counts": ["loss.name=gala", "loss.variant=reference", "loss.ledger_init=counts"],
+    # The authors' accumulation: the logits take the running sum of the running sum.
+    "gala_reference_sos": ["loss.name=gala", "loss.variant=reference", "loss.ledger=sum_of_sums"],
+    "gala_paper_sos": ["loss.name=gala", "loss.variant=paper", "loss.ledger=sum_of_sums"],
 }
 PN_NAMES = ("plain", "PN (val scales)", "PN (transductive, paper's protocol)")
 

@@ -37,7 +37,7 @@ class RunLog:
             path.write_text("".join(line + "\n" for line in kept))
         history = self.ledger_history()
         if history is not None:
-            self._write_ledger(history[0][:epoch], history[1][:epoch])
+            self._write_ledger({name: values[:epoch] for name, values in history.items()})
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -50,28 +50,30 @@ class RunLog:
                 self.writer.add_scalar(f"{record['type']}/{key}", value, step)
         self.writer.flush()
 
-    def ledger_history(self) -> tuple[np.ndarray, np.ndarray] | None:
+    def ledger_history(self) -> dict[str, np.ndarray] | None:
+        """The ledger at each epoch's end, (epochs, K) a name: ``theta`` and ``phi``, and with
+        ``loss.ledger: sum_of_sums`` also ``s_theta`` and ``s_phi``, what the logits used."""
         path = self.run_dir / LEDGER
         if not path.exists():
             return None
         with np.load(path) as data:
-            return data["theta"], data["phi"]
+            return {name: data[name] for name in data.files}
 
-    def _write_ledger(self, theta: np.ndarray, phi: np.ndarray) -> None:
+    def _write_ledger(self, history: dict[str, np.ndarray]) -> None:
         tmp = self.run_dir / f".{LEDGER}.tmp.npz"
-        np.savez(tmp, theta=theta, phi=phi)
+        np.savez(tmp, **history)
         tmp.replace(self.run_dir / LEDGER)
 
-    def append_ledger(self, theta: np.ndarray, phi: np.ndarray) -> None:
+    def append_ledger(self, ledger: dict[str, np.ndarray]) -> None:
+        """One epoch's ledger (a (K,) array a name, the names of every epoch the same)."""
         if not self.enabled:
             return
         history = self.ledger_history()
-        if history is None:
-            self._write_ledger(theta[None], phi[None])
+        if history is None or set(history) != set(ledger):
+            history = {name: values[None] for name, values in ledger.items()}
         else:
-            self._write_ledger(
-                np.vstack([history[0], theta[None]]), np.vstack([history[1], phi[None]])
-            )
+            history = {name: np.vstack([history[name], ledger[name][None]]) for name in ledger}
+        self._write_ledger(history)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -36,6 +36,7 @@ from gala_scale.bench.common import peak_rss_mib
 from gala_scale.checkpoint import (
     TrainState,
     checkpoint_name,
+    ledger_tensors,
     newest_checkpoint,
     restore_ledger_delta,
     restore_loader_states,
@@ -132,6 +133,7 @@ def _loss(cfg: RunConfig, num_classes: int, counts: list[int]) -> torch.nn.Modul
             "ledger_init": c.ledger_init,
             "class_counts": counts,
             "ledger_init_scale": c.ledger_init_scale,
+            "ledger": c.ledger,
             # The trainer's Guard checks the loss every log_every steps without a sync a step.
             "check_finite": False,
         },
@@ -398,7 +400,7 @@ def train_epochs(run: Run, state: TrainState, log: RunLog, guard: Guard) -> int:
             }
         )
         if hasattr(run.criterion, "theta"):
-            log.append_ledger(run.criterion.theta.cpu().numpy(), run.criterion.phi.cpu().numpy())
+            log.append_ledger({k: v.numpy() for k, v in ledger_tensors(run.criterion).items()})
         if run.val is not None and cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0:
             _evaluate_val(run, log, state, epoch)
         state.epoch, state.step = epoch + 1, 0
@@ -423,9 +425,7 @@ def _rank_record(run: Run, state: TrainState, code: int) -> None:
     acc = run.accelerator
     ledger = None
     if hasattr(run.criterion, "theta"):
-        raw = (
-            run.criterion.theta.cpu().numpy().tobytes() + run.criterion.phi.cpu().numpy().tobytes()
-        )
+        raw = b"".join(v.numpy().tobytes() for v in ledger_tensors(run.criterion).values())
         ledger = hashlib.sha256(raw).hexdigest()
     record = {
         "rank": acc.process_index,

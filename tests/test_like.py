@@ -89,7 +89,7 @@ def test_scale_plots_stay_readable(tmp_path, monkeypatch, classes):
     plots.positive_predictions(counts, rng.integers(0, 9, classes), acc[1], tmp_path / "pp.png")
     plots.comparison(counts, {"a": acc[0], "b": acc[1]}, tmp_path / "comparison.png")
     history = np.cumsum(rng.uniform(0, 1, (4, classes)), axis=0)
-    plots.ledger(history, history, counts, tmp_path / "ledger.png")
+    plots.ledger({"theta": history, "phi": history}, counts, tmp_path / "ledger.png")
     points = min(classes, plots.MAX_POINTS)
     for name in ("per_class_accuracy", "comparison"):
         ax = figures[name].axes[0]
