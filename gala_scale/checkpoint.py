@@ -178,7 +178,8 @@ def restore_ledger_delta(criterion, accelerator, checkpoint: Path) -> None:
         return
     try:
         if len(files) == accelerator.num_processes:
-            criterion.load_delta(load_file(checkpoint / DELTA_FILE.format(accelerator.process_index)))
+            own = checkpoint / DELTA_FILE.format(accelerator.process_index)
+            criterion.load_delta(load_file(own))
         else:
             criterion.fold_deltas([load_file(path) for path in files])
     except ValueError as err:

@@ -334,8 +334,10 @@ class GALALoss(nn.Module):
                 f"GALA ledger delta has no {key!r} (it has {have}): it was saved by a run with "
                 f"another loss.ledger than this one's {self.ledger!r}"
             )
-        return state[key].to(device=self.theta_delta.device, dtype=torch.float64).reshape(
-            self._delta_buffers()[key].shape
+        return (
+            state[key]
+            .to(device=self.theta_delta.device, dtype=torch.float64)
+            .reshape(self._delta_buffers()[key].shape)
         )
 
     @torch.no_grad()
