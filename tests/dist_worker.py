@@ -1,6 +1,8 @@
 """One rank of the GALA ledger sync test, started by test_gala_loss.py as a real process.
 
-Usage: python dist_worker.py OUT_FILE (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the env).
+Usage: python dist_worker.py OUT_FILE [LEDGER SYNC_EVERY LAMBDA] (RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT in the env). The ledger syncs every SYNC_EVERY steps and after the last;
+LAMBDA is both lambdas (0 makes the increments independent of the ledger).
 """
 
 import os
@@ -11,7 +13,7 @@ import torch.distributed as torch_dist
 
 from gala_scale.losses import GALALoss
 
-NUM_CLASSES, BATCH, STEPS = 6, 8, 3
+NUM_CLASSES, BATCH, STEPS = 6, 8, 5
 
 
 def rank_batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,11 +27,14 @@ def rank_batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def main() -> None:
     torch_dist.init_process_group("gloo")
     rank = torch_dist.get_rank()
-    loss = GALALoss(NUM_CLASSES).train()
+    ledger, sync_every, lambdas = (sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+    loss = GALALoss(NUM_CLASSES, lambdas, lambdas, ledger=ledger).train()
     for step in range(STEPS):
         loss(*rank_batch(rank, step))
-        loss.sync()
-    torch.save({"theta": loss.theta, "phi": loss.phi}, sys.argv[1])
+        if (step + 1) % sync_every == 0 or step + 1 == STEPS:
+            loss.sync()
+    used = {"logit_theta": loss.logit_theta, "logit_phi": loss.logit_phi}
+    torch.save({"theta": loss.theta, "phi": loss.phi, **used}, sys.argv[1])
     torch_dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)

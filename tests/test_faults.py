@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 from train_helpers import (
     ENV,
     ROOT,
@@ -69,10 +70,12 @@ def test_killed_rank_fails_the_launch_fast_and_resume_finishes(shards, tmp_path,
     print(f"\ncrashed launch: {took:.1f} s in all; resumed run: {time.time() - started:.1f} s")
 
 
-def test_a_stop_inside_an_epoch_resumes_where_every_loader_stood(shards, tmp_path):
-    """The mid-epoch checkpoint holds each (virtual) rank's DALI pipeline state; the resumed run
-    restores it instead of decoding the skipped batches, and ends as the uninterrupted one."""
-    extra = (*LONGER, "train.log_every=1", "train.emulate_world=2")
+@pytest.mark.parametrize("ledger", ["sum", "sum_of_sums"])
+def test_a_stop_inside_an_epoch_resumes_where_every_loader_stood(shards, tmp_path, ledger):
+    """The mid-epoch checkpoint holds each (virtual) rank's DALI pipeline state and the unsynced
+    ledger delta (with sum_of_sums also S's and the steps since the sync); the resumed run
+    restores them instead of decoding the skipped batches, and ends as the uninterrupted one."""
+    extra = (*LONGER, "train.log_every=1", "train.emulate_world=2", f"loss.ledger={ledger}")
     reference = tmp_path / "reference"
     proc = run_single(debug_overrides(shards, reference, *extra))
     assert proc.returncode == 0, explain(proc)
@@ -97,6 +100,10 @@ def test_a_stop_inside_an_epoch_resumes_where_every_loader_stood(shards, tmp_pat
     for rank in (0, 1):
         state = json.loads((checkpoint / f"loader_rank{rank}.json").read_text())
         assert (state["rank"], state["epoch"], state["step"]) == (rank, 1, step)
+    delta = load_file(checkpoint / "ledger_delta_rank0.safetensors")
+    assert delta["theta"].sum() > 0  # mid-epoch: an unsynced delta
+    if ledger == "sum_of_sums":
+        assert float(delta["steps"]) == step and (delta["s_theta"] > delta["theta"]).any()
 
     resumed = run_single([*args, "--resume", "auto"])
     assert resumed.returncode == 0, explain(resumed)

@@ -257,29 +257,38 @@ def test_prior_losses_add_log_prior():
 
 
 @pytest.mark.slow
-def test_two_process_sync_equals_one_process_over_the_union(tmp_path, port):
+@pytest.mark.parametrize(
+    ("ledger", "sync_every", "lambdas"),
+    [("sum", 1, 1.0), ("sum_of_sums", 1, 1.0), ("sum_of_sums", 2, 0.0)],
+)
+def test_two_process_sync_equals_one_process_over_the_union(
+    tmp_path, port, ledger, sync_every, lambdas
+):
+    """Two gloo processes against one on the union of their batches. Synced every step the
+    logits agree too; synced every 2 steps (lambdas 0, so the increments do not depend on what
+    each rank saw) the sum of sums still comes out as the single process's."""
     sys.path.insert(0, str(HERE))
     from dist_worker import NUM_CLASSES, STEPS, rank_batch
 
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    args = [ledger, str(sync_every), str(lambdas)]
     procs = [
         subprocess.Popen(
-            [sys.executable, str(HERE / "dist_worker.py"), str(tmp_path / f"rank{rank}.pt")],
+            [sys.executable, str(HERE / "dist_worker.py"), str(tmp_path / f"rank{rank}.pt"), *args],
             env={**env, "RANK": str(rank)},
         )
         for rank in range(2)
     ]
     assert [proc.wait(timeout=120) for proc in procs] == [0, 0]
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
-    assert torch.equal(ranks[0]["theta"], ranks[1]["theta"])
-    assert torch.equal(ranks[0]["phi"], ranks[1]["phi"])
 
-    single = GALALoss(NUM_CLASSES).train()
+    single = GALALoss(NUM_CLASSES, lambdas, lambdas, ledger=ledger).train()
     for step in range(STEPS):
         logits, labels = zip(*(rank_batch(rank, step) for rank in range(2)), strict=True)
         single(torch.cat(logits), torch.cat(labels))
-    torch.testing.assert_close(ranks[0]["theta"], single.theta, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(ranks[0]["phi"], single.phi, rtol=1e-12, atol=1e-12)
+    assert all(torch.equal(ranks[0][key], ranks[1][key]) for key in ranks[0])
+    for key in ("theta", "phi", "logit_theta", "logit_phi"):
+        torch.testing.assert_close(ranks[0][key], getattr(single, key), rtol=1e-12, atol=1e-12)
     assert bool((single.theta > 0).all())  # both ranks' classes received gradient
 
 

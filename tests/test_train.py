@@ -125,24 +125,61 @@ def test_single_process_run_directory(shards, reference):
         assert (np.diff(history["theta"], axis=0) >= 0).all()  # the ledger only accumulates
 
 
-@pytest.mark.slow
-def test_resume_after_an_epoch_ends_like_an_uninterrupted_run(shards, reference, tmp_path):
-    resumed = tmp_path / "resumed"
+def resume_after_epoch_one(shards, reference, resumed, *extra):
+    """Resume a copy of ``reference`` as if killed right after epoch 1; it must end the same."""
     shutil.copytree(reference, resumed)
-    for later in ("e0002-s000000", "e0003-s000000"):  # as if killed right after epoch 1
+    for later in ("e0002-s000000", "e0003-s000000"):
         shutil.rmtree(resumed / "checkpoints" / later)
     for done in ("best", "final", "results.json", "pn.json", "plots", "ranks"):
         path = resumed / done
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    args = debug_overrides(shards, resumed, "train.sync_every_steps=1", "train.emulate_world=2")
+    args = debug_overrides(
+        shards, resumed, "train.sync_every_steps=1", "train.emulate_world=2", *extra
+    )
     proc = run_single([*args, "--resume", "auto"])
     assert proc.returncode == 0, explain(proc)
     assert "resuming from" in proc.stdout + proc.stderr
     for key, value in ledger(reference).items():
         torch.testing.assert_close(ledger(resumed)[key], value, rtol=1e-12, atol=1e-9)
-    assert results(resumed)["test"] == results(reference)["test"]
+    for key, value in weights(reference).items():
+        torch.testing.assert_close(weights(resumed)[key], value, rtol=0, atol=0)
+    best = json.loads((reference / "best" / "info.json").read_text())["epoch"]
+    if best >= 1:  # best/ of epoch 0 went with the copy's deleted folder
+        assert results(resumed)["test"] == results(reference)["test"]
     lines = (resumed / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [0, 0, 1, 1, 2, 2]  # no duplicated epochs
+
+
+@pytest.mark.slow
+def test_resume_after_an_epoch_ends_like_an_uninterrupted_run(shards, reference, tmp_path):
+    resume_after_epoch_one(shards, reference, tmp_path / "resumed")
+
+
+SUM_OF_SUMS = "loss.ledger=sum_of_sums"
+
+
+@pytest.mark.slow
+def test_sum_of_sums_two_processes_equal_one_and_resume_exactly(shards, tmp_path, port):
+    """The authors' accumulation through the trainer: the ledger file, the history and the
+    plot carry S, two DDP processes synced every step equal one process on both ranks'
+    batches, and a resume after epoch 1 ends with the same S."""
+    reference = tmp_path / "reference"
+    args = ("train.sync_every_steps=1", SUM_OF_SUMS)
+    proc = run_single(debug_overrides(shards, reference, *args, "train.emulate_world=2"))
+    assert proc.returncode == 0, explain(proc)
+    final = ledger(reference)
+    assert set(final) == {"theta", "phi", "s_theta", "s_phi"}
+    assert (final["s_theta"] > 2 * final["theta"]).all()  # S counts early increments often
+    with np.load(reference / "ledger_history.npz", allow_pickle=False) as history:
+        assert history["s_theta"].shape == (3, 6)
+        assert (np.diff(history["s_theta"], axis=0) >= history["theta"][:-1]).all()
+    assert (reference / "plots" / "ledger.png").stat().st_size > 0
+
+    run_dir = tmp_path / "ddp"
+    proc = run_accelerate(debug_overrides(shards, run_dir, *args), port)
+    assert proc.returncode == 0, explain(proc)
+    assert_same_training(run_dir, reference)
+    resume_after_epoch_one(shards, reference, tmp_path / "resumed", SUM_OF_SUMS)
 
 
 def test_existing_checkpoints_need_resume_auto(shards, reference):
