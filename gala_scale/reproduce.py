@@ -4,8 +4,8 @@ authors' variant), each with and without PN, same data and seed, one table.
     python -m gala_scale.reproduce --config configs/cifar10_lt_if100.yaml --root <cifar10> \\
         [--epochs 12] [--processes 1] [--out runs/reproduce] [--report docs/results.md]
     python -m gala_scale.reproduce --config configs/cifar10_lt_if100.yaml --shards <set> \\
-        --losses ce,balanced_softmax,gala_reference,gala_paper --concurrent --time-limit 270 \\
-        --set train.eval_every=20     # the paper's budget, four processes on one GPU
+        --losses ce,balanced_softmax,gala_reference,gala_paper,gala_reference_sos --concurrent \\
+        --time-limit 270 --set train.eval_every=20     # the paper's budget, five processes, one GPU
 
 ``--root`` is a CIFAR-10/100 folder (official python pickles or train/ + test/ ImageFolder); the
 long-tailed shard set is built from it with the imbalance factor in the config's name (or

@@ -22,7 +22,9 @@ def test_loss_benchmark_prints_json_last(capsys):
     assert main(["loss", "--repeats", "1", "--loop-repeats", "1"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["benchmark"] == "loss"
-    assert result["linear_k8142"]["gala_step_s"] > 0
+    assert (
+        result["linear_k8142"]["gala_step_s"] > 0 and result["linear_k8142"]["gala_sos_step_s"] > 0
+    )
     worst = max(result["resnet32_k100"]["gala_over_ce"], result["linear_k8142"]["gala_over_ce"])
     speedup = (
         result["ledger_k8142_b256"]["ledger_loop_s"]

@@ -13,7 +13,8 @@
 #   step_bench    55  ResNet-50, 224 px, bf16: the trainer's step under DDP and DeepSpeed ZeRO-2,
 #                     20 timed steps each; images/s and peak memory (python -m gala_scale.bench step)
 #   paper_budget 270  CIFAR-10-LT IF 100, ResNet-32, the paper's recipe, 200 epochs: CE, balanced
-#                     softmax, GALA reference and GALA paper as four concurrent processes on the
+#                     softmax, GALA reference, GALA paper and GALA reference on the authors'
+#                     accumulation (loss.ledger=sum_of_sums) as five concurrent processes on the
 #                     GPU, evaluating every 20 epochs; at the budget each checkpoints and stops.
 #                     $OUT gets paper_summary.json (epochs done, val and test results of each) and
 #                     paper_runs.tar.gz.N (the runs' last checkpoints and metrics): put those in
@@ -137,7 +138,7 @@ else
     step step_bench 55 "$PY" -m gala_scale.bench step "${STEP[@]}" --precision bf16 --launchers ddp
 fi
 
-# 2. The paper's budget: four concurrent runs, stopped (checkpointed) at the budget.
+# 2. The paper's budget: five concurrent runs, stopped (checkpointed) at the budget.
 PAPER=$WORK/paper SHARDS=$WORK/cifar10_lt_if100
 if [ "$CUDA" = 0 ]; then  # the dry run: a small synthetic set in its place
     "$PY" -m gala_scale.shards build synthetic --out "$SHARDS" --max-per-class 40 \
@@ -151,7 +152,7 @@ if [ -f .gpu/paper_runs.tar.gz.0 ] && [ ! -d "$PAPER" ]; then
 fi
 if [ -d "$SHARDS" ]; then
     step paper_budget 270 "$PY" -m gala_scale.reproduce --config configs/cifar10_lt_if100.yaml \
-        --shards "$SHARDS" --losses ce,balanced_softmax,gala_reference,gala_paper --concurrent \
+        --shards "$SHARDS" --losses ce,balanced_softmax,gala_reference,gala_paper,gala_reference_sos --concurrent \
         --time-limit 235 --out "$PAPER" --report "$OUT/paper_results.md" \
         --set train.epochs="$PAPER_EPOCHS" --set train.eval_every="$PAPER_EVAL" \
         --set data.loader=torch --set data.num_workers="$PAPER_WORKERS" --set train.keep_checkpoints=1 \

@@ -51,12 +51,21 @@ def _gala_vs_ce(model_fn: Callable[[], nn.Module], inputs, labels, num_classes, 
         "gala": _train_step(
             copy.deepcopy(model), GALALoss(num_classes, check_finite=False).train(), inputs, labels
         ),
+        # The authors' accumulation (loss.ledger: sum_of_sums): S beside theta and phi.
+        "gala_sos": _train_step(
+            copy.deepcopy(model),
+            GALALoss(num_classes, check_finite=False, ledger="sum_of_sums").train(),
+            inputs,
+            labels,
+        ),
     }
     medians = interleaved_medians(steps, repeats)
     return {
         "ce_step_s": medians["ce"],
         "gala_step_s": medians["gala"],
         "gala_over_ce": medians["gala"] / medians["ce"],
+        "gala_sos_step_s": medians["gala_sos"],
+        "gala_sos_over_ce": medians["gala_sos"] / medians["ce"],
     }
 
 
@@ -123,7 +132,10 @@ def run(args: argparse.Namespace) -> dict:
         "linear_k8142": head,
         "ledger_k8142_b256": ledger,
         "goals_met": {
-            "gala_step_le_1.03x_ce": max(cifar["gala_over_ce"], head["gala_over_ce"]) <= 1.03,
+            "gala_step_le_1.03x_ce": max(
+                row[key] for row in (cifar, head) for key in ("gala_over_ce", "gala_sos_over_ce")
+            )
+            <= 1.03,
             "ledger_ge_100x_loop": ledger["ledger_speedup"] >= 100,
         },
     }

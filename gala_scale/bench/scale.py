@@ -5,8 +5,9 @@
 
 The same inputs (32 x 32, batch 64) and the tiny model at every K, side by side in one run:
 
-- ``train``: a training step (forward, loss, backward, SGD) with CE and with GALA (built as the
-  trainer builds it), interleaved for ``--step-repeats`` rounds; ``gala_over_ce``;
+- ``train``: a training step (forward, loss, backward, SGD) with CE, with GALA (built as the
+  trainer builds it) and with GALA on the authors' accumulation (``loss.ledger: sum_of_sums``),
+  interleaved for ``--step-repeats`` rounds; ``gala_over_ce`` and ``gala_sos_over_ce``;
 - ``ledger_sync``: the all-reduce of theta and phi (2 x K floats) between 2 gloo processes;
 - ``eval``: the tiny model over ``--images`` images, softmax, ``metrics.summarize`` and PN (fit
   and apply), in a process of its own whose peak RSS is the eval's;
@@ -312,4 +313,5 @@ def run(args: argparse.Namespace) -> dict:
         f"checkpoint_at_{high}": big,
         "growth_exponent": growth,
         "gala_over_ce_at_largest": rows[high]["train"]["gala_over_ce"],
+        "gala_sos_over_ce_at_largest": rows[high]["train"]["gala_sos_over_ce"],
     }
