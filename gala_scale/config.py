@@ -47,7 +47,9 @@ class LossConfig:
     lambda1: float = _f(1.2, "GALA: weight of log(theta + eps)")
     lambda2: float = _f(0.9, "GALA: weight of log(phi + eps)")
     eps: float = _f(1e-3, "GALA: epsilon inside the logs")
-    variant: str = _f("reference", "GALA: reference (authors' code) | paper (eq. 6)")
+    variant: str = _f(
+        "reference", "GALA: reference (the authors' logit adjustment) | paper (eq. 6)"
+    )
     ledger_init: str = _f(
         "zeros", "GALA: zeros | counts (theta = phi = scale x (1 - 1/K) x training count)"
     )

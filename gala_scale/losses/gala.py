@@ -13,9 +13,10 @@ whole run, never reset.
 Two variants, both exact:
 
 * ``variant="paper"``: eq. 6 as written above.
-* ``variant="reference"`` (default): what the authors' code computes and what produced the
-  published numbers. The lambda1 term is added to every logit, the target's included, and the
-  lambda2 term is subtracted from the whole row, where it cancels in the softmax.
+* ``variant="reference"`` (default): the authors' code's logit adjustment. The lambda1 term is
+  added to every logit, the target's included, and the lambda2 term is subtracted from the whole
+  row, where it cancels in the softmax. Their published numbers come from it with
+  ``ledger="sum_of_sums"`` (below).
 
 With hard labels theta and phi receive equal increments (both ``1 - p'_k``), so the two variants
 coincide when lambda1 == lambda2. With the published lambda1 = 1.2, lambda2 = 0.9, eq. 6 leaves
