@@ -16,13 +16,22 @@ import yaml
 
 
 def _f(default: Any, help: str, **kwargs) -> Any:
+    if isinstance(default, list):  # a fresh list for every config (hence RUF009's noqa below)
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
 
 
 @dataclass
 class DataConfig:
     shards: str = _f("", "shard set folder (python -m gala_scale.shards build ...)")
-    preset: str = _f("cifar", "image preset: cifar | imagenet")
+    preset: str = _f(
+        "auto",
+        "image preset: cifar | imagenet | auto (a timm model's pretrained config, else cifar)",
+    )
+    input_size: int = _f(0, "the model's input side in pixels, 0 = the preset's")
+    mean: list[float] = _f([], "per-channel mean (3 floats), [] = the preset's")  # noqa: RUF009
+    std: list[float] = _f([], "per-channel std (3 floats), [] = the preset's")  # noqa: RUF009
+    crop_pct: float = _f(0.0, "eval: centre crop / resized side (1 = no cut), 0 = the preset's")
     loader: str = _f("auto", "input pipeline: auto (= dali) | dali | torch")
     batch_size: int = _f(64, "global training batch, split evenly over the processes")
     eval_batch_size: int = _f(256, "global evaluation batch")
@@ -38,7 +47,19 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = _f("resnet32", "registered model name (gala_scale.models.MODELS)")
+    name: str = _f(
+        "resnet32", "registered model name (gala_scale.models.MODELS) or timm/<architecture>"
+    )
+    pretrained: str = _f(
+        "", "local weights file (safetensors or torch checkpoint), '' = none; never downloaded"
+    )
+    pretrained_layout: str = _f(
+        "", "key map of a file from another code base: torchvision | efficientnet_pytorch"
+    )
+    finetune: str = _f(
+        "full", "full | linear (frozen backbone, BatchNorm in eval) | last_k (and the last blocks)"
+    )
+    trainable_blocks: int = _f(1, "last_k: layer groups before the head that train")
 
 
 @dataclass
@@ -64,8 +85,14 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = _f(0.05, "peak learning rate (SGD)")
+    name: str = _f("sgd", "sgd | adamw")
+    lr: float = _f(0.05, "peak learning rate (of the head, before head_lr_scale)")
     momentum: float = _f(0.9, "SGD momentum")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas")  # noqa: RUF009
+    head_lr_scale: float = _f(1.0, "the head's learning rate is lr x this")
+    layer_decay: float = _f(
+        1.0, "layer-wise decay: each layer group nearer the input gets this times less lr"
+    )
     weight_decay: float = _f(5e-4, "weight decay")
     nesterov: bool = _f(False, "Nesterov momentum")
     warmup_epochs: float = _f(2.0, "linear warm-up before the cosine decay")
@@ -127,7 +154,10 @@ class RunConfig:
 
 
 CHOICES = {
-    "data.preset": ("cifar", "imagenet"),
+    "data.preset": ("auto", "cifar", "imagenet"),
+    "model.finetune": ("full", "linear", "last_k"),
+    "model.pretrained_layout": ("", "torchvision", "efficientnet_pytorch"),
+    "optim.name": ("sgd", "adamw"),
     "data.loader": ("auto", "dali", "torch"),
     "loss.name": ("ce", "logit_adjusted", "balanced_softmax", "gala"),
     "loss.variant": ("reference", "paper"),
@@ -149,7 +179,9 @@ POSITIVE = (
     "train.checkpoint_every",
     "train.grad_accum_steps",
     "optim.base_batch_size",
+    "model.trainable_blocks",
 )
+TRIPLES = ("data.mean", "data.std")  # [] or 3 numbers
 
 
 class ConfigError(ValueError):
@@ -172,6 +204,13 @@ def _check_type(value: Any, annotation: Any, key: str) -> tuple[Any, str | None]
         for word in spellings:
             if word in CHOICES.get(key, ()):
                 return word, None
+    if annotation == "list[float]":
+        numbers = isinstance(value, list) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value
+        )
+        if not numbers:
+            return value, f"{key}: expected a list of numbers, got {value!r}"
+        return [float(v) for v in value], None
     if kind in (str, int, float, bool):
         if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
             return value, None
@@ -216,9 +255,20 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
             errors.append(f"{key}: must be >= 1, got {get(cfg, key)}")
     if not cfg.data.shards:
         errors.append("data.shards: required (a shard set folder)")
-    for key in ("optim.lr", "loss.ledger_init_scale"):
+    for key in ("optim.lr", "loss.ledger_init_scale", "optim.head_lr_scale"):
         if get(cfg, key) <= 0:
             errors.append(f"{key}: must be > 0, got {get(cfg, key)}")
+    if not 0 < cfg.optim.layer_decay <= 1:
+        errors.append(f"optim.layer_decay: must be in (0, 1], got {cfg.optim.layer_decay}")
+    for key in TRIPLES:
+        if len(get(cfg, key)) not in (0, 3):
+            errors.append(f"{key}: give 3 numbers (one a channel) or [], got {get(cfg, key)}")
+    if any(s <= 0 for s in cfg.data.std):
+        errors.append(f"data.std: must be > 0, got {cfg.data.std}")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        errors.append(f"optim.betas: give 2 numbers in [0, 1), got {cfg.optim.betas}")
+    if cfg.data.input_size < 0:
+        errors.append(f"data.input_size: must be >= 0, got {cfg.data.input_size}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         errors.append(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
 

@@ -32,9 +32,9 @@ from safetensors.torch import load_file
 
 from gala_scale import rebalance
 from gala_scale.config import load_config
-from gala_scale.data import PAD_LABEL, create_loader, presets
+from gala_scale.data import PAD_LABEL, create_loader
 from gala_scale.data.common import open_split
-from gala_scale.models import create_model
+from gala_scale.models import create_model, run_preset
 
 FORMAT_VERSION = 2  # 2: PN inside the graph, three outputs
 OPSET = 17
@@ -70,7 +70,7 @@ def _probs(model, cfg, split: str, limit: int | None = None) -> tuple[np.ndarray
     loader = create_loader(
         cfg.data.shards,
         split,
-        preset=cfg.data.preset,
+        preset=run_preset(cfg.data, cfg.model.name),
         batch_size=64,
         train=False,
         kind="torch",
@@ -231,7 +231,7 @@ def export(
     model_name: str = "gala",
 ) -> dict:
     cfg, model, split, info = _load_run(run_dir, checkpoint)
-    preset = presets.get_preset(cfg.data.preset)
+    preset = run_preset(cfg.data, cfg.model.name)
     out.mkdir(parents=True, exist_ok=True)
     scales, tau, fitted_on = _scales(run_dir, checkpoint, model, cfg)
     export_onnx(model, preset.crop, out / "model.onnx", scales, tau)

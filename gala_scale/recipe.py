@@ -12,6 +12,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from gala_scale.config import ConfigError, RunConfig
+from gala_scale.models import finetune
 
 
 def channels_last(cfg: RunConfig, cuda: bool) -> bool:
@@ -49,14 +50,23 @@ def learning_rate(cfg: RunConfig) -> float:
 
 
 def optimizer(model: nn.Module, cfg: RunConfig, cuda: bool) -> torch.optim.Optimizer:
+    """SGD or AdamW over the trainable parameters; with ``optim.layer_decay`` or
+    ``optim.head_lr_scale`` one parameter group a layer group (gala_scale.models.finetune)."""
     o = cfg.optim
     impl = o.implementation if o.implementation != "auto" else ("fused" if cuda else "foreach")
     kernels = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {}}[impl]
     if impl == "for_loop":
         kernels = {"foreach": False}
+    lr = learning_rate(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o.layer_decay != 1.0 or o.head_lr_scale != 1.0:
+        params = finetune.param_groups(model, lr, o.weight_decay, o.layer_decay, o.head_lr_scale)
+    if o.name == "adamw":
+        betas = tuple(o.betas)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=o.weight_decay, **kernels)
     return torch.optim.SGD(
-        model.parameters(),
-        lr=learning_rate(cfg),
+        params,
+        lr=lr,
         momentum=o.momentum,
         weight_decay=o.weight_decay,
         nesterov=o.nesterov,

@@ -51,7 +51,8 @@ from gala_scale.data.common import open_split
 from gala_scale.data.presets import Augment
 from gala_scale.engine import predict, sync_ledger, train_one_epoch
 from gala_scale.losses import create_loss
-from gala_scale.models import create_model
+from gala_scale.models import create_model, finetune, run_preset
+from gala_scale.models.pretrained import load_pretrained
 from gala_scale.report import finish
 from gala_scale.runlog import RunLog
 from gala_scale.runtime import (
@@ -166,7 +167,7 @@ def _loaders(cfg: RunConfig, accelerator, num_classes: int):
             raise ConfigError(f"{key}: {batch} does not split evenly over {ranks} ranks")
     common = {
         "channels_last": recipe.channels_last(cfg, accelerator.device.type == "cuda"),
-        "preset": d.preset,
+        "preset": run_preset(d, cfg.model.name),
         "kind": d.loader,
         "seed": cfg.seed,
         "num_classes": num_classes,
@@ -215,13 +216,39 @@ class Parts:
     ema: recipe.WeightEMA | None
 
 
+def _model(cfg: RunConfig, num_classes: int, accelerator) -> torch.nn.Module:
+    """The model with its local pretrained weights, if any, and the fine-tuning policy applied.
+
+    Every problem (an unknown architecture, a weights file that does not fit, a policy the model
+    cannot take) is a configuration error that names the key or the file."""
+    m = cfg.model
+    try:
+        model = create_model(m.name, num_classes=num_classes)
+        if m.pretrained:
+            done = load_pretrained(model, Path(m.pretrained), m.pretrained_layout)
+            head = ", ".join(done["head_left_out"]) or "none"
+            accelerator.print(
+                f"pretrained: {done['loaded']} tensors from {m.pretrained}; "
+                f"classifier left at its initialisation: {head}"
+            )
+        elif m.pretrained_layout:
+            raise ConfigError("model.pretrained_layout: set, but model.pretrained names no file")
+        frozen = finetune.apply_policy(model, m.finetune, m.trainable_blocks)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if frozen:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        accelerator.print(f"finetune {m.finetune}: {trainable:,} parameters train")
+    return model
+
+
 def build_parts(
     cfg: RunConfig, accelerator, num_classes: int, counts: list[int], steps_per_epoch: int
 ) -> Parts:
     """The model (same initial weights on every rank), loss, optimizer and schedule, prepared."""
     cuda = accelerator.device.type == "cuda"
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model.name, num_classes=num_classes)
+    model = _model(cfg, num_classes, accelerator)
     model = recipe.prepare_model(model, cfg, cuda, accelerator.num_processes)
     criterion = _loss(cfg, num_classes, counts)
     optimizer = recipe.optimizer(model, cfg, cuda)

@@ -6,10 +6,14 @@
 #       extra (nvidia-dali-cuda120, onnxruntime-gpu 1.26.0) and, on a machine with a GPU, torch's
 #       CUDA 12 build from GALA_TORCH_INDEX (default https://download.pytorch.org/whl/cu128).
 #
-# torch goes in first and pinned: on a machine without a GPU, torch==2.13.0 is the CPU wheel
-# that lies on disk (about 30 s); a bare `torch` requirement would resolve a newer CUDA build of
-# several GB. On a GPU cluster the same pin takes the CUDA build from the registry. With torch
-# in place, the project's own range admits it and pip leaves it alone.
+# torch and torchvision go in first, pinned as a pair built together: the registry's torch==2.13.0
+# (a CUDA 13.0 build, which runs on the CPU where there is no GPU) and torchvision==0.28.0 (built
+# against it; timm needs it). A machine whose pip config points at a CPU-only torch wheel on disk
+# is told to look elsewhere for this one call: the registry's torchvision links libtorch_cuda.so
+# and fails to import beside a CPU-only torch ("operator torchvision::nms does not exist"), and the
+# registry has no CPU-only torchvision. Measured, and why this pair: docs/training.md,
+# "Pretrained backbones". With torch in place, the project's own ranges admit it and pip leaves
+# it alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${GALA_VENV:-.venv}"
@@ -37,7 +41,17 @@ fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install --upgrade pip >/dev/null
 echo "[bootstrap] torch (CUDA $cuda stack)"
-"${pip[@]}" install "${torch_from[@]}" "torch==${GALA_TORCH_VERSION:-2.13.0}"
+# A CPU-only torch left by an earlier set-up satisfies the pin: take it out first.
+if "$venv/bin/python" -c "import torch, sys; sys.exit(not torch.__version__.endswith('+cpu'))" \
+    2>/dev/null; then
+    echo "[bootstrap] replacing the CPU-only torch $("$venv/bin/python" -c \
+        'import torch; print(torch.__version__)') (no torchvision matches it)"
+    "${pip[@]}" uninstall -y torch torchvision >/dev/null
+fi
+no_local_wheels=$(mktemp -d)  # an empty find-links folder: pip config's CPU wheel is not seen
+PIP_FIND_LINKS=$no_local_wheels "${pip[@]}" install "${torch_from[@]}" \
+    "torch==${GALA_TORCH_VERSION:-2.13.0}" "torchvision==${GALA_TORCHVISION_VERSION:-0.28.0}"
+rmdir "$no_local_wheels"
 # The other CUDA major's DALI and onnxruntime-gpu must go: both majors import as the same modules.
 other=$([ "$cuda" = 13 ] && echo 120 || echo 130)
 "${pip[@]}" uninstall -y "nvidia-dali-cuda$other" >/dev/null 2>&1 || true
@@ -52,7 +66,10 @@ import importlib.metadata as md
 import sys
 import torch
 dali = "nvidia-dali-cuda" + {"13": "130", "12": "120"}[sys.argv[1]]
+import timm
+import torchvision
 print(f"[bootstrap] torch {torch.__version__} (cuda: {torch.cuda.is_available()}), "
+      f"torchvision {torchvision.__version__}, timm {timm.__version__}, "
       f"{dali} {md.version(dali)}, deepspeed {md.version('deepspeed')}, "
       f"accelerate {md.version('accelerate')}, onnxruntime-gpu {md.version('onnxruntime-gpu')}")
 PY

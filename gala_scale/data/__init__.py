@@ -57,7 +57,7 @@ class ShardLoader:
         root: Path | str,
         split: str,
         *,
-        preset: str,
+        preset: str | presets.Preset,
         batch_size: int,
         train: bool,
         kind: str = "auto",
@@ -77,7 +77,7 @@ class ShardLoader:
             raise ValueError(
                 f"need batch_size >= 1 and 0 <= rank < world, got {batch_size}, {rank}, {world}"
             )
-        self.preset = presets.get_preset(preset)
+        self.preset = preset if isinstance(preset, presets.Preset) else presets.get_preset(preset)
         self.augment = augment or presets.Augment()
         if self.augment.autoaugment and self.preset.name != "cifar":
             raise ValueError("autoaugment is the CIFAR policy: use it with preset 'cifar'")

@@ -10,7 +10,7 @@ This module imports neither torch nor DALI, so serving code can mirror it from t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -84,6 +84,35 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; valid: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]
+
+
+def with_overrides(
+    base: Preset,
+    input_size: int = 0,
+    mean: tuple | list = (),
+    std: tuple | list = (),
+    crop_pct: float = 0.0,
+) -> Preset:
+    """``base`` with the config's ``data.input_size``, ``data.mean``, ``data.std`` and
+    ``data.crop_pct`` where given (0 or empty = the preset's). The eval resize keeps the preset's
+    crop fraction unless ``crop_pct`` names one (1.0: resize to the crop, nothing cut off)."""
+    if (input_size or crop_pct) and base.expected_side is not None:
+        raise ValueError(
+            f"data.input_size / data.crop_pct: preset {base.name!r} takes {base.expected_side} px "
+            "images as they are; use preset 'imagenet' (or a timm model's) to resize"
+        )
+    crop = input_size or base.crop
+    fraction = crop_pct or (base.crop / base.eval_resize if base.eval_resize else 1.0)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"data.crop_pct: must be in (0, 1], got {crop_pct}")
+    eval_resize = base.eval_resize if not (input_size or crop_pct) else round(crop / fraction)
+    return replace(
+        base,
+        mean=tuple(mean) if mean else base.mean,
+        std=tuple(std) if std else base.std,
+        crop=crop,
+        eval_resize=eval_resize,
+    )
 
 
 def check_image_fits(preset: Preset, width: int, height: int, where: str) -> None:

@@ -1,4 +1,5 @@
-"""Models, registered by name: ``create_model("resnet32", num_classes=100)``."""
+"""Models, registered by name: ``create_model("resnet32", num_classes=100)``, and any timm
+architecture as ``create_model("timm/efficientnet_lite0", num_classes=100)``."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from functools import partial
 
 from torch import nn
 
+from gala_scale.data.presets import Preset, get_preset, with_overrides
 from gala_scale.models.resnet import resnet50, resnet152, resnext50_32x4d
 from gala_scale.models.resnet_cifar import CifarResNet
+from gala_scale.models.timm_models import create_timm, input_preset, is_timm
 from gala_scale.models.tiny import TinyNet
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -23,9 +26,23 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+    if is_timm(name):
+        return create_timm(name, num_classes)
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid: {', '.join(sorted(MODELS))}")
+        raise ValueError(
+            f"unknown model {name!r}; valid: {', '.join(sorted(MODELS))}, or timm/<architecture>"
+        )
     return MODELS[name](num_classes=num_classes, **kwargs)
 
 
-__all__ = ["MODELS", "create_model"]
+def run_preset(data, model_name: str) -> Preset:
+    """The input preset of a run: ``data.preset`` (``auto``: a timm model's pretrained config,
+    else ``cifar``) with the config's overrides (``data`` is the run's DataConfig)."""
+    if data.preset == "auto":
+        base = input_preset(model_name) if is_timm(model_name) else get_preset("cifar")
+    else:
+        base = get_preset(data.preset)
+    return with_overrides(base, data.input_size, data.mean, data.std, data.crop_pct)
+
+
+__all__ = ["MODELS", "create_model", "run_preset"]

