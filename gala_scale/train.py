@@ -165,9 +165,13 @@ def _loaders(cfg: RunConfig, accelerator, num_classes: int):
     ):
         if batch % ranks:
             raise ConfigError(f"{key}: {batch} does not split evenly over {ranks} ranks")
+    try:
+        preset = run_preset(d, cfg.model.name)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     common = {
         "channels_last": recipe.channels_last(cfg, accelerator.device.type == "cuda"),
-        "preset": run_preset(d, cfg.model.name),
+        "preset": preset,
         "kind": d.loader,
         "seed": cfg.seed,
         "num_classes": num_classes,
