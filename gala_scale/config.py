@@ -40,6 +40,10 @@ class DataConfig:
     cutout: int = _f(0, "Cutout square side in pixels, 0 = off")
     color_jitter: float = _f(0.0, "brightness/contrast/saturation jitter strength, 0 = off")
     randaugment: bool = _f(False, "RandAugment (2 operations, magnitude 9 of 30)")
+    mixup: float = _f(0.0, "mixup Beta(a, a) alpha, 0 = off (soft targets: GALA's soft ledger)")
+    cutmix: float = _f(0.0, "CutMix Beta(a, a) alpha, 0 = off")
+    mix_prob: float = _f(1.0, "chance that a training batch is mixed (mixup or CutMix on)")
+    mix_switch_prob: float = _f(0.5, "with mixup and CutMix both on: chance of CutMix")
     train_split: str = _f("train", "split to train on")
     val_split: str = _f("val", "split for model selection and PN fitting ('' = none)")
     test_split: str = _f("test", "split reported at the end ('' = none)")
@@ -267,6 +271,12 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         errors.append(f"data.std: must be > 0, got {cfg.data.std}")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         errors.append(f"optim.betas: give 2 numbers in [0, 1), got {cfg.optim.betas}")
+    for key in ("data.mixup", "data.cutmix"):
+        if get(cfg, key) < 0:
+            errors.append(f"{key}: must be >= 0 (0 = off), got {get(cfg, key)}")
+    for key in ("data.mix_prob", "data.mix_switch_prob"):
+        if not 0 <= get(cfg, key) <= 1:
+            errors.append(f"{key}: must be in [0, 1], got {get(cfg, key)}")
     if cfg.data.input_size < 0:
         errors.append(f"data.input_size: must be >= 0, got {cfg.data.input_size}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:

@@ -48,6 +48,7 @@ from gala_scale.checkpoint import (
 from gala_scale.config import ConfigError, RunConfig, describe, get, load_config, to_dict
 from gala_scale.data import ShardLoader, create_loader
 from gala_scale.data.common import open_split
+from gala_scale.data.mixing import Mixing, mixed
 from gala_scale.data.presets import Augment
 from gala_scale.engine import predict, sync_ledger, train_one_epoch
 from gala_scale.losses import create_loss
@@ -310,7 +311,20 @@ def _git_revision() -> str:
 
 def _epoch_batches(run: Run, epoch: int, first_step: int):
     """This process's batches; with emulate_world > 1 the virtual ranks' batches concatenated."""
-    streams = [loader.epoch(epoch, start_step=first_step) for loader in run.train]
+    d = run.cfg.data
+    mixing = Mixing(d.mixup, d.cutmix, d.mix_prob, d.mix_switch_prob)
+    streams = [
+        mixed(
+            loader.epoch(epoch, start_step=first_step),
+            mixing,
+            len(run.class_counts),
+            seed=run.cfg.seed,
+            epoch=epoch,
+            first_step=first_step,
+            rank=loader.rank,
+        )
+        for loader in run.train
+    ]
     if len(streams) == 1:
         return streams[0]
     return (
