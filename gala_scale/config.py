@@ -145,6 +145,22 @@ class PNConfig:
 
 
 @dataclass
+class Stage2Config:
+    enabled: bool = _f(
+        False, "re-train the classifier on cached frozen features (docs/training.md)"
+    )
+    from_run: str = _f(
+        "", "a finished run whose backbone gives the features ('' = model.pretrained)"
+    )
+    from_weights: str = _f("final", "final | best: which weights of stage2.from_run")
+    views: int = _f(0, "augmented training views cached beside the eval-transform view")
+    skip_plain_view: bool = _f(False, "with views > 0: train on the augmented views only")
+    sampler: str = _f("instance", "instance | class_balanced | sqrt (class drawn as sqrt(count))")
+    reset_head: bool = _f(True, "start from a fresh classifier (false: the backbone's own)")
+    cache: str = _f("", "feature cache folder ('' = <from_run or run_dir>/features)")
+
+
+@dataclass
 class RunConfig:
     run_dir: str = _f("runs/debug", "run directory (config, metrics, checkpoints, plots)")
     seed: int = _f(0, "seed of data order, augmentation and initialisation")
@@ -155,6 +171,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pn: PNConfig = field(default_factory=PNConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
 
 
 CHOICES = {
@@ -162,6 +179,8 @@ CHOICES = {
     "model.finetune": ("full", "linear", "last_k"),
     "model.pretrained_layout": ("", "torchvision", "efficientnet_pytorch"),
     "optim.name": ("sgd", "adamw"),
+    "stage2.from_weights": ("final", "best"),
+    "stage2.sampler": ("instance", "class_balanced", "sqrt"),
     "data.loader": ("auto", "dali", "torch"),
     "loss.name": ("ce", "logit_adjusted", "balanced_softmax", "gala"),
     "loss.variant": ("reference", "paper"),
@@ -277,6 +296,12 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
     for key in ("data.mix_prob", "data.mix_switch_prob"):
         if not 0 <= get(cfg, key) <= 1:
             errors.append(f"{key}: must be in [0, 1], got {get(cfg, key)}")
+    if cfg.stage2.views < 0:
+        errors.append(f"stage2.views: must be >= 0, got {cfg.stage2.views}")
+    if cfg.stage2.enabled and cfg.data.cutmix:
+        errors.append("data.cutmix: cuts images, and stage 2 trains on features (use data.mixup)")
+    if cfg.stage2.skip_plain_view and not cfg.stage2.views:
+        errors.append("stage2.skip_plain_view: needs stage2.views > 0")
     if cfg.data.input_size < 0:
         errors.append(f"data.input_size: must be >= 0, got {cfg.data.input_size}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:

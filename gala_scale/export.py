@@ -30,11 +30,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from gala_scale import rebalance
+from gala_scale import rebalance, stage2
 from gala_scale.config import load_config
 from gala_scale.data import PAD_LABEL, create_loader
 from gala_scale.data.common import open_split
 from gala_scale.models import create_model, run_preset
+from gala_scale.models.pretrained import head_module
 
 FORMAT_VERSION = 2  # 2: PN inside the graph, three outputs
 OPSET = 17
@@ -60,8 +61,16 @@ def _load_run(run_dir: Path, checkpoint: str):
     if not weights.is_file():
         raise ExportError(f"{weights}: missing (did the run finish? try --checkpoint last)")
     split = open_split(cfg.data.shards, cfg.data.train_split)
-    model = create_model(cfg.model.name, num_classes=cfg.num_classes or split.num_classes)
-    model.load_state_dict(load_file(weights))
+    num_classes = cfg.num_classes or split.num_classes
+    if cfg.stage2.enabled:  # the run trained a classifier: put it back on its backbone
+        try:
+            model = stage2.backbone(cfg, num_classes)
+        except ValueError as err:
+            raise ExportError(f"{run_dir} is a stage-2 run: {err}") from None
+        head_module(model).load_state_dict(load_file(weights))
+    else:
+        model = create_model(cfg.model.name, num_classes=num_classes)
+        model.load_state_dict(load_file(weights))
     info = json.loads((folder / "info.json").read_text()) if (folder / "info.json").exists() else {}
     return cfg, model.eval(), split, info
 

@@ -31,7 +31,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from gala_scale import dist, metrics, recipe
+from gala_scale import dist, metrics, recipe, stage2
 from gala_scale.bench.common import peak_rss_mib
 from gala_scale.checkpoint import (
     TrainState,
@@ -248,12 +248,17 @@ def _model(cfg: RunConfig, num_classes: int, accelerator) -> torch.nn.Module:
 
 
 def build_parts(
-    cfg: RunConfig, accelerator, num_classes: int, counts: list[int], steps_per_epoch: int
+    cfg: RunConfig,
+    accelerator,
+    num_classes: int,
+    counts: list[int],
+    steps_per_epoch: int,
+    model: torch.nn.Module | None = None,
 ) -> Parts:
     """The model (same initial weights on every rank), loss, optimizer and schedule, prepared."""
     cuda = accelerator.device.type == "cuda"
     torch.manual_seed(cfg.seed)
-    model = _model(cfg, num_classes, accelerator)
+    model = _model(cfg, num_classes, accelerator) if model is None else model
     model = recipe.prepare_model(model, cfg, cuda, accelerator.num_processes)
     criterion = _loss(cfg, num_classes, counts)
     optimizer = recipe.optimizer(model, cfg, cuda)
@@ -277,8 +282,13 @@ def build_run(cfg: RunConfig, accelerator) -> Run:
     num_classes = cfg.num_classes or split.num_classes
     counts = list(split.class_counts)
     recipe.set_backends(cfg, accelerator.device.type == "cuda")
-    train, val, test = _loaders(cfg, accelerator, num_classes)
-    parts = build_parts(cfg, accelerator, num_classes, counts, train[0].steps_per_epoch)
+    head = None
+    if cfg.stage2.enabled:  # a classifier over cached features (gala_scale.stage2)
+        train, val, test = stage2.loaders(cfg, accelerator, num_classes)
+        head = stage2.classifier(cfg, num_classes, train[0].views[0][0].shape[1])
+    else:
+        train, val, test = _loaders(cfg, accelerator, num_classes)
+    parts = build_parts(cfg, accelerator, num_classes, counts, train[0].steps_per_epoch, head)
     return Run(
         cfg,
         accelerator,

@@ -1,0 +1,113 @@
+"""Two-stage training: the feature cache, its samplers, and stage 2 through the trainer."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from shard_fixtures import build_small_synthetic
+from train_helpers import debug_overrides, explain, ledger, results, run_single
+
+from gala_scale.data import PAD_LABEL
+from gala_scale.export import export
+from gala_scale.stage2 import FeatureLoader
+
+LABELS = np.repeat(np.arange(4), [64, 16, 8, 2])  # 90 samples, imbalance 32
+
+
+def features(n: int = len(LABELS), dim: int = 3) -> np.ndarray:
+    return np.arange(n * dim, dtype=np.float16).reshape(n, dim)
+
+
+def drawn(sampler: str, epochs: int = 40) -> np.ndarray:
+    loader = FeatureLoader([(features(), LABELS)], 10, True, 0, 1, 0, "cpu", sampler)
+    counts = np.zeros(4)
+    for epoch in range(epochs):
+        for _, y in loader.epoch(epoch):
+            counts += np.bincount(y.numpy(), minlength=4)
+    return counts / counts.sum()
+
+
+def test_samplers_draw_classes_as_they_say():
+    np.testing.assert_allclose(drawn("instance"), np.bincount(LABELS) / 90, atol=0.01)
+    np.testing.assert_allclose(drawn("class_balanced"), [0.25] * 4, atol=0.03)
+    root = np.sqrt(np.bincount(LABELS))
+    np.testing.assert_allclose(drawn("sqrt"), root / root.sum(), atol=0.03)
+
+
+def test_feature_batches_split_over_ranks_resume_and_pad():
+    views = [(features(), LABELS)]
+    ranks = [FeatureLoader(views, 8, True, r, 2, 3, "cpu") for r in range(2)]
+    seen = [torch.cat([x[:, 0] for x, _ in loader.epoch(1)]) for loader in ranks]
+    assert len(set(seen[0].tolist()) & set(seen[1].tolist())) == 0  # disjoint
+    assert ranks[0].steps_per_epoch == 5 and len(seen[0]) == 40
+    whole = list(ranks[0].epoch(2))
+    for (a, ya), (b, yb) in zip(whole[3:], ranks[0].epoch(2, start_step=3), strict=True):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+    # Evaluation: 3 batches of 16 a rank, every sample once, the 6 missing to 96 padded.
+    firsts = []
+    for rank in range(2):
+        loader = FeatureLoader(views, 16, False, rank, 2, 0, "cpu")
+        x, y = (torch.cat(parts) for parts in zip(*loader.epoch(0), strict=True))
+        assert len(y) == 48
+        firsts += x[y != PAD_LABEL, 0].tolist()
+    assert sorted(firsts) == features()[:, 0].astype(np.float32).tolist()
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    base = tmp_path_factory.mktemp("stage2")
+    shards = build_small_synthetic(base / "synthetic")
+    run_dir = base / "stage1"
+    proc = run_single(debug_overrides(shards, run_dir))
+    assert proc.returncode == 0, explain(proc)
+    return shards, run_dir
+
+
+def stage2_args(shards, run_dir, *extra):
+    return debug_overrides(shards, run_dir, "stage2.enabled=true", "train.epochs=4", *extra)
+
+
+@pytest.mark.slow
+def test_stage2_of_a_run_caches_features_once_and_exports_on_the_backbone(stage1, tmp_path):
+    shards, first = stage1
+    gala = tmp_path / "gala"
+    args = (f"stage2.from_run={first}", "stage2.views=1", "stage2.sampler=class_balanced")
+    proc = run_single(stage2_args(shards, gala, *args, "loss.name=gala"))
+    assert proc.returncode == 0, explain(proc)
+    assert "stage2 features: train_view1" in proc.stdout
+    cache = first / "features"
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["views"] == 1 and len(meta["weights_sha256"]) == 64
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    train0 = np.load(cache / "train_view0.features.npy")
+    assert train0.dtype == np.float16 and train0.shape == (256, 32)  # the tiny model's 32
+    assert set(load_file(gala / "final" / "model.safetensors")) == {"weight", "bias"}
+    assert ledger(gala)["theta"].sum() > 0 and "test" in results(gala)
+    assert (gala / "plots" / "ledger.png").is_file()
+
+    # A second stage-2 run on the same backbone computes nothing.
+    bs = tmp_path / "balanced_softmax"
+    proc = run_single(stage2_args(shards, bs, *args, "loss.name=balanced_softmax"))
+    assert proc.returncode == 0, explain(proc)
+    assert "stage2 features:" not in proc.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamps
+    assert results(bs)["test"] != results(gala)["test"]
+
+    out = tmp_path / "export"
+    export(gala, out, "final")  # compares ONNX Runtime with the backbone + new head in torch
+    assert json.loads((out / "artifact.json").read_text())["num_classes"] == 6
+
+
+@pytest.mark.slow
+def test_stage2_of_a_pretrained_file_caches_in_its_own_run(stage1, tmp_path):
+    shards, first = stage1
+    weights = tmp_path / "backbone.safetensors"
+    save_file(load_file(first / "final" / "model.safetensors"), weights)
+    run_dir = tmp_path / "run"
+    proc = run_single(stage2_args(shards, run_dir, f"model.pretrained={weights}"))
+    assert proc.returncode == 0, explain(proc)
+    assert (run_dir / "features" / "test.features.npy").is_file()
+    proc = run_single(stage2_args(shards, tmp_path / "bad", "stage2.from_run=/nonexistent"))
+    assert proc.returncode == 2 and "/nonexistent/final/model.safetensors: missing" in proc.stderr
