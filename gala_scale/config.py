@@ -64,6 +64,9 @@ class ModelConfig:
         "full", "full | linear (frozen backbone, BatchNorm in eval) | last_k (and the last blocks)"
     )
     trainable_blocks: int = _f(1, "last_k: layer groups before the head that train")
+    bn_eps: float = _f(
+        0.0, "timm models: BatchNorm epsilon, 0 = the architecture's (TF weights: 1e-3)"
+    )
 
 
 @dataclass

@@ -34,7 +34,7 @@ from gala_scale import rebalance, stage2
 from gala_scale.config import load_config
 from gala_scale.data import PAD_LABEL, create_loader
 from gala_scale.data.common import open_split
-from gala_scale.models import create_model, run_preset
+from gala_scale.models import create_model, model_options, run_preset
 from gala_scale.models.pretrained import head_module
 
 FORMAT_VERSION = 2  # 2: PN inside the graph, three outputs
@@ -69,7 +69,7 @@ def _load_run(run_dir: Path, checkpoint: str):
             raise ExportError(f"{run_dir} is a stage-2 run: {err}") from None
         head_module(model).load_state_dict(load_file(weights))
     else:
-        model = create_model(cfg.model.name, num_classes=num_classes)
+        model = create_model(cfg.model.name, num_classes=num_classes, **model_options(cfg))
         model.load_state_dict(load_file(weights))
     info = json.loads((folder / "info.json").read_text()) if (folder / "info.json").exists() else {}
     return cfg, model.eval(), split, info

@@ -38,7 +38,7 @@ from gala_scale import dist
 from gala_scale.config import ConfigError, RunConfig
 from gala_scale.data import PAD_LABEL, create_loader
 from gala_scale.data.presets import Augment
-from gala_scale.models import create_model, run_preset
+from gala_scale.models import create_model, model_options, run_preset
 from gala_scale.models.pretrained import head_module, load_pretrained
 
 SAMPLERS = ("instance", "class_balanced", "sqrt")
@@ -61,7 +61,7 @@ def backbone_weights(cfg: RunConfig) -> Path:
 def backbone(cfg: RunConfig, num_classes: int) -> nn.Module:
     """The frozen backbone in eval mode, its classifier included (its input is the feature)."""
     try:
-        model = create_model(cfg.model.name, num_classes=num_classes)
+        model = create_model(cfg.model.name, num_classes=num_classes, **model_options(cfg))
         layout = "" if cfg.stage2.from_run else cfg.model.pretrained_layout
         load_pretrained(model, backbone_weights(cfg), layout)
     except ValueError as err:
@@ -108,7 +108,9 @@ def _meta(cfg: RunConfig, weights: Path) -> dict:
         "preset": run_preset(d, cfg.model.name).to_dict(),
         "augment": [d.autoaugment, d.color_jitter, d.randaugment, d.cutout],
         "views": cfg.stage2.views,
-        "seed": cfg.seed,
+        # Only augmented views depend on the seed: the eval view is the same for every seed.
+        "seed": cfg.seed if cfg.stage2.views else None,
+        "bn_eps": cfg.model.bn_eps,
         "shards": str(Path(d.shards).resolve()),
         "splits": [d.train_split, d.val_split, d.test_split],
     }

@@ -52,7 +52,7 @@ from gala_scale.data.mixing import Mixing, mixed
 from gala_scale.data.presets import Augment
 from gala_scale.engine import predict, sync_ledger, train_one_epoch
 from gala_scale.losses import create_loss
-from gala_scale.models import create_model, finetune, run_preset
+from gala_scale.models import create_model, finetune, model_options, run_preset
 from gala_scale.models.pretrained import load_pretrained
 from gala_scale.report import finish
 from gala_scale.runlog import RunLog
@@ -228,7 +228,7 @@ def _model(cfg: RunConfig, num_classes: int, accelerator) -> torch.nn.Module:
     cannot take) is a configuration error that names the key or the file."""
     m = cfg.model
     try:
-        model = create_model(m.name, num_classes=num_classes)
+        model = create_model(m.name, num_classes=num_classes, **model_options(cfg))
         if m.pretrained:
             done = load_pretrained(model, Path(m.pretrained), m.pretrained_layout)
             head = ", ".join(done["head_left_out"]) or "none"

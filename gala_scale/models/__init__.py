@@ -27,12 +27,17 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     if is_timm(name):
-        return create_timm(name, num_classes)
+        return create_timm(name, num_classes, **kwargs)
     if name not in MODELS:
         raise ValueError(
             f"unknown model {name!r}; valid: {', '.join(sorted(MODELS))}, or timm/<architecture>"
         )
     return MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def model_options(cfg) -> dict:
+    """Keyword arguments of ``create_model`` from a run's config: ``model.bn_eps`` for timm."""
+    return {"bn_eps": cfg.model.bn_eps} if cfg.model.bn_eps else {}
 
 
 def run_preset(data, model_name: str) -> Preset:
@@ -45,4 +50,4 @@ def run_preset(data, model_name: str) -> Preset:
     return with_overrides(base, data.input_size, data.mean, data.std, data.crop_pct)
 
 
-__all__ = ["MODELS", "create_model", "run_preset"]
+__all__ = ["MODELS", "create_model", "model_options", "run_preset"]

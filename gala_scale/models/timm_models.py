@@ -33,10 +33,20 @@ def architecture(name: str) -> str:
     return arch
 
 
-def create_timm(name: str, num_classes: int) -> nn.Module:
+def create_timm(name: str, num_classes: int, bn_eps: float = 0.0) -> nn.Module:
+    """The architecture with a ``num_classes`` head; ``bn_eps`` > 0 sets its BatchNorm epsilon
+    (weights trained in TensorFlow, EfficientNet-Lite's among them, want 1e-3)."""
     import timm
 
-    return timm.create_model(architecture(name), pretrained=False, num_classes=num_classes)
+    extra = {"bn_eps": bn_eps} if bn_eps else {}
+    try:
+        return timm.create_model(
+            architecture(name), pretrained=False, num_classes=num_classes, **extra
+        )
+    except TypeError as err:
+        raise ValueError(
+            f"model.bn_eps: {name!r} does not take a BatchNorm epsilon ({err})"
+        ) from None
 
 
 def input_preset(name: str) -> Preset:
