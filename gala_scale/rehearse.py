@@ -3,6 +3,7 @@ label space, so that what breaks at 8,142 classes breaks here first.
 
     python -m gala_scale.rehearse --like inat2018 --out DIR [--scale 0.002] [--epochs 2]
                                   [--model tiny] [--image-size 64x48] [--set key=value ...]
+                                  [--stage2]
 
 1. ``shards synth --like`` writes raw data in the real dataset's own format (iNat JSON or LT
    list files) with the real per-class profile scaled by ``--scale``;
@@ -15,7 +16,9 @@ label space, so that what breaks at 8,142 classes breaks here first.
    complete;
 4. the trainer tests itself with the true label space (many/medium/few, ``per_class.csv``, PN
    fitted on val) and draws its plots;
-5. the run is exported, served by ``gala-serve`` and the test split sent through ``gala-batch``.
+5. with ``--stage2``, stage 2 of that run on its cached features on 2 processes: GALA with a
+   class-balanced sampler (building the cache) and balanced softmax (reading it);
+6. the run is exported, served by ``gala-serve`` and the test split sent through ``gala-batch``.
 
 The last line printed is one JSON object: ``num_classes``, each stage's seconds and peak RSS,
 ``trainer_top1`` (PN with the stored val scales, as the trainer reports it) and ``served_top1``
@@ -215,6 +218,7 @@ def rehearse(args: argparse.Namespace) -> dict:
         _train_until_checkpoint(stages, [*train, *changed], run_dir)
         stages.run("train, resumed", [*train, *changed])
     results = json.loads((run_dir / "results.json").read_text())
+    second = _stage2(stages, args, train, shards, run_dir, out) if args.stage2 else None
     export = out / "export"
     stages.run(
         "export to ONNX",
@@ -232,7 +236,24 @@ def rehearse(args: argparse.Namespace) -> dict:
         "trainer_top1": results["test"][f"PN, val scales, tau {tau:g}"]["top1"],
         "served_top1": served["top1"],
         "served": served,
+        **({"stage2": second} if second else {}),
     }
+
+
+def _stage2(stages, args, train: list[str], shards: Path, run_dir: Path, out: Path) -> dict:
+    """Stage 2 of the run on its cached features, twice: GALA with a class-balanced sampler
+    (which builds the cache) and balanced softmax (which reads it)."""
+    results, cache = {}, run_dir / "features"
+    for loss, name in (("gala", "stage 2, building the feature cache"), ("balanced_softmax", "")):
+        folder = out / f"stage2_{loss}"
+        extra = ["stage2.enabled=true", f"stage2.from_run={run_dir}", f"loss.name={loss}"]
+        extra += ["stage2.sampler=class_balanced"] if loss == "gala" else []
+        changed = [*overrides(args, shards, folder), *extra]
+        stages.run(name or "stage 2, reading the feature cache", [*train, *changed])
+        done = json.loads((folder / "results.json").read_text())
+        results[loss] = done["test"][f"PN, val scales, tau {done['tau']:g}"]["top1"]
+    size = sum(p.stat().st_size for p in cache.iterdir())
+    return {"top1": results, "feature_cache_mib": round(size / 2**20, 2)}
 
 
 def _serve_and_batch(stages: Stages, export: Path, shards: Path, split: str, out: Path) -> dict:
@@ -280,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="synth and build processes")
     p.add_argument("--set", nargs="*", default=[], help="more config overrides, key=value")
+    p.add_argument("--stage2", action="store_true", help="also stage 2 on cached features")
     p.add_argument(
         "--slurm",
         action="store_true",

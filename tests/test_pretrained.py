@@ -204,3 +204,12 @@ def test_bad_finetune_keys_are_named():
         load_config(None, ["data.shards=x", "optim.layer_decay=0", "model.finetune=top"])
     assert "optim.layer_decay: must be in (0, 1]" in str(err.value)
     assert "model.finetune: 'top' is not one of full, linear, last_k" in str(err.value)
+
+
+def test_bn_eps_reaches_every_batch_norm_of_a_timm_model_and_is_refused_elsewhere():
+    model = create_model("timm/efficientnet_lite0", num_classes=3, bn_eps=1e-3)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.eps == 1e-3 for m in norms)
+    assert create_model("timm/efficientnet_lite0", num_classes=3).bn1.eps == 1e-5
+    with pytest.raises(ValueError, match=r"model\.bn_eps: 'timm/test_vit' does not take"):
+        create_model("timm/test_vit", num_classes=3, bn_eps=1e-3)

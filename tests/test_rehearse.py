@@ -25,7 +25,7 @@ def test_scale_rehearsal_at_8142_classes_serves_what_the_trainer_scored(tmp_path
     out = tmp_path / "rehearsal"
     args = ["--like", "inat2018", "--out", str(out), "--scale", "0.0005"]
     args += ["--image-size", "32x32", "--epochs", "2", "--set", "data.preset=cifar"]
-    args += ["--slurm"] if where == "slurm" else []
+    args += ["--slurm"] if where == "slurm" else ["--stage2"]
     proc = run_module("gala_scale.rehearse", *args, timeout=900, env=env)
     assert proc.returncode == 0, explain(proc)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -43,6 +43,11 @@ def test_scale_rehearsal_at_8142_classes_serves_what_the_trainer_scored(tmp_path
         assert "completed after 1 requeue(s)" in proc.stdout
         (log,) = out.glob("slurm-*.out")
         assert "trainer exit 99" in log.read_text() and "resuming from" in log.read_text()
+    if where == "local":  # stage 2 at K = 8,142 on 2 processes, the cache built once
+        second = result["stage2"]
+        assert set(second["top1"]) == {"gala", "balanced_softmax"}
+        assert second["feature_cache_mib"] > 0 and (run / "features" / "meta.json").is_file()
+        assert "stage 2, reading the feature cache" in stages
     served = result["served"]
     assert served["images"] == json.loads((run / "results.json").read_text())["test_samples"]
     assert served["images"] >= 8142  # every class has val images

@@ -11,8 +11,8 @@
 # against it; timm needs it). A machine whose pip config points at a CPU-only torch wheel on disk
 # is told to look elsewhere for this one call: the registry's torchvision links libtorch_cuda.so
 # and fails to import beside a CPU-only torch ("operator torchvision::nms does not exist"), and the
-# registry has no CPU-only torchvision. Measured, and why this pair: docs/training.md,
-# "Pretrained backbones". With torch in place, the project's own ranges admit it and pip leaves
+# registry has no CPU-only torchvision. Measured, and why this pair: docs/pretrained.md, "The
+# torch and torchvision install". With torch in place, the project's own ranges admit it and pip leaves
 # it alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
