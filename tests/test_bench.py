@@ -76,3 +76,13 @@ def test_step_benchmark_runs_the_trainer_step_under_ddp_and_zero2(capsys, monkey
     assert result["precision"] == "no"
     assert abs(ddp["loss"] - zero2["loss"]) < 1e-4 * abs(ddp["loss"])
     assert result["zero2_over_ddp_images_per_s"] > 0
+
+
+def test_finetune_benchmark_times_each_policy_and_stage2(capsys):
+    argv = ["finetune", "--model", "timm/test_efficientnet", "--image-size", "32"]
+    assert main([*argv, "--batch-size", "8", "--repeats", "1", "--trainable-blocks", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rates = result["images_per_s"]
+    assert set(rates) == {"full", "last_k", "linear", "stage2"} and min(rates.values()) > 0
+    # The classifier alone on cached features is far cheaper than through the backbone.
+    assert result["stage2_over_linear"] > 2

@@ -1,4 +1,5 @@
-"""Benchmarks: ``python -m gala_scale.bench {loss,shards,loader,train,step,scale} [options]``.
+"""Benchmarks: ``python -m gala_scale.bench NAME [options]``, NAME one of loss, shards, loader,
+train, step, scale, finetune.
 
 Each prints progress lines and, as its last line, one JSON object with the medians and ratios it
 measured; docs/benchmarks.md records them with the command, date and machine.
@@ -12,7 +13,7 @@ import sys
 
 from gala_scale.bench.common import emit
 
-BENCHMARKS = ("loss", "shards", "loader", "train", "step", "scale")
+BENCHMARKS = ("loss", "shards", "loader", "train", "step", "scale", "finetune")
 
 
 def main(argv: list[str] | None = None) -> int:
