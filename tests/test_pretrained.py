@@ -213,3 +213,22 @@ def test_bn_eps_reaches_every_batch_norm_of_a_timm_model_and_is_refused_elsewher
     assert create_model("timm/efficientnet_lite0", num_classes=3).bn1.eps == 1e-5
     with pytest.raises(ValueError, match=r"model\.bn_eps: 'timm/test_vit' does not take"):
         create_model("timm/test_vit", num_classes=3, bn_eps=1e-3)
+
+
+@pytest.mark.gpu
+def test_a_timm_model_and_its_frozen_policy_run_on_cuda_as_on_the_cpu():
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    cpu = create_model(TIMM, num_classes=5)
+    apply_policy(cpu, "last_k", trainable_blocks=2)
+    gpu = create_model(TIMM, num_classes=5)
+    gpu.load_state_dict(cpu.state_dict())
+    apply_policy(gpu, "last_k", trainable_blocks=2)
+    gpu.cuda()
+    x = torch.randn(4, 3, 32, 32)
+    torch.backends.cudnn.allow_tf32 = False
+    out_cpu, out_gpu = cpu.train()(x), gpu.train()(x.cuda())
+    torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-3, atol=1e-4)
+    frozen = gpu.bn1.running_mean.clone()
+    out_gpu.sum().backward()
+    assert gpu.conv_stem.weight.grad is None and torch.equal(gpu.bn1.running_mean, frozen)
