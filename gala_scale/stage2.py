@@ -23,7 +23,6 @@ count). Its ``final/`` and ``best/`` hold the classifier; export puts it back on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -40,6 +39,7 @@ from gala_scale.data import PAD_LABEL, create_loader
 from gala_scale.data.presets import Augment
 from gala_scale.models import create_model, model_options, run_preset
 from gala_scale.models.pretrained import head_module, load_pretrained
+from gala_scale.shards.tario import sha256
 
 SAMPLERS = ("instance", "class_balanced", "sqrt")
 META = "meta.json"
@@ -91,20 +91,12 @@ def cache_dir(cfg: RunConfig) -> Path:
     return Path(s.from_run or cfg.run_dir) / "features"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _meta(cfg: RunConfig, weights: Path) -> dict:
     d = cfg.data
     return {
         "model": cfg.model.name,
         "weights": str(weights),
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": sha256(weights),
         "preset": run_preset(d, cfg.model.name).to_dict(),
         "augment": [d.autoaugment, d.color_jitter, d.randaugment, d.cutout],
         "views": cfg.stage2.views,
