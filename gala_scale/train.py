@@ -445,6 +445,7 @@ def train_epochs(run: Run, state: TrainState, log: RunLog, guard: Guard) -> int:
         world_images = result.samples * acc.num_processes
         log.write(
             {
+                **_ledger_metrics(run.criterion),
                 "type": "train",
                 "epoch": epoch,
                 "loss": result.loss,
@@ -466,6 +467,16 @@ def train_epochs(run: Run, state: TrainState, log: RunLog, guard: Guard) -> int:
         if guard.stop_requested():  # a signal during evaluation or the checkpoint
             return _preempt(run, state, guard)
     return 0
+
+
+def _ledger_metrics(criterion) -> dict:
+    """What GALA's logits take, in a number an epoch: the spread of ``log(theta + eps)`` over the
+    classes (of S with ``loss.ledger: sum_of_sums``), which lambda1 scales into the widest
+    logit offset between two classes."""
+    if not hasattr(criterion, "logit_theta"):
+        return {}
+    logs = torch.log(criterion.logit_theta + criterion.eps)
+    return {"ledger": criterion.ledger, "ledger_log_range": float(logs.max() - logs.min())}
 
 
 def _write_run_files(cfg: RunConfig) -> None:

@@ -174,6 +174,11 @@ def test_sum_of_sums_two_processes_equal_one_and_resume_exactly(shards, tmp_path
         assert history["s_theta"].shape == (3, 6)
         assert (np.diff(history["s_theta"], axis=0) >= history["theta"][:-1]).all()
     assert (reference / "plots" / "ledger.png").stat().st_size > 0
+    train = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if r["type"] == "train"]
+    spread = np.log(final["s_theta"] + 1e-3)
+    assert train[-1]["ledger"] == "sum_of_sums"
+    assert train[-1]["ledger_log_range"] == pytest.approx(float(spread.max() - spread.min()))
 
     run_dir = tmp_path / "ddp"
     proc = run_accelerate(debug_overrides(shards, run_dir, *args), port)
