@@ -2,6 +2,7 @@
 
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from slurm_helpers import cluster_env, job_log, submit, wait
@@ -109,18 +110,14 @@ def test_preempted_job_requeues_resumes_and_matches(env, shards, tmp_path, port)
 def test_repeated_failures_stop_requeueing(env, shards, tmp_path, port):
     """A crash (an exception the trainer has no exit code for) is requeued, MAX_RESTARTS times."""
     run_dir = tmp_path / "broken"
-    job = submit(
-        env,
-        run_dir,
-        extra(shards, "model.name=no_such_model"),
-        tmp_path,
-        port=port,
-        script_env={"MAX_RESTARTS": "1"},
-    )
+    crash = {"PYTHONPATH": str(Path(__file__).parent / "crash_site"), "MAX_RESTARTS": "1"}
+    job = submit(env, run_dir, extra(shards), tmp_path, port=port, script_env=crash)
     info = wait(env, job, timeout=300)
     log = job_log(tmp_path, job)
     assert info["JobState"] == "FAILED", log[-3000:]
-    assert info["Restarts"] == "1"
+    assert info["Restarts"] == "1", log[-3000:]
+    assert "crash injected by tests/crash_site" in log
+    assert "requeueing (trainer exit none)" in log
     assert "stopped after 1 restarts; not requeueing" in log
 
 
