@@ -279,9 +279,11 @@ def _cell(values: list) -> str:
     return f"{statistics.mean(pct):.1f} ± {statistics.stdev(pct):.1f}"
 
 
-def tables(raw: dict) -> list[str]:
-    """The markdown section for one raw results file (what ``--tables`` prints)."""
+def tables(raw: dict, file: str = "") -> list[str]:
+    """The markdown section for one raw results file (what ``--tables`` prints); ``file`` is
+    its name where it was renamed from the ``<name>_<epochs>ep.json`` that reproduce writes."""
     seeds = raw["seeds"]
+    file = file or f"{raw['name']}_{raw['epochs']}ep.json"
     rows = [
         "| loss | seeds | PN | overall | many | medium | few |",
         "|---|---|---|---|---|---|---|",
@@ -302,9 +304,7 @@ def tables(raw: dict) -> list[str]:
         f"Command: `{raw['command']}`",
         "",
         f"Date: {raw['date']}. Machine: {raw['machine']}. Val: {raw['val_from']}. "
-        f"Raw figures: `results/{raw['name']}_{raw['epochs']}ep.json`"
-        + (f"; {spread}" if spread else "")
-        + ".",
+        f"Raw figures: `results/{file}`" + (f"; {spread}" if spread else "") + ".",
         "",
         *rows,
         "",
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.tables:
         for path in args.tables:
-            print("\n".join(tables(json.loads(path.read_text()))))
+            print("\n".join(tables(json.loads(path.read_text()), path.name)))
         return 0
     if args.config is None:
         p.error("--config is required (or --tables)")

@@ -6,6 +6,8 @@ import statistics
 import pytest
 from train_helpers import ROOT, run_module
 
+from gala_scale.reproduce import tables
+
 pytestmark = pytest.mark.slow
 
 
@@ -86,6 +88,8 @@ def test_reproduce_builds_trains_and_reports_under_the_factor_used(tmp_path):
     )
     assert again.returncode == 0
     assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == rows
+    assert "Raw figures: `results/cifar10_lt_if10_1ep.json`" in again.stdout
+    assert "Raw figures: `results/renamed.json`" in "\n".join(tables(raw, "renamed.json"))
     # A second call keeps the finished runs instead of running or evaluating them again.
     repeat = run_module("gala_scale.reproduce", *argv, timeout=300)
     assert repeat.returncode == 0, repeat.stderr[-3000:]
