@@ -414,12 +414,13 @@ def _train_epoch(run: Run, state: TrainState, guard: Guard, epoch: int, first: i
         bar.set_postfix(loss=f"{loss:.3f}")
         done = step + 1
 
+    batches = _epoch_batches(run, epoch, first)
     result = train_one_epoch(
         run.model,
         run.criterion,
         run.optimizer,
         run.scheduler,
-        _epoch_batches(run, epoch, first),
+        batches,
         acc,
         guard,
         first_step=first,
@@ -429,6 +430,9 @@ def _train_epoch(run: Run, state: TrainState, guard: Guard, epoch: int, first: i
         ema=run.ema,
     )
     bar.close()
+    if result.stopped and first + result.steps == run.train[0].steps_per_epoch:
+        for _ in batches:  # none is left; running the streams out lets each loader end its epoch
+            pass
     return result
 
 
@@ -438,9 +442,12 @@ def train_epochs(run: Run, state: TrainState, log: RunLog, guard: Guard) -> int:
         first = state.step if epoch == state.epoch else 0
         result = _train_epoch(run, state, guard, epoch, first)
         state.global_step += result.steps
-        if result.stopped:
+        if result.stopped and first + result.steps < run.train[0].steps_per_epoch:
             state.epoch, state.step = epoch, first + result.steps
             return _preempt(run, state, guard, mid_epoch=True)
+        # a stop seen at the epoch's last check finishes the epoch first (ledger sync, val,
+        # epoch checkpoint): a mid-epoch checkpoint at the epoch's end would resume into an
+        # epoch with nothing left, and skip them
         sync_ledger(run.criterion)  # before any evaluation or checkpoint
         world_images = result.samples * acc.num_processes
         log.write(

@@ -70,11 +70,18 @@ def test_killed_rank_fails_the_launch_fast_and_resume_finishes(shards, tmp_path,
     print(f"\ncrashed launch: {took:.1f} s in all; resumed run: {time.time() - started:.1f} s")
 
 
-@pytest.mark.parametrize("ledger", ["sum", "sum_of_sums"])
-def test_a_stop_inside_an_epoch_resumes_where_every_loader_stood(shards, tmp_path, ledger):
+@pytest.mark.parametrize(
+    ("ledger", "at_end"),
+    [("sum", False), ("sum_of_sums", False), ("sum", True)],
+    ids=["sum", "sum_of_sums", "sum-at-the-epochs-last-step"],
+)
+def test_a_stop_inside_an_epoch_resumes_where_every_loader_stood(shards, tmp_path, ledger, at_end):
     """The mid-epoch checkpoint holds each (virtual) rank's DALI pipeline state and the unsynced
     ledger delta (with sum_of_sums also S's and the steps since the sync); the resumed run
-    restores them instead of decoding the skipped batches, and ends as the uninterrupted one."""
+    restores them instead of decoding the skipped batches, and ends as the uninterrupted one.
+
+    A stop seen at an epoch's last step finishes that epoch (ledger sync, val, its checkpoint)
+    and leaves an epoch checkpoint, not a mid-epoch one at the epoch's end."""
     extra = (*LONGER, "train.log_every=1", "train.emulate_world=2", f"loss.ledger={ledger}")
     reference = tmp_path / "reference"
     proc = run_single(debug_overrides(shards, reference, *extra))
@@ -83,8 +90,8 @@ def test_a_stop_inside_an_epoch_resumes_where_every_loader_stood(shards, tmp_pat
 
     run_dir = tmp_path / "stopped"
     args = debug_overrides(shards, run_dir, *extra)
-    # Asked to stop before this SGD step, the run stops after it, inside epoch 2.
-    stop_at = per_epoch + per_epoch // 2
+    # Asked to stop before this SGD step, the run stops after it, in epoch 2.
+    stop_at = 2 * per_epoch if at_end else per_epoch + per_epoch // 2
     proc = subprocess.run(
         [sys.executable, str(HERE / "die_at_step.py"), *args],
         cwd=ROOT,
@@ -95,19 +102,26 @@ def test_a_stop_inside_an_epoch_resumes_where_every_loader_stood(shards, tmp_pat
     )
     assert proc.returncode == 99, explain(proc)
     checkpoint = newest_checkpoint(run_dir)
-    step = stop_at - per_epoch
-    assert checkpoint.name == f"e0001-s{step:06d}"
+    step = stop_at - per_epoch  # SGD steps done in epoch 2
+    stood = (2, 0) if at_end else (1, step)  # the loaders ended epoch 2, or stand inside it
     for rank in (0, 1):
         state = json.loads((checkpoint / f"loader_rank{rank}.json").read_text())
-        assert (state["rank"], state["epoch"], state["step"]) == (rank, 1, step)
-    delta = load_file(checkpoint / "ledger_delta_rank0.safetensors")
-    assert delta["theta"].sum() > 0  # mid-epoch: an unsynced delta
-    if ledger == "sum_of_sums":
-        assert float(delta["steps"]) == step and (delta["s_theta"] > delta["theta"]).any()
+        assert (state["rank"], state["epoch"], state["step"]) == (rank, *stood)
+    if at_end:  # epoch 2 finished: its record written, its ledger synced
+        assert checkpoint.name == "e0002-s000000"
+        train = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in train if r["type"] == "train"] == [0, 1]
+        assert not list(checkpoint.glob("ledger_delta_rank*"))
+    else:
+        assert checkpoint.name == f"e0001-s{step:06d}"
+        delta = load_file(checkpoint / "ledger_delta_rank0.safetensors")
+        assert delta["theta"].sum() > 0  # mid-epoch: an unsynced delta
+        if ledger == "sum_of_sums":
+            assert float(delta["steps"]) == step and (delta["s_theta"] > delta["theta"]).any()
 
     resumed = run_single([*args, "--resume", "auto"])
     assert resumed.returncode == 0, explain(resumed)
-    assert f"e0001-s{step:06d}" in resumed.stdout and "warning:" not in resumed.stderr
+    assert checkpoint.name in resumed.stdout and "warning:" not in resumed.stderr
     assert ranks(run_dir)[0]["ledger_sha256"] == ranks(reference)[0]["ledger_sha256"]
     assert results(run_dir)["test"] == results(reference)["test"]
 
