@@ -23,7 +23,7 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -431,8 +431,13 @@ def _train_epoch(run: Run, state: TrainState, guard: Guard, epoch: int, first: i
     )
     bar.close()
     if result.stopped and first + result.steps == run.train[0].steps_per_epoch:
-        for _ in batches:  # none is left; running the streams out lets each loader end its epoch
+        # A stop seen at the epoch's last check did not leave the epoch early: running the
+        # (empty) streams out lets each loader end its epoch, and the caller finishes it (ledger
+        # sync, val, epoch checkpoint) before its after-epoch stop check preempts. A mid-epoch
+        # checkpoint at the epoch's end would resume into an epoch with nothing left.
+        for _ in batches:
             pass
+        result = replace(result, stopped=False)
     return result
 
 
@@ -442,12 +447,9 @@ def train_epochs(run: Run, state: TrainState, log: RunLog, guard: Guard) -> int:
         first = state.step if epoch == state.epoch else 0
         result = _train_epoch(run, state, guard, epoch, first)
         state.global_step += result.steps
-        if result.stopped and first + result.steps < run.train[0].steps_per_epoch:
+        if result.stopped:
             state.epoch, state.step = epoch, first + result.steps
             return _preempt(run, state, guard, mid_epoch=True)
-        # a stop seen at the epoch's last check finishes the epoch first (ledger sync, val,
-        # epoch checkpoint): a mid-epoch checkpoint at the epoch's end would resume into an
-        # epoch with nothing left, and skip them
         sync_ledger(run.criterion)  # before any evaluation or checkpoint
         world_images = result.samples * acc.num_processes
         log.write(
