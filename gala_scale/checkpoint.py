@@ -140,8 +140,8 @@ def save_weights(accelerator, model, criterion, folder: Path, extra: dict) -> No
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / "model.safetensors"
     )
-    if hasattr(criterion, "theta"):
-        save_file(ledger_tensors(criterion), tmp / "ledger.safetensors")
+    if criterion.ledger is not None:
+        save_file(criterion.ledger.tensors(), tmp / "ledger.safetensors")
     (tmp / "info.json").write_text(json.dumps(extra, indent=1))
     if folder.exists():
         old = folder.with_name(f".{folder.name}.old")
@@ -152,19 +152,10 @@ def save_weights(accelerator, model, criterion, folder: Path, extra: dict) -> No
         tmp.rename(folder)
 
 
-def ledger_tensors(criterion) -> dict:
-    """The GALA ledger as a file keeps it: theta and phi, and with ``loss.ledger: sum_of_sums``
-    S_theta and S_phi (``s_theta``, ``s_phi``), what the logits use."""
-    tensors = {"theta": criterion.theta.cpu(), "phi": criterion.phi.cpu()}
-    if criterion.ledger == "sum_of_sums":
-        tensors |= {"s_theta": criterion.logit_theta.cpu(), "s_phi": criterion.logit_phi.cpu()}
-    return tensors
-
-
 def save_ledger_delta(criterion, folder: Path, rank: int) -> None:
     """This rank's unsynced GALA ledger delta, for a mid-epoch checkpoint."""
-    if hasattr(criterion, "delta_state"):
-        save_file(criterion.delta_state(), folder / DELTA_FILE.format(rank))
+    if criterion.ledger is not None:
+        save_file(criterion.ledger.delta_state(), folder / DELTA_FILE.format(rank))
 
 
 def restore_ledger_delta(criterion, accelerator, checkpoint: Path) -> None:
@@ -174,14 +165,14 @@ def restore_ledger_delta(criterion, accelerator, checkpoint: Path) -> None:
     shared ledger instead (what a sync would have done).
     """
     files = sorted(checkpoint.glob(DELTA_FILE.format("*")))
-    if not files or not hasattr(criterion, "delta_state"):
+    if not files or criterion.ledger is None:
         return
     try:
         if len(files) == accelerator.num_processes:
             own = checkpoint / DELTA_FILE.format(accelerator.process_index)
-            criterion.load_delta(load_file(own))
+            criterion.ledger.load_delta(load_file(own))
         else:
-            criterion.fold_deltas([load_file(path) for path in files])
+            criterion.ledger.fold_deltas([load_file(path) for path in files])
     except ValueError as err:
         raise ValueError(f"{checkpoint}: {err}") from None
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from gala_scale import losses
+
 
 def _f(default: Any, help: str, **kwargs) -> Any:
     if isinstance(default, list):  # a fresh list for every config (hence RUF009's noqa below)
@@ -69,25 +71,18 @@ class ModelConfig:
     )
 
 
-@dataclass
-class LossConfig:
-    name: str = _f("gala", "ce | logit_adjusted | balanced_softmax | gala")
-    lambda1: float = _f(1.2, "GALA: weight of log(theta + eps)")
-    lambda2: float = _f(0.9, "GALA: weight of log(phi + eps)")
-    eps: float = _f(1e-3, "GALA: epsilon inside the logs")
-    variant: str = _f(
-        "reference", "GALA: reference (the authors' logit adjustment) | paper (eq. 6)"
-    )
-    ledger_init: str = _f(
-        "zeros", "GALA: zeros | counts (theta = phi = scale x (1 - 1/K) x training count)"
-    )
-    ledger_init_scale: float = _f(1.0, "GALA, ledger_init counts: epochs' worth of increments")
-    ledger: str = _f(
-        "sum",
-        "GALA: what the logits take: sum (theta, phi: the running sums) | sum_of_sums (their "
-        "running sums, S_t = S_(t-1) + theta_t a step: the authors' code)",
-    )
-    tau: float = _f(1.0, "logit_adjusted: weight of log prior")
+def _loss_config() -> type:
+    """The ``loss`` section: ``name`` and every registered loss's options, from their one
+    declaration (gala_scale.losses); each option's help names the losses that take it."""
+    fields = [("name", "str", _f("gala", "the loss: " + " | ".join(losses.specs())))]
+    for key, option in losses.options().items():
+        users = ", ".join(losses.option_users(key))
+        kind = type(option.default).__name__
+        fields.append((key, kind, _f(option.default, f"{users}: {option.describe()}")))
+    return dataclasses.make_dataclass("LossConfig", fields)
+
+
+LossConfig = _loss_config()
 
 
 @dataclass
@@ -185,10 +180,7 @@ CHOICES = {
     "stage2.from_weights": ("final", "best"),
     "stage2.sampler": ("instance", "class_balanced", "sqrt"),
     "data.loader": ("auto", "dali", "torch"),
-    "loss.name": ("ce", "logit_adjusted", "balanced_softmax", "gala"),
-    "loss.variant": ("reference", "paper"),
-    "loss.ledger_init": ("zeros", "counts"),
-    "loss.ledger": ("sum", "sum_of_sums"),
+    "loss.name": tuple(losses.specs()),
     "train.device": ("auto", "cpu", "cuda"),
     "train.channels_last": ("auto", "on", "off"),
     "optim.implementation": ("auto", "fused", "foreach", "for_loop"),
@@ -281,7 +273,12 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
             errors.append(f"{key}: must be >= 1, got {get(cfg, key)}")
     if not cfg.data.shards:
         errors.append("data.shards: required (a shard set folder)")
-    for key in ("optim.lr", "loss.ledger_init_scale", "optim.head_lr_scale"):
+    for key, option in losses.options().items():
+        problem = option.problem(f"loss.{key}", getattr(cfg.loss, key))
+        if problem:
+            errors.append(problem)
+    _check_model_name(cfg.model.name, errors)
+    for key in ("optim.lr", "optim.head_lr_scale"):
         if get(cfg, key) <= 0:
             errors.append(f"{key}: must be > 0, got {get(cfg, key)}")
     if not 0 < cfg.optim.layer_decay <= 1:
@@ -309,6 +306,15 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         errors.append(f"data.input_size: must be >= 0, got {cfg.data.input_size}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         errors.append(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
+
+
+def _check_model_name(name: str, errors: list[str]) -> None:
+    from gala_scale.models import check_name  # torch and timm: only once the rest is valid
+
+    try:
+        check_name(name)
+    except ValueError as err:
+        errors.append(f"model.name: {err}".replace("model.name: model.name: ", "model.name: "))
 
 
 def get(cfg: Any, dotted: str) -> Any:

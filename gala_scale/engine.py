@@ -29,8 +29,8 @@ class EpochResult:
 
 def sync_ledger(criterion: nn.Module) -> None:
     """Fold every rank's GALA ledger delta into the shared ledger (a collective; no-op else)."""
-    if hasattr(criterion, "sync"):
-        criterion.sync()
+    if criterion.ledger is not None:
+        criterion.ledger.sync()
 
 
 def train_one_epoch(

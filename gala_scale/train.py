@@ -36,7 +36,6 @@ from gala_scale.bench.common import peak_rss_mib
 from gala_scale.checkpoint import (
     TrainState,
     checkpoint_name,
-    ledger_tensors,
     newest_checkpoint,
     restore_ledger_delta,
     restore_loader_states,
@@ -51,7 +50,7 @@ from gala_scale.data.common import open_split
 from gala_scale.data.mixing import Mixing, mixed
 from gala_scale.data.presets import Augment
 from gala_scale.engine import predict, sync_ledger, train_one_epoch
-from gala_scale.losses import create_loss
+from gala_scale.losses import build_loss
 from gala_scale.models import create_model, finetune, model_options, run_preset
 from gala_scale.models.pretrained import load_pretrained
 from gala_scale.report import finish
@@ -118,29 +117,6 @@ class Run:
     def eval_model(self) -> torch.nn.Module:
         """What evaluation, best/ and final/ use: the weight average when there is one."""
         return self.model if self.ema is None else self.ema.module
-
-
-def _loss(cfg: RunConfig, num_classes: int, counts: list[int]) -> torch.nn.Module:
-    c = cfg.loss
-    kwargs = {
-        "ce": {},
-        "logit_adjusted": {"class_counts": counts, "tau": c.tau},
-        "balanced_softmax": {"class_counts": counts},
-        "gala": {
-            "num_classes": num_classes,
-            "lambda1": c.lambda1,
-            "lambda2": c.lambda2,
-            "eps": c.eps,
-            "variant": c.variant,
-            "ledger_init": c.ledger_init,
-            "class_counts": counts,
-            "ledger_init_scale": c.ledger_init_scale,
-            "ledger": c.ledger,
-            # The trainer's Guard checks the loss every log_every steps without a sync a step.
-            "check_finite": False,
-        },
-    }[c.name]
-    return create_loss(c.name, **kwargs)
 
 
 def _schedule(optimizer, cfg: RunConfig, steps_per_epoch: int):
@@ -260,7 +236,11 @@ def build_parts(
     torch.manual_seed(cfg.seed)
     model = _model(cfg, num_classes, accelerator) if model is None else model
     model = recipe.prepare_model(model, cfg, cuda, accelerator.num_processes)
-    criterion = _loss(cfg, num_classes, counts)
+    try:
+        criterion = build_loss(cfg.loss, num_classes, counts)
+    except ValueError as err:
+        raise ConfigError(f"loss.name: {err}") from None
+    criterion.check_finite = False  # the Guard checks every log_every steps, not a sync a step
     optimizer = recipe.optimizer(model, cfg, cuda)
     scheduler = _schedule(optimizer, cfg, steps_per_epoch)
     configure_deepspeed(accelerator, cfg)
@@ -464,8 +444,8 @@ def train_epochs(run: Run, state: TrainState, log: RunLog, guard: Guard) -> int:
                 "images_per_s": world_images / max(result.seconds, 1e-9),
             }
         )
-        if hasattr(run.criterion, "theta"):
-            log.append_ledger({k: v.numpy() for k, v in ledger_tensors(run.criterion).items()})
+        if run.criterion.ledger is not None:
+            log.append_ledger({k: v.numpy() for k, v in run.criterion.ledger.tensors().items()})
         if run.val is not None and cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0:
             _evaluate_val(run, log, state, epoch)
         state.epoch, state.step = epoch + 1, 0
@@ -482,10 +462,12 @@ def _ledger_metrics(criterion) -> dict:
     """What GALA's logits take, in a number an epoch: the spread of ``log(theta + eps)`` over the
     classes (of S with ``loss.ledger: sum_of_sums``), which lambda1 scales into the widest
     logit offset between two classes."""
-    if not hasattr(criterion, "logit_theta"):
+    if criterion.ledger is None:
         return {}
-    logs = torch.log(criterion.logit_theta + criterion.eps)
-    return {"ledger": criterion.ledger, "ledger_log_range": float(logs.max() - logs.min())}
+    return {
+        "ledger": criterion.ledger.kind,
+        "ledger_log_range": criterion.ledger.log_range(criterion.eps),
+    }
 
 
 def _write_run_files(cfg: RunConfig) -> None:
@@ -499,8 +481,8 @@ def _rank_record(run: Run, state: TrainState, code: int) -> None:
     """Each rank says who and where it was and which ledger it ended with (for checks)."""
     acc = run.accelerator
     ledger = None
-    if hasattr(run.criterion, "theta"):
-        raw = b"".join(v.numpy().tobytes() for v in ledger_tensors(run.criterion).values())
+    if run.criterion.ledger is not None:
+        raw = b"".join(v.numpy().tobytes() for v in run.criterion.ledger.tensors().values())
         ledger = hashlib.sha256(raw).hexdigest()
     record = {
         "rank": acc.process_index,
@@ -535,7 +517,7 @@ def run_training(cfg: RunConfig, accelerator, resume: str, guard: Guard) -> int:
     run = build_run(cfg, accelerator)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
-    if hasattr(run.criterion, "sync"):
+    if run.criterion.ledger is not None:
         accelerator.register_for_checkpointing(run.criterion)
     if run.ema is not None:
         accelerator.register_for_checkpointing(run.ema)

@@ -32,8 +32,8 @@ def main() -> None:
     for step in range(STEPS):
         loss(*rank_batch(rank, step))
         if (step + 1) % sync_every == 0 or step + 1 == STEPS:
-            loss.sync()
-    used = {"logit_theta": loss.logit_theta, "logit_phi": loss.logit_phi}
+            loss.ledger.sync()
+    used = {"logit_theta": loss.ledger.logit_theta, "logit_phi": loss.ledger.logit_phi}
     torch.save({"theta": loss.theta, "phi": loss.phi, **used}, sys.argv[1])
     torch_dist.destroy_process_group()
     sys.stdout.flush()

@@ -74,8 +74,8 @@ def test_sum_of_sums_equals_the_authors_nested_accumulation(variant, kind):
     loss = GALALoss(K, variant=variant, ledger="sum_of_sums").train()
     got = [loss(logits, target).item() for logits, target in steps]
     assert got == pytest.approx(losses, rel=1e-5)
-    torch.testing.assert_close(loss.logit_theta, s_pos, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(loss.logit_phi, s_neg, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.ledger.logit_theta, s_pos, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.ledger.logit_phi, s_neg, rtol=1e-5, atol=1e-6)
     # The plain sum is another loss on the same batches.
     single = GALALoss(K, variant=variant).train()
     assert [single(logits, target).item() for logits, target in steps] != pytest.approx(losses)
@@ -91,8 +91,10 @@ def test_sum_of_sums_weighs_an_increment_by_the_steps_left():
         loss(logits, labels)
         increments.append(loss.theta - before)
     weighted = sum((STEPS - t) * inc for t, inc in enumerate(increments))
-    torch.testing.assert_close(loss.logit_theta, weighted, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(loss.logit_phi, loss.logit_theta)  # hard labels: theta = phi
+    torch.testing.assert_close(loss.ledger.logit_theta, weighted, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        loss.ledger.logit_phi, loss.ledger.logit_theta
+    )  # hard labels: theta = phi
 
 
 def emulate_ranks(ledger: str, sync_every: int, lambdas: float, world: int = 2):
@@ -106,9 +108,9 @@ def emulate_ranks(ledger: str, sync_every: int, lambdas: float, world: int = 2):
             loss(*batches[step])
         single(*(torch.cat(parts) for parts in zip(*(b[step] for b in rank_steps), strict=True)))
         if (step + 1) % sync_every == 0 or step + 1 == STEPS:
-            deltas = [loss.delta_state() for loss in ranks]
+            deltas = [loss.ledger.delta_state() for loss in ranks]
             for loss in ranks:
-                loss.fold_deltas(deltas)
+                loss.ledger.fold_deltas(deltas)
     return ranks, single
 
 
@@ -119,12 +121,16 @@ def test_rank_deltas_folded_at_syncs_equal_one_process_over_the_union(sync_every
     the sync adds n * theta_global for the n steps since the last one."""
     ranks, single = emulate_ranks("sum_of_sums", sync_every, lambdas)
     for loss in ranks:
-        torch.testing.assert_close(loss.logit_theta, single.logit_theta, rtol=1e-12, atol=1e-9)
-        torch.testing.assert_close(loss.logit_phi, single.logit_phi, rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(
+            loss.ledger.logit_theta, single.ledger.logit_theta, rtol=1e-12, atol=1e-9
+        )
+        torch.testing.assert_close(
+            loss.ledger.logit_phi, single.ledger.logit_phi, rtol=1e-12, atol=1e-9
+        )
         torch.testing.assert_close(loss.theta, single.theta, rtol=1e-12, atol=1e-9)
-        assert float(loss.steps_since_sync) == 0
+        assert float(loss.ledger.steps_since_sync) == 0
     # Folding the deltas alone (no n * theta_global) would fall short.
-    assert (single.logit_theta > ranks[0].s_theta_global - 1).all()
+    assert (single.ledger.logit_theta > ranks[0].ledger.s_theta_global - 1).all()
     assert single.theta.sum() > 0
 
 
@@ -134,7 +140,7 @@ def test_without_the_global_term_a_rank_delta_is_not_enough():
     for logits, labels in steps_of("hard", seed=10)[:4]:
         loss(logits, labels)
     # One rank's view between syncs: global S (zero here) + its own E, not the union's S.
-    assert not torch.allclose(loss.logit_theta, single.logit_theta)
+    assert not torch.allclose(loss.ledger.logit_theta, single.ledger.logit_theta)
 
 
 def test_delta_and_state_dict_resume_bit_equal():
@@ -143,35 +149,40 @@ def test_delta_and_state_dict_resume_bit_equal():
     for step, (logits, labels) in enumerate(steps):
         whole(logits, labels)
         if step == 2:
-            whole.sync()  # where the interrupted run syncs (the sum's order is part of it)
+            whole.ledger.sync()  # where the interrupted run syncs (the sum's order is part of it)
     first = GALALoss(K, ledger="sum_of_sums").train()
     for logits, labels in steps[:3]:
         first(logits, labels)
-    first.sync()
+    first.ledger.sync()
     for logits, labels in steps[3:5]:  # an unsynced delta of 2 steps, as mid-epoch
         first(logits, labels)
     resumed = GALALoss(K, ledger="sum_of_sums").train()
     resumed.load_state_dict(first.state_dict())
-    resumed.load_delta(first.delta_state())
-    assert float(resumed.steps_since_sync) == 2
+    resumed.ledger.load_delta(first.ledger.delta_state())
+    assert float(resumed.ledger.steps_since_sync) == 2
     for logits, labels in steps[5:]:
         resumed(logits, labels)
-    assert torch.equal(resumed.logit_theta, whole.logit_theta)
-    assert torch.equal(resumed.logit_phi, whole.logit_phi)
+    assert torch.equal(resumed.ledger.logit_theta, whole.ledger.logit_theta)
+    assert torch.equal(resumed.ledger.logit_phi, whole.ledger.logit_phi)
     # The same delta folded as by a resume with another world size gives S too.
     folded = GALALoss(K, ledger="sum_of_sums").train()
     folded.load_state_dict(first.state_dict())
-    folded.fold_deltas([first.delta_state()])
-    torch.testing.assert_close(folded.logit_theta, first.logit_theta, rtol=1e-15, atol=0)
+    folded.ledger.fold_deltas([first.ledger.delta_state()])
+    torch.testing.assert_close(
+        folded.ledger.logit_theta, first.ledger.logit_theta, rtol=1e-15, atol=0
+    )
 
 
 def test_mismatched_deltas_are_named():
     loss = GALALoss(K, ledger="sum_of_sums")
     with pytest.raises(ValueError, match=r"no 's_theta'.*another loss\.ledger"):
-        loss.load_delta(GALALoss(K).delta_state())
-    unequal = [loss.delta_state(), {**loss.delta_state(), "steps": torch.tensor([3.0])}]
+        loss.ledger.load_delta(GALALoss(K).ledger.delta_state())
+    unequal = [
+        loss.ledger.delta_state(),
+        {**loss.ledger.delta_state(), "steps": torch.tensor([3.0])},
+    ]
     with pytest.raises(ValueError, match="unequal step counts"):
-        loss.fold_deltas(unequal)
+        loss.ledger.fold_deltas(unequal)
     with pytest.raises(ValueError, match="unknown GALA ledger 'sums'; valid: sum, sum_of_sums"):
         GALALoss(K, ledger="sums")
 
@@ -179,16 +190,18 @@ def test_mismatched_deltas_are_named():
 def test_eval_mode_leaves_s_alone():
     loss = GALALoss(K, ledger="sum_of_sums").train()
     loss(*steps_of("hard")[0])
-    s_theta = loss.logit_theta.clone()
+    s_theta = loss.ledger.logit_theta.clone()
     loss.eval()(*steps_of("hard")[1])
-    assert torch.equal(loss.logit_theta, s_theta) and float(loss.steps_since_sync) == 1
+    assert (
+        torch.equal(loss.ledger.logit_theta, s_theta) and float(loss.ledger.steps_since_sync) == 1
+    )
 
 
 def test_ledger_from_counts_composes_with_sum_of_sums():
     counts = [500, 200, 80, 30, 12]
     gala = GALALoss(K, ledger="sum_of_sums", ledger_init="counts", class_counts=counts)
     seed = torch.tensor(counts, dtype=torch.float64) * (1 - 1 / K)
-    torch.testing.assert_close(gala.logit_theta, seed)
+    torch.testing.assert_close(gala.ledger.logit_theta, seed)
     logit_adjusted = create_loss("logit_adjusted", class_counts=counts, tau=1.2)
     logits, labels = steps_of("hard")[0]
     logits = logits.float()
@@ -196,5 +209,5 @@ def test_ledger_from_counts_composes_with_sum_of_sums():
         logit_adjusted(logits, labels).item(), rel=1e-5
     )
     # After the step S = seed + theta_1 = 2 * seed + increment.
-    torch.testing.assert_close(gala.logit_theta, seed + gala.theta)
+    torch.testing.assert_close(gala.ledger.logit_theta, seed + gala.theta)
     assert F.cross_entropy(logits, labels).item() != pytest.approx(gala(logits, labels).item())

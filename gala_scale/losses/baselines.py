@@ -12,17 +12,18 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from gala_scale.losses.registry import Loss, LossSpec, Option
 
 
-class CrossEntropyLoss(nn.Module):
+class CrossEntropyLoss(Loss):
     """Cross-entropy over raw logits; hard (class index) or soft (probability) targets."""
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), targets)
 
 
-class LogitAdjustedLoss(nn.Module):
+class LogitAdjustedLoss(Loss):
     """Cross-entropy over ``logits + tau * log(prior)``; ``prior`` from ``class_counts``."""
 
     def __init__(self, class_counts: Sequence[float] | torch.Tensor, tau: float = 1.0) -> None:
@@ -52,3 +53,21 @@ class LogitAdjustedLoss(nn.Module):
 def balanced_softmax(class_counts: Sequence[float] | torch.Tensor) -> LogitAdjustedLoss:
     """Balanced softmax: cross-entropy over ``logits + log(count)``."""
     return LogitAdjustedLoss(class_counts, tau=1.0)
+
+
+SPECS = [
+    LossSpec("ce", "plain cross-entropy", CrossEntropyLoss),
+    LossSpec(
+        "logit_adjusted",
+        "cross-entropy over logits + tau x log(prior) (Menon et al., 2021)",
+        LogitAdjustedLoss,
+        options={"tau": Option(1.0, "weight of log prior", ge=0.0)},
+        needs=("class_counts",),
+    ),
+    LossSpec(
+        "balanced_softmax",
+        "cross-entropy over logits + log(count) (Ren et al., 2020)",
+        balanced_softmax,
+        needs=("class_counts",),
+    ),
+]

@@ -30,41 +30,26 @@ sample counts as class k with weight t_k: it adds ``t_k * |g_k|`` to theta_k and
 target-dependent offset is scaled by (1 - t_j), which is eq. 6 for one-hot t; the lambda2 term
 uses the target-weighted mean of log(phi + eps).
 
-Two ledgers, both float64 (``ledger=``):
-
-* ``"sum"`` (default): the logits take theta and phi, the running sums above.
-* ``"sum_of_sums"``: the logits take ``S_theta`` and ``S_phi``, the running sums of those running
-  sums, ``S_t = S_(t-1) + theta_t`` at every training call, so ``S_T = sum_t (T - t + 1) *
-  increment_t``: what the authors' ``collect_grad`` feeds the classifier (their (K, K) matrix of
-  accumulated |dL/dz| is added, whole, to the positive and negative matrices at every step).
-  Early increments weigh T times more than the last. Kept as per-class vectors, never (K, K).
-
-Distributed: the ledger is ``global + delta``. ``global`` is what all ranks agreed on at the last
-:meth:`GALALoss.sync`; ``delta`` is what this rank accumulated since. The logits use both.
-``sync`` all-reduces the deltas (SUM) and folds them into ``global``, so every rank ends with the
-ledger one process would have accumulated from the same samples. Call it at the same points on
-every rank and before any checkpoint. With ``sum_of_sums`` one global step adds the global theta
-to S, so each rank also keeps ``E``, the running sum of its own theta delta, and counts its steps
-n since the sync: then ``S = S_global + n * theta_global + E`` on each rank, and the sync folds
-``n * theta_global + sum_r E_r`` into ``S_global`` (derivation: docs/losses.md).
+Two ledgers, both float64 (``ledger=``): ``"sum"`` (default), where the logits take theta and phi,
+and ``"sum_of_sums"``, where they take the running sums of those running sums, what the authors'
+``collect_grad`` feeds the classifier. The ledger and its distributed algebra (global + delta,
+the all-reduce at sync points, checkpoint state) are :class:`~gala_scale.losses.ledger.
+GradientLedger`; this module computes the increments it receives.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from gala_scale import dist
+from gala_scale.losses.ledger import KINDS, GradientLedger
+from gala_scale.losses.registry import Loss, LossSpec, Option
 
 VARIANTS = ("reference", "paper")
 LEDGER_INITS = ("zeros", "counts")
-LEDGERS = ("sum", "sum_of_sums")
-# Buffers of the sum_of_sums ledger: S = S_global + steps * theta_global + S_delta.
-SUM_BUFFERS = ("s_theta_global", "s_phi_global", "s_theta_delta", "s_phi_delta")
 
 
-class GALALoss(nn.Module):
+class GALALoss(Loss):
     """Cross-entropy over gradient-aware adjusted logits; ``loss(logits, targets)`` -> mean loss.
 
     ``targets`` is either a ``(B,)`` integer tensor of class indices or a ``(B, K)`` float tensor
@@ -92,9 +77,6 @@ class GALALoss(nn.Module):
             raise ValueError(f"unknown GALA variant {variant!r}; valid: {', '.join(VARIANTS)}")
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
-        if ledger not in LEDGERS:
-            raise ValueError(f"unknown GALA ledger {ledger!r}; valid: {', '.join(LEDGERS)}")
-        self.ledger = ledger
         self.num_classes = num_classes
         self.lambda1 = float(lambda1)
         self.lambda2 = float(lambda2)
@@ -102,13 +84,7 @@ class GALALoss(nn.Module):
         self.variant = variant
         # The finiteness check of the loss is a device-to-host sync point, one per step.
         self.check_finite = check_finite
-        for name in ("theta_global", "phi_global", "theta_delta", "phi_delta"):
-            self.register_buffer(name, torch.zeros(num_classes, dtype=torch.float64))
-        if ledger == "sum_of_sums":
-            for name in SUM_BUFFERS:
-                self.register_buffer(name, torch.zeros(num_classes, dtype=torch.float64))
-            # Training calls since the last sync: equal on every rank (float64 for the products).
-            self.register_buffer("steps_since_sync", torch.zeros((), dtype=torch.float64))
+        self.ledger = GradientLedger(num_classes, ledger)
         self.ledger_init = ledger_init
         self._init_ledger(ledger_init, class_counts, ledger_init_scale)
 
@@ -138,47 +114,37 @@ class GALALoss(nn.Module):
         if scale <= 0 or any(n < 0 for n in counts):
             raise ValueError(f"ledger_init needs scale > 0 and counts >= 0, got {scale}, {counts}")
         seed = scale * (1.0 - 1.0 / self.num_classes) * torch.tensor(counts, dtype=torch.float64)
-        seeded = ["theta_global", "phi_global"]
-        if self.ledger == "sum_of_sums":
-            seeded += ["s_theta_global", "s_phi_global"]
-        for name in seeded:
-            getattr(self, name).copy_(seed)
+        self.ledger.seed(seed)
 
     @property
     def theta(self) -> torch.Tensor:
-        """Effective accumulated positive gradient per class (global + unsynced delta)."""
-        return self.theta_global + self.theta_delta
+        """The ledger's effective theta (a shorthand of ``self.ledger.theta``)."""
+        return self.ledger.theta
 
     @property
     def phi(self) -> torch.Tensor:
-        """Effective accumulated negative gradient per class (global + unsynced delta)."""
-        return self.phi_global + self.phi_delta
+        """The ledger's effective phi (a shorthand of ``self.ledger.phi``)."""
+        return self.ledger.phi
 
-    @property
-    def logit_theta(self) -> torch.Tensor:
-        """What the logits take for theta: theta itself, or S_theta with ``sum_of_sums``."""
-        if self.ledger == "sum":
-            return self.theta
-        return self.s_theta_global + self.steps_since_sync * self.theta_global + self.s_theta_delta
-
-    @property
-    def logit_phi(self) -> torch.Tensor:
-        """What the logits take for phi: phi itself, or S_phi with ``sum_of_sums``."""
-        if self.ledger == "sum":
-            return self.phi
-        return self.s_phi_global + self.steps_since_sync * self.phi_global + self.s_phi_delta
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the ledger was a submodule keep its buffers at the top.
+        for name in list(state_dict):
+            local = name[len(prefix) :]
+            if name.startswith(prefix) and "." not in local and local in self.ledger._buffers:
+                state_dict[f"{prefix}ledger.{local}"] = state_dict.pop(name)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, lambda1={self.lambda1}, lambda2={self.lambda2}, "
-            f"eps={self.eps}, variant={self.variant!r}, ledger={self.ledger!r}, "
+            f"eps={self.eps}, variant={self.variant!r}, ledger={self.ledger.kind!r}, "
             f"ledger_init={self.ledger_init!r}"
         )
 
     def adjusted_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The adjusted logits z' for ``logits`` and ``targets`` under the current ledger."""
-        log_theta = torch.log(self.logit_theta + self.eps).to(logits.dtype)
-        log_phi = torch.log(self.logit_phi + self.eps).to(logits.dtype)
+        log_theta = torch.log(self.ledger.logit_theta + self.eps).to(logits.dtype)
+        log_phi = torch.log(self.ledger.logit_phi + self.eps).to(logits.dtype)
         hard = targets.dim() == 1
         # lambda2 * log(phi_k + eps) for each row's target class k (weighted mean if soft).
         row_term = log_phi[targets] if hard else targets @ log_phi
@@ -213,7 +179,7 @@ class GALALoss(nn.Module):
         elif self.training:
             self._accumulate(log_p.detach(), targets)
         if self.training:
-            self._add_step()
+            self.ledger.end_step()
         return loss
 
     def _shifts(
@@ -227,18 +193,18 @@ class GALALoss(nn.Module):
         6 adds lambda2 * log(phi_k + eps) to its whole row, which leaves ``z_j + lambda1 *
         log(theta_j + eps)`` off the target and ``z_k + lambda2 * log(phi_k + eps)`` on it.
         """
-        log_theta = self.logit_theta.add_(self.eps).log_()  # a fresh sum: in place is safe
+        log_theta = self.ledger.logit_theta.add_(self.eps).log_()  # a fresh sum: in place is safe
         shift = (self.lambda1 * log_theta).to(dtype)
         if self.variant == "reference":
             return shift, None
-        on_target = self.lambda2 * torch.log(self.logit_phi[targets] + self.eps)
+        on_target = self.lambda2 * torch.log(self.ledger.logit_phi[targets] + self.eps)
         return shift, (on_target - self.lambda1 * log_theta[targets]).to(dtype)
 
     def _soft_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The adjusted logits of soft targets (the reference variant's up to a row constant)."""
         if self.variant == "paper":
             return self.adjusted_logits(logits, targets)
-        log_theta = torch.log(self.logit_theta + self.eps)
+        log_theta = torch.log(self.ledger.logit_theta + self.eps)
         return logits + (self.lambda1 * log_theta).to(logits.dtype)
 
     @torch.no_grad()
@@ -251,8 +217,7 @@ class GALALoss(nn.Module):
         weights = targets.to(grad_abs.dtype)
         pos = (weights * grad_abs).sum(dim=0)
         neg = (weights * (grad_abs.sum(dim=1, keepdim=True) - grad_abs)).sum(dim=0)
-        self.theta_delta += pos.double()
-        self.phi_delta += neg.double()
+        self.ledger.add(pos, neg)
 
     @torch.no_grad()
     def _add_hard(self, nll: torch.Tensor, targets: torch.Tensor) -> None:
@@ -262,112 +227,17 @@ class GALALoss(nn.Module):
         j != y of p'_j, is the same number, so the target's probability is all that is needed.
         ``-expm1(-nll)`` is 1 - p'_y without the cancellation of ``1 - exp(log p'_y)``.
         """
-        pos = nll.double().neg_().expm1_().neg_()
-        self.theta_delta.index_add_(0, targets, pos)
-        self.phi_delta.index_add_(0, targets, pos)
-
-    @torch.no_grad()
-    def _add_step(self) -> None:
-        """With ``sum_of_sums``, one step of S: S grows by this step's theta (and phi), which on
-        this rank is ``n * theta_global`` (added at the sync) plus the local delta, summed into E.
-        """
-        if self.ledger == "sum":
-            return
-        self.s_theta_delta += self.theta_delta
-        self.s_phi_delta += self.phi_delta
-        self.steps_since_sync += 1
-
-    def delta_state(self) -> dict[str, torch.Tensor]:
-        """This rank's unsynced part of the ledger (what a mid-epoch checkpoint keeps a rank)."""
-        return {key: value.detach().cpu().clone() for key, value in self._delta_buffers().items()}
-
-    @torch.no_grad()
-    def load_delta(self, state: dict[str, torch.Tensor]) -> None:
-        """Put back a :meth:`delta_state` (the same rank of the same world)."""
-        for key, buffer in self._delta_buffers().items():
-            buffer.copy_(self._delta_entry(state, key))
-
-    @torch.no_grad()
-    def fold_deltas(self, states: list[dict[str, torch.Tensor]]) -> None:
-        """Fold the :meth:`delta_state` of every rank into the global ledger, as :meth:`sync`
-        would have (resuming with another number of processes)."""
-        keys = [key for key in self._delta_buffers() if key != "steps"]
-        summed = {key: sum(self._delta_entry(state, key) for state in states) for key in keys}
-        steps = []
-        if self.ledger == "sum_of_sums":
-            steps = [float(self._delta_entry(state, "steps")) for state in states]
-        self._fold(summed, steps)
-
-    @torch.no_grad()
-    def sync(self) -> None:
-        """All-reduce (SUM) the deltas of every rank and fold them into the global ledger.
-
-        A collective: every rank must call it at the same point. With no process group it just
-        folds this process's delta in, which leaves what the logits use unchanged.
-        """
-        buffers = self._delta_buffers()
-        flat = torch.cat([buffer.reshape(-1) for buffer in buffers.values()])
-        dist.all_reduce_sum_(flat)
-        summed = dict(zip(buffers, flat.split(self.num_classes), strict=True))
-        steps = [float(self.steps_since_sync)] if self.ledger == "sum_of_sums" else []
-        if steps:
-            # Every rank must have run the same steps since the last sync (else S differs).
-            world, total = dist.world_size(), float(summed.pop("steps"))
-            if total != steps[0] * world:
-                raise RuntimeError(
-                    f"GALA ledger sync: {steps[0]:.0f} steps on this rank but {total:.0f} over "
-                    f"{world} ranks; every rank must run the same number of steps between syncs"
-                )
-            steps = steps * world
-        self._fold(summed, steps)
-
-    def _delta_buffers(self) -> dict[str, torch.Tensor]:
-        buffers = {"theta": self.theta_delta, "phi": self.phi_delta}
-        if self.ledger == "sum_of_sums":
-            buffers |= {"s_theta": self.s_theta_delta, "s_phi": self.s_phi_delta}
-            buffers["steps"] = self.steps_since_sync.reshape(1)
-        return buffers
-
-    def _delta_entry(self, state: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-        if key not in state:
-            have = ", ".join(sorted(state)) or "nothing"
-            raise ValueError(
-                f"GALA ledger delta has no {key!r} (it has {have}): it was saved by a run with "
-                f"another loss.ledger than this one's {self.ledger!r}"
-            )
-        return (
-            state[key]
-            .to(device=self.theta_delta.device, dtype=torch.float64)
-            .reshape(self._delta_buffers()[key].shape)
-        )
-
-    @torch.no_grad()
-    def _fold(self, summed: dict[str, torch.Tensor], steps: list[float]) -> None:
-        """Add summed deltas to the global ledger and zero this rank's deltas.
-
-        ``steps`` are the ranks' steps since the last sync (all equal); S gains ``n *
-        theta_global`` before theta_global gains the summed delta.
-        """
-        if self.ledger == "sum_of_sums":
-            if len(set(steps)) > 1:
-                raise ValueError(f"GALA ledger deltas of unequal step counts: {steps}")
-            n = steps[0] if steps else 0.0
-            self.s_theta_global += n * self.theta_global + summed["s_theta"]
-            self.s_phi_global += n * self.phi_global + summed["s_phi"]
-        self.theta_global += summed["theta"]
-        self.phi_global += summed["phi"]
-        for buffer in self._delta_buffers().values():
-            buffer.zero_()
+        self.ledger.add_per_sample(nll.double().neg_().expm1_().neg_(), targets)
 
     def _check_inputs(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"logits must have shape (batch, {self.num_classes}), got {tuple(logits.shape)}"
             )
-        if logits.device != self.theta_global.device:
+        if logits.device != self.ledger.theta_global.device:
             raise ValueError(
                 f"logits are on {logits.device} but the GALA ledger is on "
-                f"{self.theta_global.device}; move the loss with .to(device)"
+                f"{self.ledger.theta_global.device}; move the loss with .to(device)"
             )
         if targets.dim() == 1:
             if targets.shape[0] != logits.shape[0] or targets.is_floating_point():
@@ -414,3 +284,38 @@ class _ShiftedNLL(torch.autograd.Function):
         grad = grad.unsqueeze(1)
         out = p * grad
         return out.scatter_add_(1, col, -grad), None, None, None
+
+
+SPECS = [
+    LossSpec(
+        "gala",
+        "gradient-aware logit adjustment (Zhang et al.): logits adjusted by the ledger",
+        GALALoss,
+        options={
+            "lambda1": Option(1.2, "weight of log(theta + eps)"),
+            "lambda2": Option(0.9, "weight of log(phi + eps)"),
+            "eps": Option(1e-3, "epsilon inside the logs", gt=0.0),
+            "variant": Option(
+                "reference",
+                "reference (the authors' logit adjustment) or paper (eq. 6)",
+                choices=VARIANTS,
+            ),
+            "ledger_init": Option(
+                "zeros",
+                "zeros, or counts (theta = phi = scale x (1 - 1/K) x training count)",
+                choices=LEDGER_INITS,
+            ),
+            "ledger_init_scale": Option(
+                1.0, "ledger_init counts: epochs' worth of increments", gt=0.0
+            ),
+            "ledger": Option(
+                "sum",
+                "what the logits take: sum (theta, phi: the running sums) or sum_of_sums (their "
+                "running sums, S_t = S_(t-1) + theta_t a step: the authors' code)",
+                choices=KINDS,
+            ),
+        },
+        needs=("num_classes", "class_counts"),
+        ledger=True,
+    )
+]

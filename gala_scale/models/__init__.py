@@ -11,7 +11,7 @@ from torch import nn
 from gala_scale.data.presets import Preset, get_preset, with_overrides
 from gala_scale.models.resnet import resnet50, resnet152, resnext50_32x4d
 from gala_scale.models.resnet_cifar import CifarResNet
-from gala_scale.models.timm_models import create_timm, input_preset, is_timm
+from gala_scale.models.timm_models import architecture, create_timm, input_preset, is_timm
 from gala_scale.models.tiny import TinyNet
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -25,13 +25,21 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+def check_name(name: str) -> None:
+    """Raise ValueError naming ``name`` unless it is a registered model or a timm architecture
+    (checked without building anything)."""
     if is_timm(name):
-        return create_timm(name, num_classes, **kwargs)
-    if name not in MODELS:
+        architecture(name)
+    elif name not in MODELS:
         raise ValueError(
             f"unknown model {name!r}; valid: {', '.join(sorted(MODELS))}, or timm/<architecture>"
         )
+
+
+def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+    check_name(name)
+    if is_timm(name):
+        return create_timm(name, num_classes, **kwargs)
     return MODELS[name](num_classes=num_classes, **kwargs)
 
 
@@ -50,4 +58,4 @@ def run_preset(data, model_name: str) -> Preset:
     return with_overrides(base, data.input_size, data.mean, data.std, data.crop_pct)
 
 
-__all__ = ["MODELS", "create_model", "model_options", "run_preset"]
+__all__ = ["MODELS", "check_name", "create_model", "model_options", "run_preset"]
