@@ -281,6 +281,13 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
     for key in ("optim.lr", "optim.head_lr_scale"):
         if get(cfg, key) <= 0:
             errors.append(f"{key}: must be > 0, got {get(cfg, key)}")
+    if cfg.optim.warmup_epochs < 0:
+        errors.append(f"optim.warmup_epochs: must be >= 0, got {cfg.optim.warmup_epochs}")
+    elif cfg.optim.warmup_epochs and cfg.optim.warmup_epochs >= cfg.train.epochs:
+        errors.append(
+            f"optim.warmup_epochs: {cfg.optim.warmup_epochs} is not below train.epochs "
+            f"{cfg.train.epochs}, so the cosine decay would never start (lower it, or 0)"
+        )
     if not 0 < cfg.optim.layer_decay <= 1:
         errors.append(f"optim.layer_decay: must be in (0, 1], got {cfg.optim.layer_decay}")
     for key in TRIPLES:

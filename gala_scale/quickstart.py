@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -25,15 +24,10 @@ from pathlib import Path
 from gala_scale import plots
 from gala_scale.data.common import open_split
 from gala_scale.launch import train_command
+from gala_scale.system import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run(step: str, cmd: list[str]) -> None:
@@ -46,7 +40,7 @@ def _run(step: str, cmd: list[str]) -> None:
 def _train(name: str, loss: str, args: argparse.Namespace) -> Path:
     run_dir = args.out / name
     cmd = [
-        *train_command(2, _free_port()),
+        *train_command(2, free_port()),
         "--config",
         "configs/quickstart.yaml",
         "--resume",
@@ -66,7 +60,7 @@ def _serve_and_batch(run_dir: Path, args: argparse.Namespace) -> dict:
         "export to ONNX",
         [sys.executable, "-m", "gala_scale.export", "--run", str(run_dir), "--out", str(export)],
     )
-    port = _free_port()
+    port = free_port()
     print(f"\n== serve\n$ gala-serve --artifact {export} --port {port}", flush=True)
     server = subprocess.Popen(
         [str(BIN / "gala-serve"), "--artifact", str(export), "--port", str(port)], cwd=ROOT

@@ -1,4 +1,6 @@
-"""The training recipe's engineering options, as the fast GPU trainers have them (NVIDIA's
+"""What a run trains with, built from its config: the model (with its pretrained weights and
+fine-tuning policy), the loss, the optimizer and the learning-rate schedule; the trainer wires
+them. And the recipe's engineering options, as the fast GPU trainers have them (NVIDIA's
 ResNet-50 example, torchvision's classification reference, timm): cuDNN autotuning, NHWC
 memory format, ``torch.compile``, fused or foreach SGD, SyncBatchNorm, a weight EMA and the
 learning rate scaled with the global batch. Each is a config key (docs/configuration.md); none
@@ -7,12 +9,74 @@ changes the algorithm, which ``tests/test_recipe.py`` checks by comparing losses
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from gala_scale.config import ConfigError, RunConfig
-from gala_scale.models import finetune
+from gala_scale.losses import Loss, build_loss
+from gala_scale.models import create_model, finetune, model_options
+from gala_scale.models.pretrained import load_pretrained
+
+
+def model(cfg: RunConfig, num_classes: int, say: Callable[[str], None] = print) -> nn.Module:
+    """The model with its local pretrained weights, if any, and the fine-tuning policy applied;
+    ``say`` reports what was loaded and what trains.
+
+    Every problem (an unknown architecture, a weights file that does not fit, a policy the model
+    cannot take) is a configuration error that names the key or the file."""
+    m = cfg.model
+    try:
+        net = create_model(m.name, num_classes=num_classes, **model_options(cfg))
+        if m.pretrained:
+            done = load_pretrained(net, Path(m.pretrained), m.pretrained_layout)
+            head = ", ".join(done["head_left_out"]) or "none"
+            say(
+                f"pretrained: {done['loaded']} tensors from {m.pretrained}; "
+                f"classifier left at its initialisation: {head}"
+            )
+        elif m.pretrained_layout:
+            raise ConfigError("model.pretrained_layout: set, but model.pretrained names no file")
+        frozen = finetune.apply_policy(net, m.finetune, m.trainable_blocks)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if frozen:
+        trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        say(f"finetune {m.finetune}: {trainable:,} parameters train")
+    return net
+
+
+def loss(cfg: RunConfig, num_classes: int, class_counts: list[int]) -> Loss:
+    """The loss ``loss.name`` declares, with its options and what it needs from the data.
+
+    Its own finiteness check is off: the trainer's Guard checks every ``train.log_every``
+    steps instead of a device-to-host sync a step."""
+    try:
+        criterion = build_loss(cfg.loss, num_classes, class_counts)
+    except ValueError as err:
+        raise ConfigError(f"loss.name: {err}") from None
+    criterion.check_finite = False
+    return criterion
+
+
+def schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig, steps_per_epoch: int):
+    """Linear warm-up for ``optim.warmup_epochs``, then cosine decay to 0, by optimizer step.
+
+    The warm-up's first step is at 1/warmup of the peak and its last at the peak; the cosine
+    starts at the peak on the step after."""
+    steps_per_epoch = max(1, steps_per_epoch // cfg.train.grad_accum_steps)
+    total = cfg.train.epochs * steps_per_epoch
+    warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+    if warmup == 0:
+        return cosine
+    ramp = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=max(1, warmup - 1)
+    )
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
 def channels_last(cfg: RunConfig, cuda: bool) -> bool:

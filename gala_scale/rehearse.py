@@ -32,7 +32,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,16 +41,11 @@ import yaml
 
 from gala_scale.launch import train_command
 from gala_scale.shards import like
+from gala_scale.system import free_port, peak_rss_mib
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CONFIGS = {"inat2018": "inat2018", "imagenet_lt": "imagenet_lt", "places_lt": "places_lt"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Stages:
@@ -86,13 +80,6 @@ def _wait(proc: subprocess.Popen) -> tuple[int, float]:
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, usage.ru_maxrss / 1024
-
-
-def _peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def overrides(args: argparse.Namespace, shards: Path, run_dir: Path) -> list[str]:
@@ -166,7 +153,7 @@ def _train_on_slurm(
         "GPUS_PER_NODE": "1",
         "DEEPSPEED_CONFIG": "none",
         "VENV": sys.prefix,
-        "PORT": str(_free_port()),
+        "PORT": str(free_port()),
         "EXTRA_ARGS": " ".join(extra),
     }
     cmd = ["sbatch", "--parsable", "--gres=none", "--cpus-per-task=1", "--time=60"]
@@ -211,7 +198,7 @@ def rehearse(args: argparse.Namespace) -> dict:
     config = ROOT / "configs" / f"{CONFIGS[args.like]}.yaml"
     changed = overrides(args, shards, run_dir)
     print(f"\nconfig {config.relative_to(ROOT)}, overridden: {' '.join(changed)}", flush=True)
-    train = [*train_command(2, _free_port()), "--config", str(config), "--resume", "auto"]
+    train = [*train_command(2, free_port()), "--config", str(config), "--resume", "auto"]
     if args.slurm and not (run_dir / "results.json").exists():
         _train_on_slurm(stages, config, run_dir, shards, changed, out)
     elif not (run_dir / "results.json").exists():
@@ -257,7 +244,7 @@ def _stage2(stages, args, train: list[str], shards: Path, run_dir: Path, out: Pa
 
 
 def _serve_and_batch(stages: Stages, export: Path, shards: Path, split: str, out: Path) -> dict:
-    port, grpc_port = _free_port(), _free_port()
+    port, grpc_port = free_port(), free_port()
     cmd = [str(BIN / "gala-serve"), "--artifact", str(export), "--port", str(port)]
     cmd += ["--grpc-port", str(grpc_port), "--providers", "cpu"]
     print(f"\n== serve\n$ {' '.join(cmd)}", flush=True)
@@ -275,7 +262,7 @@ def _serve_and_batch(stages: Stages, export: Path, shards: Path, split: str, out
         summary = out / "served_summary.json"
         with open(summary, "w") as f:
             stages.run("gala-batch through the server", batch, stdout=f)
-        server_rss = _peak_rss_mib(server.pid)
+        server_rss = peak_rss_mib(pid=server.pid)
     finally:
         server.terminate()
         server.wait(30)

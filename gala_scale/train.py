@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import socket
 import subprocess
@@ -32,7 +31,6 @@ import yaml
 from tqdm import tqdm
 
 from gala_scale import dist, metrics, recipe, stage2
-from gala_scale.bench.common import peak_rss_mib
 from gala_scale.checkpoint import (
     TrainState,
     checkpoint_name,
@@ -50,9 +48,7 @@ from gala_scale.data.common import open_split
 from gala_scale.data.mixing import Mixing, mixed
 from gala_scale.data.presets import Augment
 from gala_scale.engine import predict, sync_ledger, train_one_epoch
-from gala_scale.losses import build_loss
-from gala_scale.models import create_model, finetune, model_options, run_preset
-from gala_scale.models.pretrained import load_pretrained
+from gala_scale.models import run_preset
 from gala_scale.report import finish
 from gala_scale.runlog import RunLog
 from gala_scale.runtime import (
@@ -66,6 +62,7 @@ from gala_scale.runtime import (
     precision,
 )
 from gala_scale.shards.manifest import ManifestError
+from gala_scale.system import peak_rss_mib
 
 EXIT_PREEMPTED = 99
 EXIT_CONFIG = 2
@@ -117,20 +114,6 @@ class Run:
     def eval_model(self) -> torch.nn.Module:
         """What evaluation, best/ and final/ use: the weight average when there is one."""
         return self.model if self.ema is None else self.ema.module
-
-
-def _schedule(optimizer, cfg: RunConfig, steps_per_epoch: int):
-    """Linear warm-up for ``warmup_epochs``, then cosine decay to 0, by optimizer step."""
-    steps_per_epoch = max(1, steps_per_epoch // cfg.train.grad_accum_steps)
-    total = cfg.train.epochs * steps_per_epoch
-    warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _loaders(cfg: RunConfig, accelerator, num_classes: int):
@@ -197,32 +180,6 @@ class Parts:
     ema: recipe.WeightEMA | None
 
 
-def _model(cfg: RunConfig, num_classes: int, accelerator) -> torch.nn.Module:
-    """The model with its local pretrained weights, if any, and the fine-tuning policy applied.
-
-    Every problem (an unknown architecture, a weights file that does not fit, a policy the model
-    cannot take) is a configuration error that names the key or the file."""
-    m = cfg.model
-    try:
-        model = create_model(m.name, num_classes=num_classes, **model_options(cfg))
-        if m.pretrained:
-            done = load_pretrained(model, Path(m.pretrained), m.pretrained_layout)
-            head = ", ".join(done["head_left_out"]) or "none"
-            accelerator.print(
-                f"pretrained: {done['loaded']} tensors from {m.pretrained}; "
-                f"classifier left at its initialisation: {head}"
-            )
-        elif m.pretrained_layout:
-            raise ConfigError("model.pretrained_layout: set, but model.pretrained names no file")
-        frozen = finetune.apply_policy(model, m.finetune, m.trainable_blocks)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if frozen:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        accelerator.print(f"finetune {m.finetune}: {trainable:,} parameters train")
-    return model
-
-
 def build_parts(
     cfg: RunConfig,
     accelerator,
@@ -234,15 +191,12 @@ def build_parts(
     """The model (same initial weights on every rank), loss, optimizer and schedule, prepared."""
     cuda = accelerator.device.type == "cuda"
     torch.manual_seed(cfg.seed)
-    model = _model(cfg, num_classes, accelerator) if model is None else model
+    if model is None:
+        model = recipe.model(cfg, num_classes, accelerator.print)
     model = recipe.prepare_model(model, cfg, cuda, accelerator.num_processes)
-    try:
-        criterion = build_loss(cfg.loss, num_classes, counts)
-    except ValueError as err:
-        raise ConfigError(f"loss.name: {err}") from None
-    criterion.check_finite = False  # the Guard checks every log_every steps, not a sync a step
+    criterion = recipe.loss(cfg, num_classes, counts)
     optimizer = recipe.optimizer(model, cfg, cuda)
-    scheduler = _schedule(optimizer, cfg, steps_per_epoch)
+    scheduler = recipe.schedule(optimizer, cfg, steps_per_epoch)
     configure_deepspeed(accelerator, cfg)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ema = None

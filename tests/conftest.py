@@ -1,20 +1,26 @@
 import contextlib
+import multiprocessing.process
 import os
 import signal
-import socket
+import subprocess
 import sys
 import threading
 
 import pytest
 import torch
 
-from gala_scale import dist
+from gala_scale import dist, system
+
+# Ports for the servers and rendezvous that tests start: a block per pytest-xdist worker, below
+# Linux's ephemeral range (32768-60999), so no two workers (and no outgoing connection) are given
+# the same port between its release here and the child's bind.
+_PORT_BLOCK = 500
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_PORTS = range(20000 + _WORKER * _PORT_BLOCK, 20000 + (_WORKER + 1) * _PORT_BLOCK)
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return system.free_port(_PORTS)
 
 
 @pytest.fixture
@@ -26,6 +32,23 @@ def port() -> int:
 def _no_leftover_process_group():
     yield
     dist.destroy()
+
+
+@pytest.fixture(autouse=True)
+def _processes_only_in_slow_tests(request, monkeypatch):
+    """The unit tier (``-m "not slow"``) starts no process: a test that does must say so."""
+    if "slow" in request.keywords:
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(
+            f"{request.node.nodeid} starts a process: mark it @pytest.mark.slow "
+            "(the unit tier starts none)"
+        )
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+    monkeypatch.setattr(os, "fork", refuse)
 
 
 def pytest_collection_modifyitems(config, items):

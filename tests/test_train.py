@@ -295,7 +295,9 @@ def train_losses(run_dir) -> list[float]:
 def fp32_bn(shards, tmp_path_factory):
     """A BatchNorm model trained one epoch in fp32 with two DDP processes."""
     run_dir = tmp_path_factory.mktemp("fp32") / "run"
-    args = debug_overrides(shards, run_dir, "model.name=tiny_bn", "train.epochs=1")
+    args = debug_overrides(
+        shards, run_dir, "model.name=tiny_bn", "train.epochs=1", "optim.warmup_epochs=0"
+    )
     from conftest import free_port
 
     proc = run_accelerate([*args, "train.precision=no"], free_port())
@@ -307,7 +309,9 @@ def fp32_bn(shards, tmp_path_factory):
 @pytest.mark.parametrize("launcher", ["ddp", "zero1", "zero2"])
 def test_bf16_trains_a_batchnorm_model_with_fp32_weights(shards, fp32_bn, tmp_path, port, launcher):
     run_dir = tmp_path / launcher
-    args = debug_overrides(shards, run_dir, "model.name=tiny_bn", "train.epochs=1")
+    args = debug_overrides(
+        shards, run_dir, "model.name=tiny_bn", "train.epochs=1", "optim.warmup_epochs=0"
+    )
     deepspeed = None if launcher == "ddp" else launcher
     proc = run_accelerate([*args, "train.precision=bf16"], port, deepspeed=deepspeed, bf16=True)
     assert proc.returncode == 0, explain(proc)

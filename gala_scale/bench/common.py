@@ -6,7 +6,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -34,11 +33,6 @@ def interleaved_medians(
             fns[name]()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def machine() -> dict[str, object]:

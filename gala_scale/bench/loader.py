@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import resource
 import statistics
 import time
 
-from gala_scale.bench.common import machine, peak_rss_mib
+from gala_scale.bench.common import machine
 from gala_scale.data import create_loader
+from gala_scale.system import peak_rss_mib
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +53,7 @@ def _measure(kind: str, args: argparse.Namespace, queue) -> None:
         if start is not None and images >= args.batches * args.batch_size:
             break
     seconds = time.perf_counter() - start
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    children = peak_rss_mib(children=True)
     queue.put(
         {
             "images_per_s": images / seconds,

@@ -33,7 +33,6 @@ import json
 import math
 import multiprocessing
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,8 +43,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gala_scale.bench.common import machine, peak_rss_mib
+from gala_scale.bench.common import machine
 from gala_scale.bench.loss import _gala_vs_ce
+from gala_scale.system import free_port, peak_rss_mib
 
 BATCH, SIDE = 64, 32
 
@@ -59,12 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--big-models", nargs="*", default=["resnet50", "resnet152"], help="checkpoint only"
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sync_worker(rank: int, port: int, classes: list[int], repeats: int, out) -> None:
@@ -91,7 +85,7 @@ def _sync_worker(rank: int, port: int, classes: list[int], repeats: int, out) ->
 def ledger_sync(classes: list[int], repeats: int) -> dict[int, float]:
     """Median seconds of the ledger all-reduce at each K, between 2 gloo processes."""
     ctx = multiprocessing.get_context("spawn")
-    out, port = ctx.Queue(), _free_port()
+    out, port = ctx.Queue(), free_port()
     procs = [
         ctx.Process(target=_sync_worker, args=(r, port, classes, repeats, out)) for r in (0, 1)
     ]
@@ -237,7 +231,7 @@ def serve(artifact: Path, seconds: float, folder: Path, batch_images: list[int])
             )
             result[f"gala_batch_{count}"] = summary
         result["gala_batch_images_per_s"] = result[f"gala_batch_{batch_images[0]}"]["images_per_s"]
-        result["server_peak_rss_mib"] = serve_bench._peak_rss_mib(proc.pid)
+        result["server_peak_rss_mib"] = peak_rss_mib(pid=proc.pid)
     finally:
         proc.terminate()
         proc.wait(30)

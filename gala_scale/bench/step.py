@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from gala_scale.bench.common import machine, peak_rss_mib
+from gala_scale.bench.common import machine
+from gala_scale.system import peak_rss_mib
 
 ROOT = Path(__file__).resolve().parents[2]
 
