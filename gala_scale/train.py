@@ -379,6 +379,7 @@ def train_epochs(run: Run, state: TrainState, log: RunLog, guard: Guard) -> int:
     cfg, acc = run.cfg, run.accelerator
     for epoch in range(state.epoch, cfg.train.epochs):
         first = state.step if epoch == state.epoch else 0
+        run.criterion.start_epoch(epoch, cfg.train.epochs)
         result = _train_epoch(run, state, guard, epoch, first)
         state.global_step += result.steps
         if result.stopped:

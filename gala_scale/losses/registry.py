@@ -37,6 +37,11 @@ class Loss(nn.Module):
         self.register_module("ledger", None)
         self.check_finite = True
 
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the trainer before each training epoch (``epoch`` counts from 0, of
+        ``epochs``), on every rank and again after a resume: for losses whose form changes over
+        the run (deferred re-weighting). Nothing by default."""
+
 
 @dataclass(frozen=True)
 class Option:
