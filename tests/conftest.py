@@ -8,6 +8,8 @@ import threading
 
 import pytest
 import torch
+from shard_fixtures import build_small_synthetic
+from train_helpers import debug_overrides, explain, run_single
 
 from gala_scale import dist, system
 
@@ -26,6 +28,35 @@ def free_port() -> int:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory):
+    """The suite's one small synthetic shard set (6 classes, IF 20, 10 val and 20 test images a
+    class); tests only read it."""
+    return build_small_synthetic(
+        tmp_path_factory.mktemp("shared") / "synthetic", **{"val-per-class": 10}
+    )
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_shards, tmp_path_factory):
+    """One finished run of configs/debug.yaml on it (3 epochs, one process), for the tests that
+    read a run: export, serving, stage 2 from a run (which adds its feature cache)."""
+    run_dir = tmp_path_factory.mktemp("shared") / "run"
+    proc = run_single(debug_overrides(synthetic_shards, run_dir))
+    assert proc.returncode == 0, explain(proc)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def artifact(trained_run):
+    """The exported artifact of that run's best weights, with its Triton model folder."""
+    from gala_scale.export import export
+
+    out = trained_run / "export"
+    export(trained_run, out, "best", triton=True)
+    return out
 
 
 @pytest.fixture(autouse=True)

@@ -5,18 +5,15 @@ import json
 
 import pytest
 import torch
-from shard_fixtures import build_small_synthetic
 from train_helpers import debug_overrides, explain, run_single, weights
 
 pytestmark = pytest.mark.slow
 QUICK = ("train.epochs=2", "data.test_split=", "train.keep_checkpoints=1")
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("recipe") / "synthetic"
-    build_small_synthetic(out, **{"val-per-class": 10})
-    return out
+@pytest.fixture(scope="session")
+def shards(synthetic_shards):
+    return synthetic_shards
 
 
 def train(shards, run_dir, *options: str) -> list[dict]:

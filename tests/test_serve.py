@@ -23,34 +23,18 @@ from gala_serve.batch import transductive_predictions
 from gala_serve.client import Client, ServerError
 from PIL import Image
 from safetensors.torch import load_file
-from shard_fixtures import build_small_synthetic
-from train_helpers import ENV, GPU_ENV, debug_overrides, explain, run_module, run_single
+from train_helpers import ENV, GPU_ENV, explain, run_module
 
 from gala_scale.data import presets
-from gala_scale.export import export
 from gala_scale.models import create_model
 from gala_scale.shards import tario
 
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    base = tmp_path_factory.mktemp("serve")
-    shards = base / "synthetic"
-    build_small_synthetic(shards)
-    run_dir = base / "run"
-    proc = run_single(debug_overrides(shards, run_dir, "train.epochs=4"))
-    assert proc.returncode == 0, explain(proc)
-    return shards, run_dir
-
-
-@pytest.fixture(scope="module")
-def artifact(trained):
-    _, run_dir = trained
-    out = run_dir / "export"
-    export(run_dir, out, "best", triton=True)
-    return out
+@pytest.fixture(scope="session")
+def trained(synthetic_shards, trained_run):
+    return synthetic_shards, trained_run
 
 
 @contextlib.contextmanager

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from shard_fixtures import build_small_synthetic
 from train_helpers import debug_overrides, explain, ledger, results, run_single
 
 from gala_scale.data import PAD_LABEL
@@ -55,14 +54,9 @@ def test_feature_batches_split_over_ranks_resume_and_pad():
     assert sorted(firsts) == features()[:, 0].astype(np.float32).tolist()
 
 
-@pytest.fixture(scope="module")
-def stage1(tmp_path_factory):
-    base = tmp_path_factory.mktemp("stage2")
-    shards = build_small_synthetic(base / "synthetic")
-    run_dir = base / "stage1"
-    proc = run_single(debug_overrides(shards, run_dir))
-    assert proc.returncode == 0, explain(proc)
-    return shards, run_dir
+@pytest.fixture(scope="session")
+def stage1(synthetic_shards, trained_run):
+    return synthetic_shards, trained_run
 
 
 def stage2_args(shards, run_dir, *extra):

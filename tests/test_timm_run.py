@@ -11,7 +11,6 @@ import torch
 from gala_serve import preprocess
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from shard_fixtures import build_small_synthetic
 from test_serve import running_server
 from train_helpers import debug_overrides, explain, run_single
 
@@ -24,9 +23,9 @@ ARCH = "timm/test_efficientnet"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, synthetic_shards):
     base = tmp_path_factory.mktemp("timm")
-    shards = build_small_synthetic(base / "synthetic")
+    shards = synthetic_shards
     torch.manual_seed(5)
     weights = base / "imagenet.safetensors"  # a 1,000-class "pretrained" file
     save_file(create_model(ARCH, num_classes=1000).state_dict(), weights)

@@ -6,7 +6,6 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from shard_fixtures import build_small_synthetic
 from train_helpers import (
     ROOT,
     debug_overrides,
@@ -22,11 +21,9 @@ from train_helpers import (
 from gala_scale.config import ConfigError, load_config
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train") / "synthetic"
-    build_small_synthetic(out, **{"val-per-class": 10})
-    return out
+@pytest.fixture(scope="session")
+def shards(synthetic_shards):
+    return synthetic_shards
 
 
 @pytest.fixture(scope="module")
