@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,15 +95,62 @@ def pytest_collection_modifyitems(config, items):
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def _children() -> dict[int, str]:
-    """This process's child processes: {pid: command line}."""
+def _children(of: int | str = "self", deep: bool = False) -> dict[int, str]:
+    """The child processes of ``of`` (and theirs, ``deep``): {pid: command line}."""
     found = {}
-    for task in os.listdir("/proc/self/task"):
-        with contextlib.suppress(OSError), open(f"/proc/self/task/{task}/children") as f:
-            for pid in map(int, f.read().split()):
-                with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as cmd:
-                    found[pid] = cmd.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{of}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{of}/task/{task}/children") as f:
+                for pid in map(int, f.read().split()):
+                    with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as cmd:
+                        found[pid] = cmd.read().replace(b"\0", b" ").decode(errors="replace")
+                    if deep:
+                        found |= _children(pid, deep=True)
     return found
+
+
+def _dump_and_kill_descendants(terminal) -> None:
+    """The Python stacks of every process the test started (py-spy), then SIGKILL for each: a
+    hung test names where each of its processes waited, and leaves none behind."""
+    descendants = _children(deep=True)
+    for pid, cmd in descendants.items():
+        terminal.sep("+", title=f"process {pid}: {cmd[:160]}")
+        try:
+            dump = subprocess.run(
+                [str(Path(sys.executable).parent / "py-spy"), "dump", "--pid", str(pid)],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            terminal.write(dump.stdout + dump.stderr)
+        except (OSError, subprocess.SubprocessError) as err:
+            terminal.write(f"no stack ({err})\n")
+    for pid in descendants:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item, settings):
+    """pytest-timeout's signal method, with the stacks of the test's processes dumped first."""
+    import pytest_timeout
+
+    if settings.method != "signal" or threading.current_thread() is not threading.main_thread():
+        return None  # pytest-timeout's own timer
+
+    def handler(signum, frame):
+        __tracebackhide__ = True
+        _dump_and_kill_descendants(item.config.get_terminal_writer())
+        pytest_timeout.timeout_sigalrm(item, settings)
+
+    def cancel():
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+    item.cancel_timeout = cancel
+    signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, settings.timeout)
+    return True
 
 
 def pytest_sessionfinish(session, exitstatus):
