@@ -30,12 +30,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from gala_scale import rebalance, stage2
+from gala_scale import rebalance
 from gala_scale.config import load_config
 from gala_scale.data import PAD_LABEL, create_loader
 from gala_scale.data.common import open_split
-from gala_scale.models import create_model, model_options, run_preset
-from gala_scale.models.pretrained import head_module
+from gala_scale.models import run_preset
+from gala_scale.stages import stage_of
 
 FORMAT_VERSION = 2  # 2: PN inside the graph, three outputs
 OPSET = 17
@@ -62,15 +62,10 @@ def _load_run(run_dir: Path, checkpoint: str):
         raise ExportError(f"{weights}: missing (did the run finish? try --checkpoint last)")
     split = open_split(cfg.data.shards, cfg.data.train_split)
     num_classes = cfg.num_classes or split.num_classes
-    if cfg.stage2.enabled:  # the run trained a classifier: put it back on its backbone
-        try:
-            model = stage2.backbone(cfg, num_classes)
-        except ValueError as err:
-            raise ExportError(f"{run_dir} is a stage-2 run: {err}") from None
-        head_module(model).load_state_dict(load_file(weights))
-    else:
-        model = create_model(cfg.model.name, num_classes=num_classes, **model_options(cfg))
-        model.load_state_dict(load_file(weights))
+    try:
+        model = stage_of(cfg).trained_model(cfg, num_classes, load_file(weights))
+    except (ValueError, RuntimeError) as err:  # ConfigError included; a key mismatch
+        raise ExportError(f"{run_dir}: {err}") from None
     info = json.loads((folder / "info.json").read_text()) if (folder / "info.json").exists() else {}
     return cfg, model.eval(), split, info
 

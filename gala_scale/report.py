@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from gala_scale import dist, metrics, plots, rebalance
 from gala_scale.checkpoint import TrainState, save_weights
 from gala_scale.engine import predict
+from gala_scale.run import Run
 from gala_scale.runlog import RunLog
 
 
@@ -32,16 +33,16 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def _load_best(run) -> bool:
+def _load_best(run: Run) -> bool:
     """Load ``best/`` if rank 0 sees it (ranks listing a shared filesystem can disagree)."""
     best = Path(run.cfg.run_dir) / "best" / "model.safetensors"
     if not dist.broadcast_object(best.exists() if dist.rank() == 0 else None):
         return False
-    run.accelerator.unwrap_model(run.eval_model).load_state_dict(load_file(best))
+    run.accelerator.unwrap_model(run.parts.eval_model).load_state_dict(load_file(best))
     return True
 
 
-def finish(run, state: TrainState, guard) -> bool:
+def finish(run: Run, state: TrainState, guard) -> bool:
     """Final weights, then the best-on-val model tested plain, with PN scales fitted on val,
     and with the paper's transductive PN; writes results.json, pn.json and the plots.
 
@@ -51,18 +52,18 @@ def finish(run, state: TrainState, guard) -> bool:
     """
     cfg, acc, run_dir = run.cfg, run.accelerator, Path(run.cfg.run_dir)
     final = {"epoch": cfg.train.epochs - 1, "ema_decay": cfg.train.ema_decay}
-    save_weights(acc, run.eval_model, run.criterion, run_dir / "final", final)
+    save_weights(acc, run.parts.eval_model, run.parts.criterion, run_dir / "final", final)
     used_best = _load_best(run)
-    if run.test is None:
+    if run.loaders.test is None:
         return True
     val = None
-    if run.val is not None:
+    if run.loaders.val is not None:
         if guard.stop_requested():
             return False
-        val = predict(run.eval_model, run.val.epoch(0))
+        val = predict(run.parts.eval_model, run.loaders.val.epoch(0))
     if guard.stop_requested():
         return False
-    probs, labels = predict(run.eval_model, run.test.epoch(0))
+    probs, labels = predict(run.parts.eval_model, run.loaders.test.epoch(0))
     if acc.is_main_process:
         results, scales, tau = _score(run, probs, labels, val)
         results.update(weights="best" if used_best else "final", best_epoch=state.best_epoch)
@@ -70,7 +71,7 @@ def finish(run, state: TrainState, guard) -> bool:
     return True
 
 
-def _score(run, probs, labels, val):
+def _score(run: Run, probs, labels, val):
     scales, tau = None, run.cfg.pn.tau
     if val is not None:
         scales = rebalance.fit(val[0])
@@ -87,7 +88,7 @@ def _score(run, probs, labels, val):
     return {"test_samples": len(labels), "tau": tau, "test": test}, scales, tau
 
 
-def _write_per_class(run, results: dict, path: Path) -> None:
+def _write_per_class(run: Run, results: dict, path: Path) -> None:
     """One row a class: its name, training images, test accuracy and positive predictions of
     each variant (plain and PN); what a spreadsheet or pandas reads at any number of classes."""
     variants = results["test"]
@@ -110,7 +111,7 @@ def _write_per_class(run, results: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def _write(run, results: dict, scales, tau: float) -> None:
+def _write(run: Run, results: dict, scales, tau: float) -> None:
     run_dir = Path(run.cfg.run_dir)
     (run_dir / "results.json").write_text(json.dumps(results, indent=1))
     if scales is not None:

@@ -36,10 +36,11 @@ from torch import nn
 from gala_scale import dist
 from gala_scale.config import ConfigError, RunConfig
 from gala_scale.data import PAD_LABEL, create_loader
-from gala_scale.data.presets import Augment
 from gala_scale.models import create_model, model_options, run_preset
 from gala_scale.models.pretrained import head_module, load_pretrained
+from gala_scale.run import Loaders
 from gala_scale.shards.tario import sha256
+from gala_scale.stages import augmentation, layout, preset
 
 SAMPLERS = ("instance", "class_balanced", "sqrt")
 META = "meta.json"
@@ -150,22 +151,21 @@ def ensure_cache(cfg: RunConfig, accelerator, num_classes: int) -> Path:
     if dist.broadcast_object(fresh):
         return folder
     model = backbone(cfg, num_classes).to(accelerator.device)
-    d, world, rank = cfg.data, accelerator.num_processes, accelerator.process_index
+    d, lay = cfg.data, layout(cfg, accelerator)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     if accelerator.is_main_process:
         tmp.mkdir(parents=True, exist_ok=True)
-    common = {"preset": run_preset(d, cfg.model.name), "kind": d.loader, "seed": cfg.seed}
-    common |= {"rank": rank, "world": world, "device": accelerator.device}
+    common = {"preset": preset(cfg), "kind": d.loader, "seed": cfg.seed}
+    common |= {"rank": lay.eval_rank, "world": lay.eval_world, "device": accelerator.device}
     common |= {"num_workers": d.num_workers, "num_classes": num_classes}
     for name, split, view in _names(cfg):
         train = view is not None
         loader = create_loader(
             d.shards,
             split,
-            batch_size=max(1, d.eval_batch_size // world),
+            batch_size=max(1, lay.eval_batch),
             train=train,
-            augment=Augment(d.autoaugment, d.color_jitter, d.randaugment) if train else None,
-            cutout=d.cutout if train else 0,
+            **(augmentation(cfg) if train else {}),
             **common,
         )
         out = _extract(model, loader.epoch(view or 0))
@@ -269,33 +269,45 @@ def _read(folder: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
     return features, np.load(folder / f"{name}.labels.npy")
 
 
-def loaders(cfg: RunConfig, accelerator, num_classes: int):
-    """Training loaders (one a virtual rank), val and test over the cache, as the trainer's."""
-    folder = ensure_cache(cfg, accelerator, num_classes)
-    d, emulate = cfg.data, cfg.train.emulate_world
-    world = accelerator.num_processes * emulate
-    views = [_read(folder, name) for name, _, view in _names(cfg) if name.startswith("train_")]
-    if cfg.stage2.views and cfg.stage2.skip_plain_view:
-        views = views[1:]
-    common = {"seed": cfg.seed, "device": accelerator.device}
-    train = [
-        FeatureLoader(
-            views,
-            d.batch_size // world,
-            True,
-            accelerator.process_index * emulate + v,
-            world,
-            sampler=cfg.stage2.sampler,
-            **common,
-        )
-        for v in range(emulate)
-    ]
+class FeatureStage:
+    """A classifier trained on a frozen backbone's cached features; export puts it back on it."""
 
-    def evaluation(split: str) -> FeatureLoader | None:
-        if not split:
-            return None
-        batch = d.eval_batch_size // accelerator.num_processes
-        rank, ranks = accelerator.process_index, accelerator.num_processes
-        return FeatureLoader([_read(folder, split)], batch, False, rank, ranks, **common)
+    def loaders(self, cfg: RunConfig, accelerator, num_classes: int) -> Loaders:
+        """Training loaders (one a virtual rank), val and test over the cache."""
+        folder = ensure_cache(cfg, accelerator, num_classes)
+        lay = layout(cfg, accelerator)
+        views = [_read(folder, name) for name, _, _ in _names(cfg) if name.startswith("train_")]
+        if cfg.stage2.views and cfg.stage2.skip_plain_view:
+            views = views[1:]
+        common = {"seed": cfg.seed, "device": accelerator.device}
+        train = [
+            FeatureLoader(
+                views,
+                lay.train_batch,
+                True,
+                rank,
+                lay.train_world,
+                sampler=cfg.stage2.sampler,
+                **common,
+            )
+            for rank in lay.train_ranks
+        ]
 
-    return train, evaluation(d.val_split), evaluation(d.test_split)
+        def evaluation(split: str) -> FeatureLoader | None:
+            if not split:
+                return None
+            view = [_read(folder, split)]
+            return FeatureLoader(
+                view, lay.eval_batch, False, lay.eval_rank, lay.eval_world, **common
+            )
+
+        return Loaders(train, evaluation(cfg.data.val_split), evaluation(cfg.data.test_split))
+
+    def model(self, cfg, num_classes, loaders, say) -> nn.Module:
+        return classifier(cfg, num_classes, loaders.train[0].views[0][0].shape[1])
+
+    def trained_model(self, cfg, num_classes, weights) -> nn.Module:
+        """The backbone with the trained classifier in place of its head."""
+        model = backbone(cfg, num_classes)
+        head_module(model).load_state_dict(weights)
+        return model

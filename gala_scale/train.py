@@ -22,7 +22,7 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from gala_scale import dist, metrics, recipe, stage2
+from gala_scale import dist, metrics, recipe
 from gala_scale.checkpoint import (
     TrainState,
     checkpoint_name,
@@ -43,13 +43,11 @@ from gala_scale.checkpoint import (
     save_weights,
 )
 from gala_scale.config import ConfigError, RunConfig, describe, get, load_config, to_dict
-from gala_scale.data import ShardLoader, create_loader
 from gala_scale.data.common import open_split
 from gala_scale.data.mixing import Mixing, mixed
-from gala_scale.data.presets import Augment
 from gala_scale.engine import predict, sync_ledger, train_one_epoch
-from gala_scale.models import run_preset
 from gala_scale.report import finish
+from gala_scale.run import Parts, Run
 from gala_scale.runlog import RunLog
 from gala_scale.runtime import (
     Guard,
@@ -62,6 +60,7 @@ from gala_scale.runtime import (
     precision,
 )
 from gala_scale.shards.manifest import ManifestError
+from gala_scale.stages import stage_of
 from gala_scale.system import peak_rss_mib
 
 EXIT_PREEMPTED = 99
@@ -95,91 +94,6 @@ def _say(accelerator, message: str) -> None:
         print(message, flush=True)
 
 
-@dataclass
-class Run:
-    cfg: RunConfig
-    accelerator: object
-    model: torch.nn.Module
-    criterion: torch.nn.Module
-    optimizer: object
-    scheduler: object
-    train: list[ShardLoader]
-    val: ShardLoader | None
-    test: ShardLoader | None
-    class_counts: list[int]
-    class_names: list[str]
-    ema: recipe.WeightEMA | None = None
-
-    @property
-    def eval_model(self) -> torch.nn.Module:
-        """What evaluation, best/ and final/ use: the weight average when there is one."""
-        return self.model if self.ema is None else self.ema.module
-
-
-def _loaders(cfg: RunConfig, accelerator, num_classes: int):
-    d, emulate = cfg.data, cfg.train.emulate_world
-    world = accelerator.num_processes * emulate
-    for key, batch, ranks in (
-        ("data.batch_size", d.batch_size, world),
-        ("data.eval_batch_size", d.eval_batch_size, accelerator.num_processes),
-    ):
-        if batch % ranks:
-            raise ConfigError(f"{key}: {batch} does not split evenly over {ranks} ranks")
-    try:
-        preset = run_preset(d, cfg.model.name)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    common = {
-        "channels_last": recipe.channels_last(cfg, accelerator.device.type == "cuda"),
-        "preset": preset,
-        "kind": d.loader,
-        "seed": cfg.seed,
-        "num_classes": num_classes,
-        "device": accelerator.device,
-        "num_workers": d.num_workers,
-    }
-    train = [
-        create_loader(
-            d.shards,
-            d.train_split,
-            batch_size=d.batch_size // world,
-            train=True,
-            rank=accelerator.process_index * emulate + v,
-            world=world,
-            augment=Augment(d.autoaugment, d.color_jitter, d.randaugment),
-            cutout=d.cutout,
-            **common,
-        )
-        for v in range(emulate)
-    ]
-
-    def evaluation(split: str) -> ShardLoader | None:
-        if not split:
-            return None
-        return create_loader(
-            d.shards,
-            split,
-            batch_size=d.eval_batch_size // accelerator.num_processes,
-            train=False,
-            rank=accelerator.process_index,
-            world=accelerator.num_processes,
-            **common,
-        )
-
-    return train, evaluation(d.val_split), evaluation(d.test_split)
-
-
-@dataclass
-class Parts:
-    """What a training step needs, prepared by Accelerate: model, loss, optimizer, schedule."""
-
-    model: torch.nn.Module
-    criterion: torch.nn.Module
-    optimizer: object
-    scheduler: object
-    ema: recipe.WeightEMA | None
-
-
 def build_parts(
     cfg: RunConfig,
     accelerator,
@@ -190,7 +104,7 @@ def build_parts(
 ) -> Parts:
     """The model (same initial weights on every rank), loss, optimizer and schedule, prepared."""
     cuda = accelerator.device.type == "cuda"
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if model is None:
         model = recipe.model(cfg, num_classes, accelerator.print)
     model = recipe.prepare_model(model, cfg, cuda, accelerator.num_processes)
@@ -212,31 +126,18 @@ def build_parts(
 
 
 def build_run(cfg: RunConfig, accelerator) -> Run:
+    """The run's stage builds its loaders and the module to train; the recipe the rest."""
     split = open_split(cfg.data.shards, cfg.data.train_split)
     num_classes = cfg.num_classes or split.num_classes
     counts = list(split.class_counts)
     recipe.set_backends(cfg, accelerator.device.type == "cuda")
-    head = None
-    if cfg.stage2.enabled:  # a classifier over cached features (gala_scale.stage2)
-        train, val, test = stage2.loaders(cfg, accelerator, num_classes)
-        head = stage2.classifier(cfg, num_classes, train[0].views[0][0].shape[1])
-    else:
-        train, val, test = _loaders(cfg, accelerator, num_classes)
-    parts = build_parts(cfg, accelerator, num_classes, counts, train[0].steps_per_epoch, head)
-    return Run(
-        cfg,
-        accelerator,
-        parts.model,
-        parts.criterion,
-        parts.optimizer,
-        parts.scheduler,
-        train,
-        val,
-        test,
-        counts,
-        list(split.class_names),
-        parts.ema,
-    )
+    stage = stage_of(cfg)
+    loaders = stage.loaders(cfg, accelerator, num_classes)
+    torch.manual_seed(cfg.seed)
+    model = stage.model(cfg, num_classes, loaders, accelerator.print)
+    steps = loaders.train[0].steps_per_epoch
+    parts = build_parts(cfg, accelerator, num_classes, counts, steps, model)
+    return Run(cfg, accelerator, parts, loaders, counts, list(split.class_names))
 
 
 def _git_revision() -> str:
@@ -267,7 +168,7 @@ def _epoch_batches(run: Run, epoch: int, first_step: int):
             first_step=first_step,
             rank=loader.rank,
         )
-        for loader in run.train
+        for loader in run.loaders.train
     ]
     if len(streams) == 1:
         return streams[0]
@@ -279,7 +180,7 @@ def _epoch_batches(run: Run, epoch: int, first_step: int):
 
 def _evaluate_val(run: Run, log: RunLog, state: TrainState, epoch: int) -> None:
     """Score val on the main process; every rank learns the score and saves ``best/`` with it."""
-    probs, labels = predict(run.eval_model, run.val.epoch(0))
+    probs, labels = predict(run.parts.eval_model, run.loaders.val.epoch(0))
     score = None
     if probs is not None:
         class_acc = metrics.per_class_accuracy(probs.argmax(1), labels, probs.shape[1])
@@ -298,8 +199,8 @@ def _evaluate_val(run: Run, log: RunLog, state: TrainState, epoch: int) -> None:
         state.best_metric, state.best_epoch = score, epoch
         save_weights(
             run.accelerator,
-            run.eval_model,
-            run.criterion,
+            run.parts.eval_model,
+            run.parts.criterion,
             Path(run.cfg.run_dir) / "best",
             {"epoch": epoch, "val_mean_class_acc": score},
         )
@@ -311,9 +212,9 @@ def _rank_files(run: Run, mid_epoch: bool):
     would)."""
 
     def write(folder: Path, rank: int) -> None:
-        save_loader_states(run.train, folder)
+        save_loader_states(run.loaders.train, folder)
         if mid_epoch:
-            save_ledger_delta(run.criterion, folder, rank)
+            save_ledger_delta(run.parts.criterion, folder, rank)
 
     return write
 
@@ -333,7 +234,7 @@ def _preempt(run: Run, state: TrainState, guard: Guard, mid_epoch: bool = False)
 def _train_epoch(run: Run, state: TrainState, guard: Guard, epoch: int, first: int):
     cfg, acc = run.cfg, run.accelerator
     bar = tqdm(
-        total=run.train[0].steps_per_epoch,
+        total=run.loaders.train[0].steps_per_epoch,
         initial=first,
         desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
         disable=None if acc.is_main_process else True,
@@ -350,10 +251,10 @@ def _train_epoch(run: Run, state: TrainState, guard: Guard, epoch: int, first: i
 
     batches = _epoch_batches(run, epoch, first)
     result = train_one_epoch(
-        run.model,
-        run.criterion,
-        run.optimizer,
-        run.scheduler,
+        run.parts.model,
+        run.parts.criterion,
+        run.parts.optimizer,
+        run.parts.scheduler,
         batches,
         acc,
         guard,
@@ -361,10 +262,10 @@ def _train_epoch(run: Run, state: TrainState, guard: Guard, epoch: int, first: i
         sync_every=cfg.train.sync_every_steps,
         check_every=cfg.train.log_every,
         on_check=on_check,
-        ema=run.ema,
+        ema=run.parts.ema,
     )
     bar.close()
-    if result.stopped and first + result.steps == run.train[0].steps_per_epoch:
+    if result.stopped and first + result.steps == run.loaders.train[0].steps_per_epoch:
         # A stop seen at the epoch's last check did not leave the epoch early: running the
         # (empty) streams out lets each loader end its epoch, and the caller finishes it (ledger
         # sync, val, epoch checkpoint) before its after-epoch stop check preempts. A mid-epoch
@@ -379,29 +280,35 @@ def train_epochs(run: Run, state: TrainState, log: RunLog, guard: Guard) -> int:
     cfg, acc = run.cfg, run.accelerator
     for epoch in range(state.epoch, cfg.train.epochs):
         first = state.step if epoch == state.epoch else 0
-        run.criterion.start_epoch(epoch, cfg.train.epochs)
+        run.parts.criterion.start_epoch(epoch, cfg.train.epochs)
         result = _train_epoch(run, state, guard, epoch, first)
         state.global_step += result.steps
         if result.stopped:
             state.epoch, state.step = epoch, first + result.steps
             return _preempt(run, state, guard, mid_epoch=True)
-        sync_ledger(run.criterion)  # before any evaluation or checkpoint
+        sync_ledger(run.parts.criterion)  # before any evaluation or checkpoint
         world_images = result.samples * acc.num_processes
         log.write(
             {
-                **_ledger_metrics(run.criterion),
+                **_ledger_metrics(run.parts.criterion),
                 "type": "train",
                 "epoch": epoch,
                 "loss": result.loss,
                 "steps": result.steps,
-                "lr": run.scheduler.get_last_lr()[0],
+                "lr": run.parts.scheduler.get_last_lr()[0],
                 "seconds": result.seconds,
                 "images_per_s": world_images / max(result.seconds, 1e-9),
             }
         )
-        if run.criterion.ledger is not None:
-            log.append_ledger({k: v.numpy() for k, v in run.criterion.ledger.tensors().items()})
-        if run.val is not None and cfg.train.eval_every and (epoch + 1) % cfg.train.eval_every == 0:
+        if run.parts.criterion.ledger is not None:
+            log.append_ledger(
+                {k: v.numpy() for k, v in run.parts.criterion.ledger.tensors().items()}
+            )
+        if (
+            run.loaders.val is not None
+            and cfg.train.eval_every
+            and (epoch + 1) % cfg.train.eval_every == 0
+        ):
             _evaluate_val(run, log, state, epoch)
         state.epoch, state.step = epoch + 1, 0
         if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
@@ -436,8 +343,8 @@ def _rank_record(run: Run, state: TrainState, code: int) -> None:
     """Each rank says who and where it was and which ledger it ended with (for checks)."""
     acc = run.accelerator
     ledger = None
-    if run.criterion.ledger is not None:
-        raw = b"".join(v.numpy().tobytes() for v in run.criterion.ledger.tensors().values())
+    if run.parts.criterion.ledger is not None:
+        raw = b"".join(v.numpy().tobytes() for v in run.parts.criterion.ledger.tensors().values())
         ledger = hashlib.sha256(raw).hexdigest()
     record = {
         "rank": acc.process_index,
@@ -451,7 +358,7 @@ def _rank_record(run: Run, state: TrainState, code: int) -> None:
         "exit": code,
         "device": str(acc.device),
         "mixed_precision": precision(run.cfg),
-        "loader": run.train[0].kind,
+        "loader": run.loaders.train[0].kind,
         "peak_rss_mib": peak_rss_mib(),
     }
     if acc.device.type == "cuda":
@@ -472,14 +379,16 @@ def run_training(cfg: RunConfig, accelerator, resume: str, guard: Guard) -> int:
     run = build_run(cfg, accelerator)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
-    if run.criterion.ledger is not None:
-        accelerator.register_for_checkpointing(run.criterion)
-    if run.ema is not None:
-        accelerator.register_for_checkpointing(run.ema)
+    if run.parts.criterion.ledger is not None:
+        accelerator.register_for_checkpointing(run.parts.criterion)
+    if run.parts.ema is not None:
+        accelerator.register_for_checkpointing(run.parts.ema)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
-        restore_ledger_delta(run.criterion, accelerator, checkpoint)
-        for problem in restore_loader_states(run.train, checkpoint, state.epoch, state.step):
+        restore_ledger_delta(run.parts.criterion, accelerator, checkpoint)
+        for problem in restore_loader_states(
+            run.loaders.train, checkpoint, state.epoch, state.step
+        ):
             print(f"warning: {problem}", file=sys.stderr, flush=True)
         _say(
             accelerator, f"resuming from {checkpoint} (epoch {state.epoch + 1}, step {state.step})"

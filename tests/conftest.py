@@ -66,21 +66,27 @@ def _no_leftover_process_group():
     dist.destroy()
 
 
-@pytest.fixture(autouse=True)
-def _processes_only_in_slow_tests(request, monkeypatch):
-    """The unit tier (``-m "not slow"``) starts no process: a test that does must say so."""
-    if "slow" in request.keywords:
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """The unit tier (``-m "not slow"``) starts no process: a test that does, in its body or in
+    a fixture it sets up (a server, a trained run), must be marked slow."""
+    if "slow" in item.keywords:
+        yield
         return
 
     def refuse(*args, **kwargs):
         raise AssertionError(
-            f"{request.node.nodeid} starts a process: mark it @pytest.mark.slow "
-            "(the unit tier starts none)"
+            f"{item.nodeid} starts a process: mark it @pytest.mark.slow (the unit tier starts none)"
         )
 
-    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
-    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
-    monkeypatch.setattr(os, "fork", refuse)
+    patch = pytest.MonkeyPatch()
+    patch.setattr(subprocess.Popen, "__init__", refuse)
+    patch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+    patch.setattr(os, "fork", refuse)
+    try:
+        yield
+    finally:
+        patch.undo()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from gala_scale.bench import loss as bench_loss
@@ -18,6 +19,7 @@ def test_python_loop_baseline_does_the_same_accumulation():
     torch.testing.assert_close(phi, loss.phi, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_loss_benchmark_prints_json_last(capsys):
     assert main(["loss", "--repeats", "1", "--loop-repeats", "1"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -41,6 +43,7 @@ def test_loss_benchmark_prints_json_last(capsys):
     }
 
 
+@pytest.mark.slow
 def test_shards_benchmark_builds_with_one_and_all_cores(capsys):
     assert main(["shards", "--kind", "synthetic", "--repeats", "1"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -48,6 +51,7 @@ def test_shards_benchmark_builds_with_one_and_all_cores(capsys):
     assert result["1_process_images_per_s"] > 0 and result["speedup"] > 0
 
 
+@pytest.mark.slow
 def test_train_benchmark_runs_each_candidate_and_reports_ratios(tmp_path, capsys, monkeypatch):
     from conftest import free_port
     from shard_fixtures import build_small_synthetic
@@ -63,6 +67,7 @@ def test_train_benchmark_runs_each_candidate_and_reports_ratios(tmp_path, capsys
     assert result["gala_over_ce_images_per_s"] > 0 and result["2_over_1_process_images_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_step_benchmark_runs_the_trainer_step_under_ddp_and_zero2(capsys, monkeypatch):
     from conftest import free_port
 
@@ -82,6 +87,7 @@ def test_step_benchmark_runs_the_trainer_step_under_ddp_and_zero2(capsys, monkey
     assert result["zero2_over_ddp_images_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_finetune_benchmark_times_each_policy_and_stage2(capsys):
     argv = ["finetune", "--model", "timm/test_efficientnet", "--image-size", "32"]
     assert main([*argv, "--batch-size", "8", "--repeats", "1", "--trainable-blocks", "2"]) == 0

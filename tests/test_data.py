@@ -30,7 +30,9 @@ from gala_scale.shards.__main__ import main as shards_main
 from gala_scale.shards.check import adopt
 from gala_scale.shards.manifest import ManifestError
 
+# The torch loader starts DataLoader worker processes: those cases are slow.
 KINDS = ["dali", "torch"]
+LOADER_CASES = ["dali", pytest.param("torch", marks=pytest.mark.slow)]
 SHARD_SIZES = (7, 40, 13, 43)  # deliberately uneven: 103 samples
 
 
@@ -96,7 +98,7 @@ def make(root, kind, train, **kw):
     return create_loader(root, "train", kind=kind, train=train, **options)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LOADER_CASES)
 def test_one_epoch_holds_the_manifest_labels(kind, unique_set):
     evaluated = labels_of(make(unique_set, kind, train=False))
     assert len(evaluated) == 13 * 8  # ceil(103 / 8) batches
@@ -105,7 +107,7 @@ def test_one_epoch_holds_the_manifest_labels(kind, unique_set):
     assert len(trained) == (103 // 8) * 8 and len(set(trained)) == len(trained)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LOADER_CASES)
 @pytest.mark.parametrize("train", [False, True])
 def test_two_ranks_disjoint_complete_and_equal_length(kind, train, unique_set):
     loaders = [make(unique_set, kind, train, rank=r, world=2) for r in range(2)]
@@ -121,7 +123,7 @@ def test_two_ranks_disjoint_complete_and_equal_length(kind, train, unique_set):
             assert len(ranks[0]) == 7 * 8  # ceil(ceil(103 / 2) / 8) batches
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LOADER_CASES)
 def test_epochs_reshuffle_reproducibly(kind, unique_set):
     first = labels_of(make(unique_set, kind, train=True), epoch=0)
     again = labels_of(make(unique_set, kind, train=True), epoch=0)
@@ -131,7 +133,7 @@ def test_epochs_reshuffle_reproducibly(kind, unique_set):
     assert first != second and first != other_seed
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LOADER_CASES)
 def test_start_step_resumes_inside_an_epoch(kind, unique_set):
     loader = make(unique_set, kind, train=True)
     whole = [y for _, y in loader.epoch(2)]
@@ -199,12 +201,14 @@ def eval_tensors(root, kind, preset):
     return torch.cat(images)[keep], torch.cat(labels)[keep]
 
 
+@pytest.mark.slow
 def test_eval_outputs_of_both_loaders_agree_cifar(unique_set):
     (xd, yd), (xt, yt) = (eval_tensors(unique_set, k, "cifar") for k in KINDS)
     assert torch.equal(yd, yt)
     assert (xd - xt).abs().max().item() <= 1e-5  # same decoder, same arithmetic
 
 
+@pytest.mark.slow
 def test_eval_outputs_of_both_loaders_agree_imagenet(large_images):
     (xd, yd), (xt, yt) = (eval_tensors(large_images, k, "imagenet") for k in KINDS)
     assert xd.shape == xt.shape == (12, 3, 224, 224) and torch.equal(yd, yt)
@@ -216,7 +220,7 @@ def test_eval_outputs_of_both_loaders_agree_imagenet(large_images):
     assert pixel_diff.max().item() <= 16.0
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LOADER_CASES)
 def test_train_batches_have_the_model_shape(kind, large_images, unique_set):
     x, _ = next(iter(make(large_images, kind, True, preset="imagenet", batch_size=4).epoch(0)))
     assert x.shape == (4, 3, 224, 224) and x.device.type == "cpu"
@@ -277,7 +281,7 @@ def test_errors_name_what_is_wrong(unique_set, large_images, tmp_path):
         make(broken, "dali", True)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LOADER_CASES)
 def test_corrupt_shard_names_the_file(kind, unique_set, tmp_path):
     broken = tmp_path / "corrupt"
     shutil.copytree(unique_set, broken)
@@ -411,7 +415,7 @@ def test_randaugment_pil_equals_dali_operation_by_operation():
         assert diff.mean() <= 2.0 and (diff > 2).mean() <= 0.12, (where, diff.mean())
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LOADER_CASES)
 def test_color_jitter_and_randaugment_in_both_loaders(kind, large_images):
     options = Augment(color_jitter=0.4, randaugment=True)
     loader = make(large_images, kind, True, preset="imagenet", batch_size=4, augment=options)

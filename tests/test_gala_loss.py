@@ -233,8 +233,9 @@ def test_bad_arguments_and_registry():
         GALALoss(K, variant="eq6")
     with pytest.raises(ValueError, match="num_classes"):
         GALALoss(1)
-    with pytest.raises(ValueError, match=r"valid: balanced_softmax, ce, .*gala, logit_adjusted"):
+    with pytest.raises(ValueError, match=r"unknown loss 'no_such_loss'; valid: ") as err:
         create_loss("no_such_loss")
+    assert all(name in str(err.value) for name in specs())
     with pytest.raises(ValueError, match="bad arguments for loss 'gala'"):
         create_loss("gala", classes=3)
     assert {"ce", "logit_adjusted", "balanced_softmax", "gala"} <= set(specs())

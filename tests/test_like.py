@@ -54,6 +54,7 @@ def test_scale_inat_categories_have_supercategory_and_kingdom():
         ("places_lt", 365, {"train", "val", "test"}),
     ],
 )
+@pytest.mark.slow
 def test_scale_raw_data_builds_with_the_real_builders(tmp_path, capsys, name, classes, splits):
     raw, out = tmp_path / "raw", tmp_path / "set"
     argv = ["synth", "--like", name, "--scale", "0.002", "--root", str(raw)]

@@ -43,8 +43,8 @@ def test_config_help_and_choices_come_from_the_declarations():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("loss.eps=0", "loss.eps: must be > 0.0, got 0.0"),
-        ("loss.ledger_init_scale=-1", "loss.ledger_init_scale: must be > 0.0"),
+        ("loss.eps=0", "loss.eps: must be > 0, got 0"),
+        ("loss.ledger_init_scale=-1", "loss.ledger_init_scale: must be > 0, got -1"),
         ("loss.variant=eq6", "loss.variant: 'eq6' is not one of reference, paper"),
         ("loss.tau=.nan", "loss.tau: must be a finite number"),
         ("model.name=resnet3", "model.name: unknown model 'resnet3'"),

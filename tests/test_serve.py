@@ -87,6 +87,7 @@ def torch_model(run_dir: Path) -> torch.nn.Module:
     return model.eval()
 
 
+@pytest.mark.slow
 def test_export_artifact(trained, artifact):
     _, run_dir = trained
     onnx.checker.check_model(str(artifact / "model.onnx"), full_check=True)
@@ -115,6 +116,7 @@ def test_export_artifact(trained, artifact):
     assert all(f'name: "{o}"' in config for o in ("logits", "raw_probabilities", "probabilities"))
 
 
+@pytest.mark.slow
 def test_exported_graph_applies_the_stored_pn_itself(trained, artifact):
     """Plain ONNX Runtime, no wrapper: the graph's outputs on real images are the softmax and
     rebalance.apply of the torch model's logits with the artifact's scales and tau."""
@@ -138,6 +140,7 @@ def test_exported_graph_applies_the_stored_pn_itself(trained, artifact):
     assert not np.allclose(adjusted, raw, atol=1e-3)  # the scales do change the answer
 
 
+@pytest.mark.slow
 def test_server_preprocessing_is_the_training_eval_preset(trained):
     pre = presets.get_preset("imagenet").to_dict()
     rng = np.random.default_rng(1)
@@ -154,6 +157,7 @@ def test_server_preprocessing_is_the_training_eval_preset(trained):
         )
 
 
+@pytest.mark.slow
 def test_health_and_metadata(server):
     assert server.json("GET", "/v2/health/live") == {"live": True}
     assert server.json("GET", "/v2/health/ready") == {"ready": True}
@@ -190,6 +194,7 @@ def _infer_json(server, x: np.ndarray) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_answers_equal_onnx_runtime_and_torch(server, trained, artifact):
     _, run_dir = trained
     pre = presets.get_preset("cifar")
@@ -211,6 +216,7 @@ def test_answers_equal_onnx_runtime_and_torch(server, trained, artifact):
         np.testing.assert_allclose(answer["probabilities"], row, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_binary_tensor_extension(server):
     x = np.random.default_rng(2).normal(size=(3, 3, 32, 32)).astype(np.float32)
     header = json.dumps(
@@ -347,6 +353,7 @@ BAD = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, case):
     path, body, headers, status, message = BAD[case]
@@ -413,6 +420,7 @@ RAW = {
 }
 
 
+@pytest.mark.slow
 def test_idle_keep_alive_connections_are_closed(server):
     with socket.create_connection((server.host, server.port), timeout=10) as sock:
         start = time.perf_counter()
@@ -421,6 +429,7 @@ def test_idle_keep_alive_connections_are_closed(server):
     assert server.json("GET", "/v2/health/live") == {"live": True}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(RAW))
 def test_http_framing_edge_cases(server, case):
     data, expected = RAW[case]
@@ -428,6 +437,7 @@ def test_http_framing_edge_cases(server, case):
     assert server.json("GET", "/v2/health/live") == {"live": True}  # still serving
 
 
+@pytest.mark.slow
 def test_concurrent_clients_all_answered_correctly(server, trained):
     images = sample_images(trained, 8)
     expected = [server.classify(d)["top_k"][0]["index"] for d, _ in images]
@@ -454,6 +464,7 @@ def test_concurrent_clients_all_answered_correctly(server, trained):
     assert "gala_batch_size_bucket" in metrics and "gala_request_errors_total" in metrics
 
 
+@pytest.mark.slow
 def test_batch_client_reproduces_the_trainer_accuracy_with_pn(server, trained, tmp_path, capsys):
     """gala-batch sends the encoded images through tritonclient (HTTP, then gRPC) and gets the
     trainer's own PN accuracy for the same weights, stored and transductive."""
@@ -496,6 +507,7 @@ def test_transductive_predictions_read_in_chunks_equal_the_whole_matrix(tmp_path
     assert (transductive_predictions(mapped, 1.0) != raw.argmax(1)).any()
 
 
+@pytest.mark.slow
 def test_json_images_and_unreachable_server(server, trained):
     images = [base64.b64encode(d).decode() for d, _ in sample_images(trained, 3)]
     tensor = {"name": "image", "shape": [3], "datatype": "BYTES", "data": images}
@@ -572,6 +584,7 @@ def test_batcher_serves_coroutines_and_passes_model_errors_on():
         asyncio.run(batcher.infer(-np.ones((6, 2))))  # two pieces; the error reaches the caller
 
 
+@pytest.mark.slow
 def test_serve_benchmark_prints_its_measurements_as_json_last(artifact):
     args = ["--artifact", str(artifact), "--seconds", "0.3", "--rounds", "2", "--levels", "1", "4"]
     proc = run_module("gala_serve.bench", *args, "--client-procs", "2", "--providers", "cpu")
@@ -589,6 +602,7 @@ def test_serve_benchmark_prints_its_measurements_as_json_last(artifact):
     assert "ort_vs_torch_cuda" not in result  # only when the servers run on CUDA
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 def test_export_compares_onnx_runtime_on_cuda_with_torch(artifact):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -597,6 +611,7 @@ def test_export_compares_onnx_runtime_on_cuda_with_torch(artifact):
     assert doc["check"]["cuda"]["max_abs_logit_diff"] < 5e-2
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 def test_cuda_provider_serves_the_same_answers(artifact, tmp_path):
     log = tmp_path / "server.log"
@@ -620,6 +635,7 @@ print(json.dumps({"meta": service.metadata(), "metrics": service.metrics.render(
 """
 
 
+@pytest.mark.slow
 def test_auto_provider_that_cannot_start_cuda_says_so_loudly(artifact):
     """auto asks for CUDA on a machine that looks like it has a GPU (a device id no machine
     has, so the CUDA provider fails everywhere): the CPU serves, and it is said three ways.
@@ -652,6 +668,7 @@ def test_warmup_runs_every_batch_size_the_batcher_can_form_on_a_gpu():
     assert warmup_sizes("none", "CUDAExecutionProvider", 64) == []
 
 
+@pytest.mark.slow
 def test_startup_errors_exit_2_and_say_why(artifact, tmp_path):
     def start(*args: str) -> subprocess.CompletedProcess:
         cmd = [str(BIN / "gala-serve"), *args]
@@ -776,6 +793,7 @@ HOSTILE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_requests_get_4xx_and_the_server_keeps_serving(server, case):
     data, status, word = HOSTILE[case]
@@ -812,6 +830,7 @@ def _binary_infer(client, rows: int = 1) -> float:
     return time.perf_counter() - start
 
 
+@pytest.mark.slow
 def test_stalled_clients_are_cut_and_never_hold_a_batch(patient_server):
     """Six clients send a head and 2 bytes of a 100-byte body, then stall. A fast client's
     requests are not held by them (an announced stalled request would make each batch wait
@@ -836,6 +855,7 @@ def test_stalled_clients_are_cut_and_never_hold_a_batch(patient_server):
     assert "gala_request_timeouts_total 6.0" in metrics
 
 
+@pytest.mark.slow
 def test_connection_cap_is_answered_503(patient_server):
     idle = [socket.create_connection(("127.0.0.1", patient_server.port)) for _ in range(11)]
     try:
@@ -872,6 +892,7 @@ def test_images_are_bounded_after_the_resize_and_by_format():
 # --- gRPC and the stock Triton clients --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_stock_triton_clients_over_grpc_and_http(server, trained):
     """tritonclient, unchanged: health, metadata, FP32 tensors and encoded images (BYTES), as
     binary data; both protocols give the HTTP JSON route's answer."""
@@ -1054,6 +1075,7 @@ def _settings():
     )
 
 
+@pytest.mark.slow
 def test_fuzzed_http_requests_never_get_a_5xx(patient_server):
     from hypothesis import given
 
@@ -1132,6 +1154,7 @@ def _grpc_cases():
     return request()
 
 
+@pytest.mark.slow
 def test_fuzzed_grpc_requests_never_get_internal(patient_server, server):
     import grpc
     from hypothesis import given

@@ -67,6 +67,7 @@ def build_cifar_lt(tmp_path: Path, factor: float, val_from: str | None) -> dict:
     return manifest
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factor", [200, 100, 10])
 def test_cifar_val_is_reserved_before_subsampling_by_default(tmp_path, factor):
     manifest = build_cifar_lt(tmp_path, factor, None)
@@ -77,6 +78,7 @@ def test_cifar_val_is_reserved_before_subsampling_by_default(tmp_path, factor):
     assert manifest["warnings"] == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factor", [200, 100, 50, 10])
 def test_cifar_leftover_val_keeps_the_literature_counts(tmp_path, factor):
     manifest = build_cifar_lt(tmp_path, factor, "leftover")
@@ -87,6 +89,7 @@ def test_cifar_leftover_val_keeps_the_literature_counts(tmp_path, factor):
     assert "fewer images than asked for classes 0 (0)" in manifest["warnings"][0]
 
 
+@pytest.mark.slow
 def test_subset_is_seeded_and_independent_of_val_size(tmp_path):
     root = tmp_path / "raw"
     write_cifar10_pickles(root, per_class=60, test_per_class=1)
@@ -112,6 +115,7 @@ def test_subset_is_seeded_and_independent_of_val_size(tmp_path):
     assert load_manifest(tmp_path / "a")["seed"] == 1
 
 
+@pytest.mark.slow
 def test_imagefolder_formats_are_normalised_and_bad_images_excluded(tmp_path):
     root = tmp_path / "folder"
     write_image_tree(root, {"a": 3, "b": 3})
@@ -144,6 +148,7 @@ def test_imagefolder_formats_are_normalised_and_bad_images_excluded(tmp_path):
             }
 
 
+@pytest.mark.slow
 def test_max_side_shrinks_large_images(tmp_path):
     root = tmp_path / "big"
     (root / "x").mkdir(parents=True)
@@ -170,6 +175,7 @@ def make_list_dataset(tmp_path: Path, missing: int = 0) -> tuple[Path, Path, Pat
     return root, train, test
 
 
+@pytest.mark.slow
 def test_list_files(tmp_path):
     root, train, test = make_list_dataset(tmp_path)
     out = tmp_path / "out"
@@ -192,6 +198,7 @@ def test_list_files(tmp_path):
     assert manifest["splits"]["test"]["num_samples"] == 3
 
 
+@pytest.mark.slow
 def test_missing_files_error_or_skip(tmp_path, capsys):
     root, train, _ = make_list_dataset(tmp_path, missing=7)
     out = tmp_path / "out"
@@ -219,6 +226,7 @@ def test_labels_out_of_range_and_empty_classes_are_errors(tmp_path, capsys):
     assert "train.txt:1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_inat_json(tmp_path):
     root = tmp_path / "inat"
     paths = write_image_tree(root / "train_val2018", {"Plantae": 3, "Aves": 2})
@@ -239,6 +247,7 @@ def test_inat_json(tmp_path):
     assert manifest["splits"]["train"]["class_counts"] == [2, 3]
 
 
+@pytest.mark.slow
 def test_synthetic_counts_and_rebuild_is_a_no_op(tmp_path, capsys):
     out = tmp_path / "syn"
     args = [
@@ -273,6 +282,7 @@ def test_synthetic_counts_and_rebuild_is_a_no_op(tmp_path, capsys):
     assert len(load_manifest(out)["splits"]["train"]["shards"]) == -(-train // 8)
 
 
+@pytest.mark.slow
 def test_same_arguments_give_the_same_bytes(tmp_path):
     for name in "ab":
         build("synthetic", "--num-classes", 3, "--max-per-class", 20, "--out", tmp_path / name)
@@ -347,6 +357,7 @@ def synthetic_set(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_webdataset_and_dali_read_the_same_samples(synthetic_set):
     import webdataset as wds
     from nvidia.dali import fn, pipeline_def
@@ -383,6 +394,7 @@ def test_webdataset_and_dali_read_the_same_samples(synthetic_set):
     assert [counts[k] for k in range(6)] == manifest["splits"]["train"]["class_counts"]
 
 
+@pytest.mark.slow
 def test_index_adopts_webdataset_shard_writer_output(tmp_path):
     import webdataset as wds
 
@@ -399,6 +411,7 @@ def test_index_adopts_webdataset_shard_writer_output(tmp_path):
     assert main(["verify", str(root), "--workers", "1"]) == 0
 
 
+@pytest.mark.slow
 def test_verify_catches_a_flipped_byte(synthetic_set, tmp_path, capsys):
     import shutil
 
@@ -435,6 +448,7 @@ def test_real_cifar10_lt_if100(tmp_path):
     assert not keys["val"] & keys["train"]
 
 
+@pytest.mark.slow
 def test_imagefolder_val_fraction_and_cifar100_default(tmp_path):
     root = tmp_path / "folder"
     write_image_tree(root, {"a": 20, "b": 10})

@@ -54,12 +54,12 @@ def test_config_layers_and_errors(tmp_path):
     cfg = load_config(ROOT / "configs" / "cifar100_lt_if50.yaml", ["train.epochs=3", "seed=4"])
     assert (cfg.train.epochs, cfg.seed, cfg.model.name, cfg.optim.lr) == (3, 4, "resnet32", 0.05)
     with pytest.raises(ConfigError) as err:
-        load_config(None, ["data.shards=x", "data.shard=y", "train.epochs=many", "loss.name=focal"])
+        load_config(None, ["data.shards=x", "data.shard=y", "train.epochs=many", "loss.name=focus"])
     text = str(err.value)
     assert "data.shard: unknown key" in text and "train.epochs: expected int" in text
     bad = tmp_path / "bad.yaml"
-    bad.write_text("data:\n  shards: s\nloss:\n  name: focal\n")
-    with pytest.raises(ConfigError, match=r"loss\.name: 'focal' is not one of"):
+    bad.write_text("data:\n  shards: s\nloss:\n  name: focus\n")
+    with pytest.raises(ConfigError, match=r"loss\.name: 'focus' is not one of"):
         load_config(bad)
     with pytest.raises(ConfigError) as err:
         load_config(None, ["data.shards=x", "loss.ledger_init=prior", "loss.ledger_init_scale=0"])
@@ -73,6 +73,7 @@ def test_every_shipped_config_loads(name):
     assert cfg.data.shards
 
 
+@pytest.mark.slow
 def test_bad_config_on_the_command_line_exits_2(shards, tmp_path):
     proc = run_single(debug_overrides(shards, tmp_path / "r", "train.epochs=zero"))
     assert proc.returncode == 2 and "train.epochs: expected int" in proc.stderr
@@ -184,6 +185,7 @@ def test_sum_of_sums_two_processes_equal_one_and_resume_exactly(shards, tmp_path
     resume_after_epoch_one(shards, reference, tmp_path / "resumed", SUM_OF_SUMS)
 
 
+@pytest.mark.slow
 def test_existing_checkpoints_need_resume_auto(shards, reference):
     proc = run_single(debug_overrides(shards, reference))
     assert proc.returncode == 2 and "--resume auto" in proc.stderr
@@ -247,6 +249,7 @@ def test_two_machines_on_loopback(shards, reference, tmp_path, port):
     assert_same_training(run_dir, reference)
 
 
+@pytest.mark.slow
 def test_one_process_cpu_launch_is_refused(shards, tmp_path, port):
     from train_helpers import BIN, ENV
 
@@ -274,6 +277,7 @@ def test_one_process_cpu_launch_is_refused(shards, tmp_path, port):
     assert not (tmp_path / "trap" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run(shards, tmp_path):
     run_dir = tmp_path / "nan"
     proc = run_single(debug_overrides(shards, run_dir, "optim.lr=1e30", "train.epochs=2"))

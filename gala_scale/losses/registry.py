@@ -65,19 +65,19 @@ class Option:
         if not math.isfinite(value):
             return f"{key}: must be a finite number, got {value}"
         for bound, fails, words in (
-            (self.gt, lambda v, b: v <= b, "> {}"),
-            (self.ge, lambda v, b: v < b, ">= {}"),
-            (self.lt, lambda v, b: v >= b, "< {}"),
+            (self.gt, lambda v, b: v <= b, "> {:g}"),
+            (self.ge, lambda v, b: v < b, ">= {:g}"),
+            (self.lt, lambda v, b: v >= b, "< {:g}"),
         ):
             if bound is not None and fails(value, bound):
-                return f"{key}: must be {words.format(bound)}, got {value}"
+                return f"{key}: must be {words.format(bound)}, got {value:g}"
         return None
 
     def describe(self) -> str:
         """The help with what the option admits, for ``--help-config``."""
-        admits = [f"> {self.gt}" if self.gt is not None else ""]
-        admits += [f">= {self.ge}" if self.ge is not None else ""]
-        admits += [f"< {self.lt}" if self.lt is not None else ""]
+        admits = [f"> {self.gt:g}" if self.gt is not None else ""]
+        admits += [f">= {self.ge:g}" if self.ge is not None else ""]
+        admits += [f"< {self.lt:g}" if self.lt is not None else ""]
         admits = ", ".join(a for a in admits if a)
         if self.choices:
             admits = " | ".join(self.choices)

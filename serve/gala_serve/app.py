@@ -2,6 +2,7 @@
 
     gala-serve --artifact runs/x/export [--model-name gala] [--host 127.0.0.1] [--port 8000]
                [--grpc-port 8001] [--max-batch 64] [--max-delay-ms 5] [--providers auto|cuda|cpu]
+               [--max-queue 2048] [--batch-timeout 60]
 
 HTTP (KServe v2, served by uvicorn): ``GET /v2/health/live``, ``/v2/health/ready``, ``/v2``,
 ``/v2/models/<name>``, ``/v2/models/<name>/ready``; ``POST /v2/models/<name>/infer`` with JSON
@@ -12,7 +13,10 @@ JPEG/PNG/WebP files. Outputs: ``probabilities`` (re-balanced with the stored PN 
 the graph), ``raw_probabilities`` and ``logits``. ``POST /v1/classify`` (a curl convenience)
 takes one encoded image as the body and answers the top-k classes by name; ``?top_k=5&full=1``.
 ``GET /metrics``: Prometheus. Bad requests get a 4xx JSON ``{"error": ...}`` (gRPC:
-INVALID_ARGUMENT and the like) and the server keeps serving.
+INVALID_ARGUMENT and the like) and the server keeps serving. Over ``--max-queue`` samples waiting
+for the model, requests are shed at once: 503 with ``Retry-After`` (gRPC: UNAVAILABLE).
+``/v2/health/ready`` answers 503 with the reason while the model loads and when the batcher's
+worker is dead or one model call has run past ``--batch-timeout``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import numpy as np
 
 from gala_serve import __version__, protocol
 from gala_serve.batcher import DynamicBatcher
-from gala_serve.errors import NotFound, NotReady, RequestError, TooLarge
+from gala_serve.errors import Loading, NotFound, RequestError, TooLarge
 from gala_serve.metrics import Metrics
 from gala_serve.model import CONV_ALGO_SEARCH, OUTPUTS, ArtifactError, Model
 from gala_serve.preprocess import FORMATS, decode, eval_array
@@ -79,13 +83,27 @@ class Service:
         sizes = warmup_sizes(a.warmup, self.model.provider, a.max_batch)
         self.warmup = {"batch_sizes": len(sizes), "seconds": round(self.model.warm_up(sizes), 3)}
         self.batcher = DynamicBatcher(
-            self.model.outputs, a.max_batch, a.max_delay_ms / 1000, self.metrics.batch
+            self.model.outputs,
+            a.max_batch,
+            a.max_delay_ms / 1000,
+            self.metrics.batch,
+            max_queue=a.max_queue,
+            stall_s=a.batch_timeout,
+            on_failure=self.metrics.batch_failure,
         )
+        self.metrics.watch_queue(lambda: self.batcher.queued)
         self.ready.set()
+
+    def not_ready(self) -> str | None:
+        """Why the server cannot serve inference now (loading, a dead or wedged batcher), or
+        None: what the readiness endpoints answer."""
+        if not self.ready.is_set():
+            return "the model is still loading"
+        return self.batcher.health()
 
     def ticket(self) -> Ticket:
         if not self.ready.is_set():
-            raise NotReady("the model is still loading")
+            raise Loading("the model is still loading")
         return Ticket(self.batcher)
 
     async def offload(self, fn, *args, big: bool = True):
@@ -271,6 +289,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--max-request-batch", type=int, default=1024, help="samples per request")
     p.add_argument(
+        "--max-queue",
+        type=int,
+        default=2048,
+        help="samples waiting for the model (all requests together); past it a request is "
+        "refused at once: HTTP 503 with Retry-After, gRPC UNAVAILABLE",
+    )
+    p.add_argument(
+        "--batch-timeout",
+        type=float,
+        default=60.0,
+        help="seconds one model call may take before the readiness endpoints report the "
+        "batcher wedged (503)",
+    )
+    p.add_argument(
         "--request-timeout",
         type=float,
         default=30.0,
@@ -287,8 +319,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("max_batch", "max_request_batch", "max_connections", "max_body_bytes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.request_timeout <= 0 or args.idle_timeout <= 0:
-        p.error("--request-timeout and --idle-timeout must be > 0")
+    if args.max_queue < args.max_request_batch:
+        p.error(
+            f"--max-queue {args.max_queue} is below --max-request-batch "
+            f"{args.max_request_batch}: the largest request would never be admitted"
+        )
+    if args.request_timeout <= 0 or args.idle_timeout <= 0 or args.batch_timeout <= 0:
+        p.error("--request-timeout, --idle-timeout and --batch-timeout must be > 0")
     unknown = set(args.image_formats.upper().split(",")) - set(FORMATS)
     if unknown:
         p.error(f"--image-formats: {sorted(unknown)} not among {FORMATS}")
@@ -326,7 +363,12 @@ async def serve(args: argparse.Namespace) -> int:
     except OSError as err:
         print(f"error: cannot listen on {args.host}:{args.port}: {err}", file=sys.stderr)
         return 2
-    server = web.server(service, sock)
+    try:
+        server = web.server(service, sock)
+    except web.UvicornMismatch as err:
+        sock.close()
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     stop = lambda: setattr(server, "should_exit", True)  # noqa: E731
     loop = asyncio.get_running_loop()
     # uvicorn takes SIGTERM/SIGINT while it serves and raises them again when it is done: these

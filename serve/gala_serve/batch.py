@@ -46,11 +46,45 @@ from gala_serve.protocol import top_classes
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
+class BadItem(Exception):
+    """An input item that cannot be sent (no image in its sample, an unreadable file)."""
+
+
 @dataclass
 class Item:
     id: str
     label: int | None
-    load: Callable[[], bytes]
+    load: Callable[[], bytes]  # the encoded image; BadItem or OSError when there is none
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """``dir.v2/abc.seg.jpg`` -> (``dir.v2/abc``, ``seg.jpg``): a WebDataset sample's key ends at
+    the first dot of the file name, never at a dot of its folders. The shard tools' own rule
+    (``gala_scale.shards.tario.split_key``), mirrored because this package must not import the
+    training one (torch); tests/test_serve_faults.py holds the two to each other."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
+
+
+def _label(raw: bytes | None) -> int | None:
+    try:
+        return None if raw is None else int(raw)
+    except ValueError:
+        return None
+
+
+def _sample(key: str, parts: dict[str, bytes], ext: str) -> Item:
+    label = _label(parts.get("cls"))
+    data = parts.get(ext)
+    if data is not None:
+        return Item(key, label, lambda: data)
+    problem = f"the sample has no {ext!r} file, only {sorted(parts)}"
+
+    def missing() -> bytes:
+        raise BadItem(problem)
+
+    return Item(key, label, missing)
 
 
 def _from_shards(root: Path, split: str) -> Iterator[Item]:
@@ -59,25 +93,23 @@ def _from_shards(root: Path, split: str) -> Iterator[Item]:
     if split not in manifest["splits"]:
         raise ValueError(f"{root}: no split {split!r}; it has {sorted(manifest['splits'])}")
     ext = manifest.get("image_ext", "jpg")
-
-    def sample(key: str, parts: dict[str, bytes]) -> Item:
-        data = parts[ext]
-        return Item(key, int(parts["cls"]), lambda: data)
-
     for shard in manifest["splits"][split]["shards"]:
         key, parts = None, {}
-        with tarfile.open(root / shard["file"]) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name, _, suffix = member.name.partition(".")
-                if name != key and parts:
-                    yield sample(key, parts)
-                    parts = {}
-                key = name
-                parts[suffix] = tar.extractfile(member).read()
+        try:
+            with tarfile.open(root / shard["file"]) as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    name, suffix = split_key(member.name)
+                    if name != key and parts:
+                        yield _sample(key, parts, ext)
+                        parts = {}
+                    key = name
+                    parts[suffix] = tar.extractfile(member).read()
+        except tarfile.TarError as err:
+            raise ValueError(f"{root / shard['file']}: not a readable tar ({err})") from err
         if parts:
-            yield sample(key, parts)
+            yield _sample(key, parts, ext)
 
 
 def _from_folder(root: Path, class_names: list[str]) -> Iterator[Item]:

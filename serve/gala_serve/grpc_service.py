@@ -20,7 +20,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from gala_serve import protocol
-from gala_serve.errors import RequestError
+from gala_serve.errors import RequestError, ServerFault
 
 log = logging.getLogger("gala_serve")
 CODES = {
@@ -90,10 +90,14 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         except RequestError as err:
             code = CODES.get(err.status, grpc.StatusCode.INVALID_ARGUMENT)
             message = str(err)
+            if err.retry_after is not None:  # gRPC's own form of Retry-After
+                pushback = str(1000 * err.retry_after)
+                context.set_trailing_metadata((("grpc-retry-pushback-ms", pushback),))
         except Exception as err:  # a fault of the server: INTERNAL, logged, and keep serving
             request_id = dict(context.invocation_metadata() or ()).get("x-request-id", "-")
             log.error("gRPC %s %s failed:\n%s", endpoint, request_id, traceback.format_exc())
-            code, message = grpc.StatusCode.INTERNAL, f"internal error ({type(err).__name__})"
+            what = str(err) if isinstance(err, ServerFault) else type(err).__name__
+            code, message = grpc.StatusCode.INTERNAL, f"internal error ({what})"
         finally:
             self.service.metrics.request(
                 endpoint, "grpc", time.perf_counter() - start, code and code.name
@@ -104,12 +108,12 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.service.ready.is_set())
+        return pb.ServerReadyResponse(ready=self.service.not_ready() is None)
 
     async def ModelReady(self, request, context):
         async def answer():
             self.service.check_model(request.name)
-            return pb.ModelReadyResponse(ready=self.service.ready.is_set())
+            return pb.ModelReadyResponse(ready=self.service.not_ready() is None)
 
         return await self._call("model_ready", context, answer)
 

@@ -58,6 +58,17 @@ class Metrics:
             "connections cut because a request's head or body did not arrive in time",
             registry=r,
         )
+        self.batch_failures = Counter(
+            "gala_batch_failures",
+            "batches the batcher could not compute, by stage (their requests got a 500)",
+            ["stage"],
+            registry=r,
+        )
+        self.queued = Gauge(
+            "gala_queue_samples",
+            "samples waiting for the model (bounded by --max-queue)",
+            registry=r,
+        )
 
     def request(self, endpoint: str, protocol: str, seconds: float, code: str | None) -> None:
         self.requests.labels(endpoint, protocol).inc()
@@ -68,6 +79,13 @@ class Metrics:
     def batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.inference.observe(seconds)
+
+    def batch_failure(self, stage: str) -> None:
+        self.batch_failures.labels(stage).inc()
+
+    def watch_queue(self, samples) -> None:
+        """Read the queue's depth from ``samples()`` at each scrape."""
+        self.queued.set_function(samples)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

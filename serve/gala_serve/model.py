@@ -139,6 +139,14 @@ class Model:
             print(f"warning: --providers auto: {why}; serving on the CPU", file=sys.stderr)
         self.input_name = self.artifact["input"]["name"]
         self.input_shape = tuple(self.artifact["input"]["shape"][1:])
+        crop = self.artifact["preprocess"].get("crop")
+        if crop is not None and self.input_shape[1:] != (crop, crop):
+            # Decoded images would not fit the graph, and an image request batched with a
+            # tensor request would fail every request of that batch.
+            raise ArtifactError(
+                f"{path}: the preprocessing crops images to {crop} x {crop}, the graph takes "
+                f"{list(self.input_shape)}"
+            )
         self.num_classes = self.artifact["num_classes"]
         rebalance = self.artifact["rebalance"]
         self.tau = float(rebalance.get("tau", 1.0))

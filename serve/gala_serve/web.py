@@ -15,6 +15,14 @@ conflicting ``Content-Length``, ``Content-Length`` beside ``Transfer-Encoding``,
 The app enforces ``--max-body-bytes`` from ``Content-Length`` before reading a byte of the body
 (chunked bodies: as they arrive), type-checks every field (400 naming it) and answers 500 only
 for a fault of the server, logged with the request id.
+
+uvicorn has no public hook for the first two: its ``limit_concurrency`` answers a bare
+"Service Unavailable" only once a request head is in, and its only timeout is the keep-alive
+one, between requests. So :class:`Protocol` subclasses uvicorn's ``HttpToolsProtocol`` and
+relies on names that uvicorn does not promise to keep. uvicorn is pinned exactly in
+serve/pyproject.toml (:data:`UVICORN_VERSION`), and :func:`uvicorn_mismatches`, run before the
+server starts, checks each of those names: a uvicorn that renamed one does not serve with the
+protections silently off, it refuses to start and names what moved.
 """
 
 from __future__ import annotations
@@ -30,10 +38,14 @@ from urllib.parse import parse_qs
 import httptools
 import orjson
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from gala_serve import protocol
-from gala_serve.errors import NotFound, NotReady, RequestError, TooLarge
+from gala_serve.errors import Loading, NotFound, RequestError, ServerFault, TooLarge
 from gala_serve.metrics import CONTENT_TYPE as METRICS_TYPE
 
 HEAD_LIMIT = 64 << 10  # request line and headers
@@ -69,8 +81,12 @@ def json_reply(status: int, doc: dict) -> Reply:
 
 
 def error_reply(err: RequestError) -> Reply:
-    """The 4xx answer for a bad request: ``{"error": "<what is wrong>"}``."""
-    return json_reply(err.status, {"error": str(err)})
+    """The 4xx (or 503) answer for a request: ``{"error": "<what is wrong>"}``, with
+    ``Retry-After`` where a retry can help (loading, overloaded)."""
+    reply = json_reply(err.status, {"error": str(err)})
+    if err.retry_after is not None:
+        reply.headers.append((b"retry-after", str(err.retry_after).encode()))
+    return reply
 
 
 class App:
@@ -106,9 +122,10 @@ class App:
                 scope["path"][:200],
                 traceback.format_exc(),
             )
-            reply = json_reply(
-                500, {"error": f"internal error ({type(err).__name__}); request id {request_id}"}
-            )
+            # A ServerFault names what failed (e.g. the batch and the stage); other exceptions
+            # only by type, their text may carry internals.
+            what = str(err) if isinstance(err, ServerFault) else type(err).__name__
+            reply = json_reply(500, {"error": f"internal error ({what}); request id {request_id}"})
         code = None if reply.status < 400 else str(reply.status)
         self.service.metrics.request(endpoint, "http", time.perf_counter() - start, code)
         response_headers = [
@@ -148,14 +165,16 @@ class Exchange:
             if path == "/v2/health/live":
                 return "live", json_reply(200, {"live": True})
             if path == "/v2/health/ready":
-                ready = svc.ready.is_set()
-                return "ready", json_reply(200 if ready else 503, {"ready": ready})
+                reason = svc.not_ready()
+                if reason is None:
+                    return "ready", json_reply(200, {"ready": True})
+                return "ready", json_reply(503, {"ready": False, "reason": reason})
             if path == "/metrics":
                 return "metrics", Reply(200, svc.metrics.render(), METRICS_TYPE.encode())
             if path == "/v2":
                 return "server_metadata", json_reply(200, svc.server_metadata())
         if not svc.ready.is_set():
-            raise NotReady("the model is still loading")
+            raise Loading("the model is still loading")
         if method == "POST" and path == "/v1/classify":
             return "classify", await self._classify()
         match = MODEL_ROUTE.match(path)
@@ -166,7 +185,10 @@ class Exchange:
         if method == "GET" and action is None:
             return "model_metadata", json_reply(200, svc.metadata())
         if method == "GET" and action == "/ready":
-            return "model_ready", json_reply(200, {"name": svc.args.model_name, "ready": True})
+            reason, name = svc.not_ready(), svc.args.model_name
+            if reason is None:
+                return "model_ready", json_reply(200, {"name": name, "ready": True})
+            return "model_ready", json_reply(503, {"name": name, "ready": False, "reason": reason})
         if method == "POST" and action == "/infer":
             return "infer", await self._infer()
         raise NotFound(f"no endpoint {method} {path[:200]}")
@@ -376,8 +398,81 @@ class Protocol(HttpToolsProtocol):
         self.loop.call_later(LINGER_S, self.transport.close)
 
 
+# The uvicorn whose private HttpToolsProtocol names Protocol relies on (serve/pyproject.toml pins
+# it; a test holds the two equal).
+UVICORN_VERSION = "0.54.0"
+# Methods Protocol overrides or calls. The on_* parser callbacks are httptools' names, called on
+# the protocol because uvicorn hands it to the parser; on_response_complete is uvicorn's own.
+PRIVATE_METHODS = (
+    "connection_made",
+    "connection_lost",
+    "data_received",
+    "eof_received",
+    "on_message_begin",
+    "on_url",
+    "on_header",
+    "on_headers_complete",
+    "on_message_complete",
+    "on_response_complete",
+    "_unset_keepalive_if_required",
+)
+# Attributes set in HttpToolsProtocol.__init__ and RequestResponseCycle.__init__ that Protocol
+# reads or writes.
+PROTOCOL_ATTRIBUTES = ("config", "loop", "parser", "connections", "transport", "pipeline", "cycle")
+CYCLE_ATTRIBUTES = ("response_started", "response_complete")
+
+
+class UvicornMismatch(RuntimeError):
+    """The installed uvicorn lacks a private name that :class:`Protocol` relies on."""
+
+
+def uvicorn_mismatches() -> list[str]:
+    """The private uvicorn names :class:`Protocol` relies on that the installed uvicorn does not
+    have where it had them (empty: all in place). Attributes are looked up among the names the
+    constructors assign (their code objects' ``co_names``), so no connection is needed."""
+    missing = [
+        f"HttpToolsProtocol.{name}()"
+        for name in PRIVATE_METHODS
+        if not callable(getattr(HttpToolsProtocol, name, None))
+    ]
+    for cls, names in (
+        (HttpToolsProtocol, PROTOCOL_ATTRIBUTES),
+        (RequestResponseCycle, CYCLE_ATTRIBUTES),
+    ):
+        code = getattr(cls.__init__, "__code__", None)
+        assigned = set(code.co_names) if code is not None else set()
+        missing += [f"{cls.__name__}.{name}" for name in names if name not in assigned]
+    # uvicorn hands each request cycle this bound method; a rename would leave ours uncalled.
+    hooks = getattr(HttpToolsProtocol.on_headers_complete, "__code__", None)
+    if hooks is None or "on_response_complete" not in hooks.co_names:
+        missing.append("HttpToolsProtocol.on_headers_complete() -> on_response_complete")
+    missing += [f"STATUS_LINE[{s}]" for s in (400, 408, 431, 503) if s not in STATUS_LINE]
+    return missing
+
+
+def check_uvicorn() -> None:
+    """:class:`UvicornMismatch` naming what moved, if anything did; a warning when the version
+    is not the pinned one but every name is in place."""
+    missing = uvicorn_mismatches()
+    if missing:
+        raise UvicornMismatch(
+            f"uvicorn {uvicorn.__version__} lacks what the request deadline and the connection "
+            f"cap rely on: {', '.join(missing)}. Install uvicorn=={UVICORN_VERSION} "
+            "(serve/pyproject.toml pins it), or port gala_serve.web.Protocol to this version"
+        )
+    if uvicorn.__version__ != UVICORN_VERSION:
+        log.warning(
+            "uvicorn %s is not %s, the version gala_serve.web.Protocol was written against; "
+            "the private names it relies on are all in place",
+            uvicorn.__version__,
+            UVICORN_VERSION,
+        )
+
+
 def server(service, sock) -> uvicorn.Server:
-    """A uvicorn server for ``service`` on the listening socket ``sock``."""
+    """A uvicorn server for ``service`` on the listening socket ``sock``;
+    :class:`UvicornMismatch` when the installed uvicorn cannot carry :class:`Protocol`."""
+    check_uvicorn()
     a = service.args
     config = uvicorn.Config(
         App(service),
