@@ -49,6 +49,11 @@ class DataConfig:
     train_split: str = _f("train", "split to train on")
     val_split: str = _f("val", "split for model selection and PN fitting ('' = none)")
     test_split: str = _f("test", "split reported at the end ('' = none)")
+    verify: bool = _f(
+        True,
+        "sha256 of the shards a run reads against the manifest before it trains (split over "
+        "the processes; once a run, redone only for files that changed)",
+    )
 
 
 @dataclass
@@ -311,6 +316,12 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         errors.append("stage2.skip_plain_view: needs stage2.views > 0")
     if cfg.data.input_size < 0:
         errors.append(f"data.input_size: must be >= 0, got {cfg.data.input_size}")
+    if not 0.0 <= cfg.data.color_jitter < 1.0:
+        errors.append(f"data.color_jitter: must be in [0, 1), got {cfg.data.color_jitter}")
+    if cfg.data.autoaugment and cfg.data.preset not in ("cifar", "auto"):
+        errors.append(
+            f"data.autoaugment: the CIFAR policy, for data.preset cifar (not {cfg.data.preset})"
+        )
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         errors.append(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
 
@@ -343,7 +354,10 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({_one_line(err)})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     if values:
@@ -353,12 +367,21 @@ def load_config(
         if not sep or not key:
             errors.append(f"{item!r}: overrides look like key.sub=value")
             continue
-        _merge(cfg, _nest(key, yaml.safe_load(text) if text else ""), "", errors)
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as err:
+            errors.append(f"{key}: {text!r} is not a YAML value ({_one_line(err)})")
+            continue
+        _merge(cfg, _nest(key, value), "", errors)
     if not errors:
         _validate(cfg, errors)
     if errors:
         raise ConfigError("bad configuration:\n  " + "\n  ".join(errors))
     return cfg
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
 
 
 def to_dict(cfg: RunConfig) -> dict:

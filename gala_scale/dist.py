@@ -43,6 +43,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` on every rank, in rank order (picklable objects; a collective)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
 def gather_to_main(tensor: torch.Tensor) -> list[torch.Tensor] | None:
     """Every rank's ``tensor`` (same shape on all ranks) on rank 0, in rank order; None elsewhere.
 

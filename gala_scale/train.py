@@ -43,7 +43,8 @@ from gala_scale.checkpoint import (
     save_weights,
 )
 from gala_scale.config import ConfigError, RunConfig, describe, get, load_config, to_dict
-from gala_scale.data.common import open_split
+from gala_scale.data import verify
+from gala_scale.data.common import DataError, open_split
 from gala_scale.data.mixing import Mixing, mixed
 from gala_scale.engine import predict, sync_ledger, train_one_epoch
 from gala_scale.report import finish
@@ -370,13 +371,37 @@ def _rank_record(run: Run, state: TrainState, code: int) -> None:
     (folder / f"rank{acc.process_index}.json").write_text(json.dumps(record, indent=1))
 
 
+def _verify_shards(cfg: RunConfig, accelerator) -> None:
+    """Each process hashes its share of the shard files that changed since the run last found
+    them whole; any difference stops the run here, naming the sample (gala_scale.data.verify)."""
+    d, run_dir = cfg.data, Path(cfg.run_dir)
+    if not d.verify:
+        return
+    root, splits = Path(d.shards), [d.train_split, d.val_split, d.test_split]
+    todo = verify.shards_to_check(root, splits, run_dir) if accelerator.is_main_process else None
+    todo = dist.broadcast_object(todo)
+    mine = todo[accelerator.process_index :: accelerator.num_processes]
+    problems = [
+        p for found in dist.all_gather_object(verify.problems_of(root, mine)) for p in found
+    ]
+    verify.raise_if_any(problems, root)
+    if accelerator.is_main_process and todo:
+        verify.remember(root, todo, run_dir)
+
+
 def run_training(cfg: RunConfig, accelerator, resume: str, guard: Guard) -> int:
     run_dir = Path(cfg.run_dir)
     check_shared_run_dir(run_dir, accelerator.device)
     checkpoint = agreed_resume_point(run_dir, resume)
     if accelerator.is_main_process:
         _write_run_files(cfg)
-    run = build_run(cfg, accelerator)
+    try:
+        _verify_shards(cfg, accelerator)
+        run = build_run(cfg, accelerator)
+    except (ValueError, FileNotFoundError) as err:
+        # Before any training: a bad value, a missing file, data that cannot fill a batch. A
+        # restart would meet it again, so it is a configuration error (exit 2, not requeued).
+        raise ConfigError(str(err)) from None
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     if run.parts.criterion.ledger is not None:
@@ -429,11 +454,11 @@ def _main(args: argparse.Namespace, guard: Guard) -> int:
     try:
         check_world(accelerator)
         code = run_training(cfg, accelerator, args.resume, guard)
-    except (ConfigError, ManifestError, NonFiniteLoss) as err:
+    except (ConfigError, ManifestError, DataError, NonFiniteLoss) as err:
         # Deterministic: a requeue would fail the same way (slurm/inat_gala.sh stops on 2 and 3).
         # A missing or incomplete shard set is a configuration error too.
         print(f"error: {err}", file=sys.stderr)
-        code = EXIT_FAILED if isinstance(err, NonFiniteLoss) else EXIT_CONFIG
+        code = EXIT_CONFIG if isinstance(err, ConfigError | ManifestError) else EXIT_FAILED
         if accelerator.is_main_process and Path(cfg.run_dir).is_dir():
             (Path(cfg.run_dir) / "exit_status").write_text(f"{code}\n")
     finally:

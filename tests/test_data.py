@@ -277,7 +277,7 @@ def test_errors_name_what_is_wrong(unique_set, large_images, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(unique_set, broken)
     (broken / "train" / "train-000002.tar").unlink()
-    with pytest.raises(FileNotFoundError, match=r"train-000002\.tar"):
+    with pytest.raises(ManifestError, match=r"train-000002\.tar.*but missing"):
         make(broken, "dali", True)
 
 

@@ -28,6 +28,11 @@ from gala_scale.shards.manifest import ManifestError, load_manifest
 PAD_LABEL = -1
 
 
+class DataError(ValueError):
+    """A sample of the shard set cannot be read (an image that does not decode, a member
+    missing): reading it again fails the same way, so a run stopped by it is not requeued."""
+
+
 @dataclass(frozen=True)
 class Shard:
     tar: Path
@@ -66,7 +71,7 @@ def open_split(root: Path | str, split: str, num_classes: int | None = None) -> 
         tar, index = root / entry["file"], root / entry["index"]
         for path in (tar, index):
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: listed in {root / 'manifest.json'} but missing")
+                raise ManifestError(f"{path}: listed in {root / 'manifest.json'} but missing")
         shards.append(Shard(tar, index, entry["num_samples"]))
     return SplitInfo(
         root,

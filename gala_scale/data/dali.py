@@ -26,7 +26,7 @@ from gala_scale.data.autoaugment import (
     randaugment_translate_pixels,
     translate_pixels,
 )
-from gala_scale.data.common import Shard
+from gala_scale.data.common import DataError, Shard
 from gala_scale.data.presets import Augment, Preset
 
 LABEL_DIGITS = 10  # cls holds up to this many ASCII digits
@@ -229,7 +229,7 @@ def _named_decode_errors(where: str):
             raise
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         cause = [line for line in lines if "no longer valid" not in line] or lines or [""]
-        raise ValueError(
+        raise DataError(
             f"{where}: an image does not decode (DALI: {cause[-1]}); "
             "`python -m gala_scale.shards verify` on the set names the sample"
         ) from err

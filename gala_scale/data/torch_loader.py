@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gala_scale.data import autoaugment as policies
 from gala_scale.data import presets
-from gala_scale.data.common import Shard
+from gala_scale.data.common import DataError, Shard
 from gala_scale.data.presets import Augment, Preset
 
 CHUNK = 32  # samples per worker -> main process message
@@ -98,7 +98,7 @@ class _RankStream(IterableDataset):
                 if position >= first:
                     where = f"{shard.tar}: sample {sample['__key__']}"
                     if self.image_ext not in sample or "cls" not in sample:
-                        raise ValueError(f"{where}: no '{self.image_ext}' or 'cls' component")
+                        raise DataError(f"{where}: no '{self.image_ext}' or 'cls' component")
                     yield sample[self.image_ext], int(sample["cls"]), where
 
     def _shuffled(self, samples, rng: np.random.Generator):
@@ -129,7 +129,7 @@ class _RankStream(IterableDataset):
                     else presets.eval_array(img, self.preset)
                 )
             except OSError as err:
-                raise ValueError(f"{where}: image does not decode ({err})") from err
+                raise DataError(f"{where}: image does not decode ({err})") from err
             xs.append(arr)
             ys.append(label)
             if len(ys) == CHUNK:

@@ -21,6 +21,12 @@ from gala_scale.shards.manifest import (
 ADOPTED_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
+def check_shard(root: Path, shard: dict, num_classes: int, image_ext: str) -> list[str]:
+    """Every problem of one shard of the set at ``root`` (its manifest entry ``shard``): its
+    sha256, each sample's label and image, its sample count and its DALI index."""
+    return _check_shard((root, shard, num_classes, image_ext))[0]
+
+
 def _check_shard(job: tuple[Path, dict, int, str]) -> tuple[list[str], Counter]:
     root, shard, num_classes, image_ext = job
     tar, problems, labels = root / shard["file"], [], Counter()
