@@ -68,3 +68,16 @@ def build_small_synthetic(out: Path, **options: int) -> Path:
         argv += [f"--{key}", str(value)]
     assert shards_main(argv) == 0
     return out
+
+
+def corrupt_an_image(tar: Path, which: int = 3) -> str:
+    """Zero the middle of the ``which``-th image of ``tar`` in place (offsets, sizes and the
+    DALI index stay valid, the sha256 does not); returns the member's name."""
+    import tarfile
+
+    data = bytearray(tar.read_bytes())
+    with tarfile.open(tar) as members:
+        image = [m for m in members.getmembers() if m.name.endswith(".jpg")][which]
+    data[image.offset_data + 20 : image.offset_data + image.size - 2] = bytes(image.size - 22)
+    tar.write_bytes(data)
+    return image.name

@@ -1,10 +1,12 @@
 """The real slurm/inat_gala.sh on a real two-node Slurm (tools/slurm_cluster.sh start)."""
 
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from shard_fixtures import corrupt_an_image
 from slurm_helpers import cluster_env, job_log, submit, wait
 from train_helpers import explain, ranks, results, run_accelerate
 
@@ -121,14 +123,25 @@ def test_repeated_failures_stop_requeueing(env, shards, tmp_path, port):
     assert "stopped after 1 restarts; not requeueing" in log
 
 
-def test_a_config_error_is_not_requeued(env, tmp_path, port):
-    run_dir = tmp_path / "no-data"
-    args = f"data.shards={tmp_path / 'no-such-shards'} data.num_workers=1"
+@pytest.mark.parametrize("case", ["no shard set", "a bad value", "an image changed"])
+def test_an_error_a_restart_repeats_is_not_requeued(env, shards, tmp_path, port, case):
+    run_dir, shown = tmp_path / "run", "a restart repeats (exit 2)"
+    if case == "no shard set":
+        args = extra(tmp_path / "no-such-shards")
+    elif case == "a bad value":  # found by the script's own config read, before the launch
+        args, shown = extra(shards, "data.color_jitter=1.5"), "data.color_jitter: must be in"
+    else:
+        changed = tmp_path / "changed"
+        shutil.copytree(shards, changed)
+        corrupt_an_image(sorted((changed / "train").glob("*.tar"))[0])
+        args = extra(changed)
     job = submit(env, run_dir, args, tmp_path, port=port)
     info = wait(env, job, timeout=300)
     log = job_log(tmp_path, job)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", log[-3000:]
-    assert "a restart repeats (exit 2)" in log
+    assert shown in log and "requeueing" not in log, log[-3000:]
+    if case == "an image changed":
+        assert "image does not decode" in log
 
 
 def test_too_few_cpus_for_the_data_threads_fail_before_launch(env, shards, tmp_path, port):

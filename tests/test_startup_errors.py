@@ -4,9 +4,9 @@ start-up before any data is read; exit 3 for a sample that fails mid-run."""
 
 import json
 import shutil
-import tarfile
 
 import pytest
+from shard_fixtures import corrupt_an_image
 from train_helpers import ROOT, debug_overrides, run_single
 
 from gala_scale.train import EXIT_CONFIG, EXIT_FAILED, main
@@ -25,12 +25,7 @@ def broken_sets(synthetic_shards, tmp_path_factory):
     counts = manifest["splits"]["train"]["class_counts"]
     counts[0], counts[-1] = counts[0] + counts[-1], 0
     (empty / "manifest.json").write_text(json.dumps(manifest))
-    tar = sorted((corrupt / "train").glob("*.tar"))[0]
-    data = bytearray(tar.read_bytes())
-    with tarfile.open(tar) as members:
-        image = [m for m in members.getmembers() if m.name.endswith(".jpg")][3]
-    data[image.offset_data + 20 : image.offset_data + image.size - 2] = bytes(image.size - 22)
-    tar.write_bytes(data)
+    corrupt_an_image(sorted((corrupt / "train").glob("*.tar"))[0])
     return {"missing": missing, "empty": empty, "corrupt": corrupt, "intact": synthetic_shards}
 
 
