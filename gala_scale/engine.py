@@ -21,7 +21,7 @@ from gala_scale.data import PAD_LABEL
 @dataclass
 class EpochResult:
     steps: int  # steps run in this call
-    loss: float  # mean training loss over them
+    loss: float  # mean training loss over them, over every rank
     samples: int  # samples this process trained on
     seconds: float
     stopped: bool  # left early because a stop was requested
@@ -87,9 +87,12 @@ def train_one_epoch(
                 break
     if not stopped and steps and (first_step + steps) % check_every:
         stopped, _ = guard.check(window)  # the steps since the last check (a sync an epoch)
+    # The mean over every rank's steps: each rank's loss is of its own samples. Every rank ran
+    # the same steps (the guard's checks stop them together), so this collective always pairs.
+    totals = dist.all_reduce_sum_(torch.stack([loss_sum.float(), loss_sum.new_tensor(steps)]))
     return EpochResult(
         steps,
-        float(loss_sum) / max(steps, 1),
+        float(totals[0]) / max(float(totals[1]), 1.0),
         samples,
         time.perf_counter() - start,
         stopped,

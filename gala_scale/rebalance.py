@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from gala_scale import metrics
+
 Array = Any  # np.ndarray | torch.Tensor
 ROW_SUM_ATOL = 1e-3
 
@@ -131,14 +133,8 @@ def fit_tau(
     best_tau, best_acc = 0.0, -1.0
     for tau in taus:
         preds = apply(probs, scales, float(tau)).argmax(1)
-        acc = _balanced_accuracy(preds, labels, probs.shape[1])
+        acc = float(np.nanmean(metrics.per_class_accuracy(preds, labels, probs.shape[1])))
         if acc > best_acc + 1e-12:
             best_tau, best_acc = float(tau), acc
     return best_tau
 
-
-def _balanced_accuracy(preds: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
-    seen = np.bincount(labels, minlength=num_classes)
-    hits = np.bincount(labels[preds == labels], minlength=num_classes)
-    present = seen > 0
-    return float((hits[present] / seen[present]).mean())

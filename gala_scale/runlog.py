@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 METRICS = "metrics.jsonl"
-LEDGER = "ledger_history.npz"
+# One raw float64 file a name, a (K,) row appended an epoch (so an epoch costs K x 8 bytes a name,
+# not the whole history again), and a JSON file with K and the names.
+LEDGER = "ledger_history"
+LEDGER_META = "meta.json"
 
 
 class RunLog:
-    """Main-process writer of ``metrics.jsonl``, ``tb/`` and ``ledger_history.npz``."""
+    """Main-process writer of ``metrics.jsonl``, ``tb/`` and ``ledger_history/``."""
 
     def __init__(self, run_dir: Path, enabled: bool, resume_epoch: int) -> None:
         self.run_dir, self.enabled = Path(run_dir), enabled
@@ -35,9 +39,10 @@ class RunLog:
                 if line and json.loads(line).get("epoch", -1) < epoch
             ]
             path.write_text("".join(line + "\n" for line in kept))
-        history = self.ledger_history()
-        if history is not None:
-            self._write_ledger({name: values[:epoch] for name, values in history.items()})
+        meta = self._ledger_meta()
+        for name in meta["names"] if meta else []:
+            path = self.run_dir / LEDGER / f"{name}.f64"
+            os.truncate(path, min(path.stat().st_size, epoch * meta["num_classes"] * 8))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -50,30 +55,38 @@ class RunLog:
                 self.writer.add_scalar(f"{record['type']}/{key}", value, step)
         self.writer.flush()
 
+    def _ledger_meta(self) -> dict | None:
+        path = self.run_dir / LEDGER / LEDGER_META
+        return json.loads(path.read_text()) if path.is_file() else None
+
     def ledger_history(self) -> dict[str, np.ndarray] | None:
         """The ledger at each epoch's end, (epochs, K) a name: ``theta`` and ``phi``, and with
-        ``loss.ledger: sum_of_sums`` also ``s_theta`` and ``s_phi``, what the logits used."""
-        path = self.run_dir / LEDGER
-        if not path.exists():
+        ``loss.ledger: sum_of_sums`` also ``s_theta`` and ``s_phi``, what the logits used.
+        Epochs whose row is not in every file (a run stopped while appending) are left out."""
+        meta = self._ledger_meta()
+        if meta is None:
             return None
-        with np.load(path) as data:
-            return {name: data[name] for name in data.files}
-
-    def _write_ledger(self, history: dict[str, np.ndarray]) -> None:
-        tmp = self.run_dir / f".{LEDGER}.tmp.npz"
-        np.savez(tmp, **history)
-        tmp.replace(self.run_dir / LEDGER)
+        k, folder = meta["num_classes"], self.run_dir / LEDGER
+        rows = {name: np.fromfile(folder / f"{name}.f64", dtype="<f8") for name in meta["names"]}
+        epochs = min(len(values) // k for values in rows.values())
+        return {name: values[: epochs * k].reshape(epochs, k) for name, values in rows.items()}
 
     def append_ledger(self, ledger: dict[str, np.ndarray]) -> None:
         """One epoch's ledger (a (K,) array a name, the names of every epoch the same)."""
         if not self.enabled:
             return
-        history = self.ledger_history()
-        if history is None or set(history) != set(ledger):
-            history = {name: values[None] for name, values in ledger.items()}
-        else:
-            history = {name: np.vstack([history[name], ledger[name][None]]) for name in ledger}
-        self._write_ledger(history)
+        folder = self.run_dir / LEDGER
+        meta = {"num_classes": len(next(iter(ledger.values()))), "names": sorted(ledger)}
+        if self._ledger_meta() != meta:  # the first epoch (or another ledger): start afresh
+            folder.mkdir(exist_ok=True)
+            for stale in folder.glob("*.f64"):
+                stale.unlink()
+            tmp = folder / f".{LEDGER_META}.tmp"
+            tmp.write_text(json.dumps(meta))
+            tmp.replace(folder / LEDGER_META)
+        for name in meta["names"]:
+            with open(folder / f"{name}.f64", "ab") as f:
+                f.write(np.ascontiguousarray(ledger[name], dtype="<f8").tobytes())
 
     def close(self) -> None:
         if self.writer is not None:

@@ -15,9 +15,13 @@ Precision x launcher, all four tested on CPU (``tests/test_train.py``):
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import signal
 import socket
+import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -46,6 +50,57 @@ def precision(cfg: RunConfig) -> str:
     return "bf16" if use_cuda(cfg) else "no"
 
 
+# How long a JIT build of a torch extension (DeepSpeed's ops) may wait on another build's lock.
+EXTENSION_WAIT_S = float(os.environ.get("GALA_EXTENSION_WAIT_S", "900"))
+
+
+class ExtensionLockTimeout(RuntimeError):
+    """A torch extension build waited past its limit on a lock (most likely left by a build
+    that was killed): a restart would wait again."""
+
+
+def private_extension_dir() -> Path:
+    """Where torch builds extensions (DeepSpeed's JIT ops) for this process.
+
+    ``TORCH_EXTENSIONS_DIR`` when set (the sbatch script gives each job a node-local one);
+    otherwise a folder of this environment and torch version alone, so that no other venv or
+    torch (whose lock rules differ: torch 2.13 waits for the ``lock`` file to go, 2.14 leaves it
+    by design) shares its locks.
+    """
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        venv = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+        folder = Path.home() / ".cache" / "gala_scale" / "torch_extensions"
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(folder / f"torch{torch.__version__}-{venv}")
+    return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+
+
+@contextlib.contextmanager
+def extension_wait_limit(limit_s: float = EXTENSION_WAIT_S):
+    """Around calls that may JIT-build an extension: past ``limit_s`` the wait (torch's lock
+    loop sleeps in Python) is interrupted with :class:`ExtensionLockTimeout` naming the locks.
+    A no-op off the main thread, where no alarm can be delivered."""
+    if threading.current_thread() is not threading.main_thread() or limit_s <= 0:
+        yield
+        return
+    folder = private_extension_dir()
+
+    def expire(signum, frame):
+        locks = sorted(str(p) for p in folder.glob("*/lock")) or [f"none under {folder}"]
+        raise ExtensionLockTimeout(
+            f"an extension build waited {limit_s:.0f} s on its lock ({', '.join(locks)}): a "
+            "build killed mid-way leaves it; delete it if no build runs (GALA_EXTENSION_WAIT_S "
+            "sets the limit)"
+        )
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, limit_s)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def make_accelerator(cfg: RunConfig):
     """Accelerate on GPU (NCCL, bf16) or CPU (gloo), with DeepSpeed when the launcher asks."""
     from accelerate import Accelerator
@@ -53,6 +108,7 @@ def make_accelerator(cfg: RunConfig):
 
     cuda = use_cuda(cfg)
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    private_extension_dir()
     kwargs = {
         "mixed_precision": precision(cfg),
         "step_scheduler_with_optimizer": False,
@@ -66,7 +122,8 @@ def make_accelerator(cfg: RunConfig):
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     elif not cuda:
         kwargs["cpu"] = True  # without it each CPU process would run alone, undistributed
-    return Accelerator(**kwargs)
+    with extension_wait_limit() if deepspeed else contextlib.nullcontext():
+        return Accelerator(**kwargs)  # DeepSpeed's communication op builds here
 
 
 def configure_deepspeed(accelerator, cfg: RunConfig) -> None:

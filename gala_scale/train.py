@@ -51,12 +51,14 @@ from gala_scale.report import finish
 from gala_scale.run import Parts, Run
 from gala_scale.runlog import RunLog
 from gala_scale.runtime import (
+    ExtensionLockTimeout,
     Guard,
     NonFiniteLoss,
     agreed_resume_point,
     check_shared_run_dir,
     check_world,
     configure_deepspeed,
+    extension_wait_limit,
     make_accelerator,
     precision,
 )
@@ -113,7 +115,8 @@ def build_parts(
     optimizer = recipe.optimizer(model, cfg, cuda)
     scheduler = recipe.schedule(optimizer, cfg, steps_per_epoch)
     configure_deepspeed(accelerator, cfg)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    with extension_wait_limit():  # DeepSpeed's ops may build here
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ema = None
     if cfg.train.ema_decay:
         ema = recipe.WeightEMA(accelerator.unwrap_model(model), cfg.train.ema_decay)
@@ -305,11 +308,7 @@ def train_epochs(run: Run, state: TrainState, log: RunLog, guard: Guard) -> int:
             log.append_ledger(
                 {k: v.numpy() for k, v in run.parts.criterion.ledger.tensors().items()}
             )
-        if (
-            run.loaders.val is not None
-            and cfg.train.eval_every
-            and (epoch + 1) % cfg.train.eval_every == 0
-        ):
+        if run.loaders.val is not None and _evaluates(cfg, epoch):
             _evaluate_val(run, log, state, epoch)
         state.epoch, state.step = epoch + 1, 0
         if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
@@ -319,6 +318,13 @@ def train_epochs(run: Run, state: TrainState, log: RunLog, guard: Guard) -> int:
         if guard.stop_requested():  # a signal during evaluation or the checkpoint
             return _preempt(run, state, guard)
     return 0
+
+
+def _evaluates(cfg: RunConfig, epoch: int) -> bool:
+    """Whether val is scored after ``epoch``: every ``train.eval_every`` epochs, or with 0
+    after the last epoch only (so ``best/`` is then the final weights, scored)."""
+    every, last = cfg.train.eval_every, epoch + 1 == cfg.train.epochs
+    return (epoch + 1) % every == 0 if every else last
 
 
 def _ledger_metrics(criterion) -> dict:
@@ -364,8 +370,7 @@ def _rank_record(run: Run, state: TrainState, code: int) -> None:
     }
     if acc.device.type == "cuda":
         record["peak_gpu_mib"] = torch.cuda.max_memory_allocated(acc.device) / 2**20
-    if acc.is_main_process:
-        (Path(run.cfg.run_dir) / "exit_status").write_text(f"{code}\n")
+    _record_exit(run.cfg, code, acc.is_main_process)
     folder = Path(run.cfg.run_dir) / "ranks"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"rank{acc.process_index}.json").write_text(json.dumps(record, indent=1))
@@ -440,6 +445,17 @@ def main(argv: list[str] | None = None) -> int:
         return _main(args, guard)
 
 
+def _record_exit(cfg: RunConfig, code: int, main_process: bool) -> None:
+    """``exit_status`` in the run directory, for the Slurm script (which requeues unless it
+    says 2 or 3); written whole (temporary file, then rename)."""
+    run_dir = Path(cfg.run_dir)
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / f".exit_status.tmp-{os.getpid()}"
+        tmp.write_text(f"{code}\n")
+        tmp.replace(run_dir / "exit_status")
+
+
 def _main(args: argparse.Namespace, guard: Guard) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
@@ -450,17 +466,20 @@ def _main(args: argparse.Namespace, guard: Guard) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    except ExtensionLockTimeout as err:
+        print(f"error: {err}", file=sys.stderr)
+        _record_exit(cfg, EXIT_FAILED, os.environ.get("RANK", "0") == "0")
+        return EXIT_FAILED
     world = accelerator.num_processes
     try:
         check_world(accelerator)
         code = run_training(cfg, accelerator, args.resume, guard)
-    except (ConfigError, ManifestError, DataError, NonFiniteLoss) as err:
+    except (ConfigError, ManifestError, DataError, NonFiniteLoss, ExtensionLockTimeout) as err:
         # Deterministic: a requeue would fail the same way (slurm/inat_gala.sh stops on 2 and 3).
         # A missing or incomplete shard set is a configuration error too.
         print(f"error: {err}", file=sys.stderr)
         code = EXIT_CONFIG if isinstance(err, ConfigError | ManifestError) else EXIT_FAILED
-        if accelerator.is_main_process and Path(cfg.run_dir).is_dir():
-            (Path(cfg.run_dir) / "exit_status").write_text(f"{code}\n")
+        _record_exit(cfg, code, accelerator.is_main_process)
     finally:
         accelerator.end_training()
         dist.destroy()  # an exception passing through leaves no group behind either

@@ -41,6 +41,11 @@ VENV="${VENV:-.venv}"
 # shellcheck disable=SC1091
 [ -f "$VENV/bin/activate" ] && source "$VENV/bin/activate"
 
+# Torch builds DeepSpeed's JIT ops under a lock; a build killed by a preemption leaves it, and a
+# home folder shared between jobs and venvs would make every later job wait on it. Each job and
+# node builds in a folder of its own (node-local; a restart counts as a new job).
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${SLURM_TMPDIR:-/tmp}/gala-torch-extensions-$SLURM_JOB_ID-${SLURM_RESTART_COUNT:-0}}"
+
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 NUM_NODES="${SLURM_NNODES:-1}"
 RESTARTS="${SLURM_RESTART_COUNT:-0}"

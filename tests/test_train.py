@@ -19,6 +19,7 @@ from train_helpers import (
 )
 
 from gala_scale.config import ConfigError, load_config
+from gala_scale.runlog import RunLog
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +49,15 @@ def assert_same_training(run_dir, reference):
     mine, ref = weights(run_dir), weights(reference)
     for key in ref:
         torch.testing.assert_close(mine[key], ref[key], rtol=1e-4, atol=1e-5)
+    # The logged loss is the mean over both ranks' samples, as the one process that took both
+    # ranks' batches logged it (not rank 0's own mean).
+    logged = [train_losses(run_dir), train_losses(reference)]
+    assert logged[0] == pytest.approx(logged[1], rel=1e-4)
+
+
+def train_losses(run_dir) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r["type"] == "train"]
 
 
 def test_config_layers_and_errors(tmp_path):
@@ -118,9 +128,10 @@ def test_single_process_run_directory(shards, reference):
     assert res["test_samples"] == 120 and res["weights"] == "best"
     pn = json.loads((run_dir / "pn.json").read_text())
     assert len(pn["scales"]) == 6 and pn["fitted_on"] == "val"
-    with np.load(run_dir / "ledger_history.npz", allow_pickle=False) as history:  # plain arrays
-        assert history["theta"].shape == history["phi"].shape == (3, 6)
-        assert (np.diff(history["theta"], axis=0) >= 0).all()  # the ledger only accumulates
+    history = RunLog(run_dir, False, 0).ledger_history()
+    assert history["theta"].shape == history["phi"].shape == (3, 6)
+    assert (np.diff(history["theta"], axis=0) >= 0).all()  # the ledger only accumulates
+    np.testing.assert_array_equal(history["theta"][-1], ledger(run_dir, "final")["theta"].numpy())
 
 
 def resume_after_epoch_one(shards, reference, resumed, *extra):
@@ -168,9 +179,9 @@ def test_sum_of_sums_two_processes_equal_one_and_resume_exactly(shards, tmp_path
     final = ledger(reference)
     assert set(final) == {"theta", "phi", "s_theta", "s_phi"}
     assert (final["s_theta"] > 2 * final["theta"]).all()  # S counts early increments often
-    with np.load(reference / "ledger_history.npz", allow_pickle=False) as history:
-        assert history["s_theta"].shape == (3, 6)
-        assert (np.diff(history["s_theta"], axis=0) >= history["theta"][:-1]).all()
+    history = RunLog(reference, False, 0).ledger_history()
+    assert history["s_theta"].shape == (3, 6)
+    assert (np.diff(history["s_theta"], axis=0) >= history["theta"][:-1]).all()
     assert (reference / "plots" / "ledger.png").stat().st_size > 0
     train = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in train if r["type"] == "train"]
@@ -287,11 +298,6 @@ def test_non_finite_loss_stops_the_run(shards, tmp_path):
     assert not (run_dir / "checkpoints").exists()  # nothing written after the loss broke
 
 
-def train_losses(run_dir) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if r["type"] == "train"]
-
-
 @pytest.fixture(scope="module")
 def fp32_bn(shards, tmp_path_factory):
     """A BatchNorm model trained one epoch in fp32 with two DDP processes."""
@@ -337,3 +343,14 @@ def test_one_gpu_run_trains_on_cuda_in_bf16_with_dali_mixed(shards, tmp_path):
     assert record["loader"] == "dali" and record["peak_gpu_mib"] > 0
     assert ledger(run_dir)["theta"].dtype == torch.float64 and ledger(run_dir)["theta"].sum() > 0
     assert results(run_dir)["test_samples"] == 120
+
+
+@pytest.mark.slow
+def test_eval_every_0_scores_val_once_at_the_end(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["train.epochs=2", "train.eval_every=0", "data.test_split="]
+    proc = run_single(debug_overrides(shards, run_dir, *args))
+    assert proc.returncode == 0, explain(proc)
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["type"] == "val"] == [1]
+    assert json.loads((run_dir / "best" / "info.json").read_text())["epoch"] == 1
