@@ -101,7 +101,7 @@ def overrides(args: argparse.Namespace, shards: Path, run_dir: Path) -> list[str
 def _train_until_checkpoint(stages: Stages, cmd: list[str], run_dir: Path) -> None:
     """Start training; once its first checkpoint is on disk, SIGTERM it as a cluster's
     preemption would, and expect the preempted exit (99)."""
-    from gala_scale.train import EXIT_PREEMPTED
+    from gala_scale.rundir import EXIT_PREEMPTED
 
     print(f"\n== train (2 processes), preempted after its first checkpoint\n$ {' '.join(cmd)}")
     status = run_dir / "exit_status"
@@ -239,7 +239,7 @@ def _stage2(stages, args, train: list[str], shards: Path, run_dir: Path, out: Pa
         stages.run(name or "stage 2, reading the feature cache", [*train, *changed])
         done = json.loads((folder / "results.json").read_text())
         results[loss] = done["test"][f"PN, val scales, tau {done['tau']:g}"]["top1"]
-    size = sum(p.stat().st_size for p in cache.iterdir())
+    size = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())  # its versions
     return {"top1": results, "feature_cache_mib": round(size / 2**20, 2)}
 
 

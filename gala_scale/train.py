@@ -16,39 +16,31 @@ the next step and exits with code 99 (``EXIT_PREEMPTED``); ``--resume auto`` con
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
-import socket
-import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
-import yaml
-from tqdm import tqdm
 
-from gala_scale import dist, metrics, recipe
+from gala_scale import dist, recipe
 from gala_scale.checkpoint import (
     TrainState,
-    checkpoint_name,
-    newest_checkpoint,
     restore_ledger_delta,
     restore_loader_states,
-    save_checkpoint,
-    save_ledger_delta,
-    save_loader_states,
-    save_weights,
 )
-from gala_scale.config import ConfigError, RunConfig, describe, get, load_config, to_dict
+from gala_scale.config import ConfigError, RunConfig, describe, get, load_config
 from gala_scale.data import verify
 from gala_scale.data.common import DataError, open_split
-from gala_scale.data.mixing import Mixing, mixed
-from gala_scale.engine import predict, sync_ledger, train_one_epoch
+from gala_scale.epochs import preempt, say, train_epochs
 from gala_scale.report import finish
 from gala_scale.run import Parts, Run
+from gala_scale.rundir import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    rank_record,
+    record_exit,
+    write_run_files,
+)
 from gala_scale.runlog import RunLog
 from gala_scale.runtime import (
     ExtensionLockTimeout,
@@ -60,15 +52,9 @@ from gala_scale.runtime import (
     configure_deepspeed,
     extension_wait_limit,
     make_accelerator,
-    precision,
 )
 from gala_scale.shards.manifest import ManifestError
 from gala_scale.stages import stage_of
-from gala_scale.system import peak_rss_mib
-
-EXIT_PREEMPTED = 99
-EXIT_CONFIG = 2
-EXIT_FAILED = 3  # a failure a restart would repeat (non-finite loss): not requeued
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -89,12 +75,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
     return parser.parse_args(argv)
-
-
-def _say(accelerator, message: str) -> None:
-    """Print once per job (the global main process), not once per node."""
-    if accelerator.is_main_process:
-        print(message, flush=True)
 
 
 def build_parts(
@@ -144,238 +124,6 @@ def build_run(cfg: RunConfig, accelerator) -> Run:
     return Run(cfg, accelerator, parts, loaders, counts, list(split.class_names))
 
 
-def _git_revision() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _epoch_batches(run: Run, epoch: int, first_step: int):
-    """This process's batches; with emulate_world > 1 the virtual ranks' batches concatenated."""
-    d = run.cfg.data
-    mixing = Mixing(d.mixup, d.cutmix, d.mix_prob, d.mix_switch_prob)
-    streams = [
-        mixed(
-            loader.epoch(epoch, start_step=first_step),
-            mixing,
-            len(run.class_counts),
-            seed=run.cfg.seed,
-            epoch=epoch,
-            first_step=first_step,
-            rank=loader.rank,
-        )
-        for loader in run.loaders.train
-    ]
-    if len(streams) == 1:
-        return streams[0]
-    return (
-        (torch.cat(xs), torch.cat(ys))
-        for xs, ys in (zip(*parts, strict=True) for parts in zip(*streams, strict=True))
-    )
-
-
-def _evaluate_val(run: Run, log: RunLog, state: TrainState, epoch: int) -> None:
-    """Score val on the main process; every rank learns the score and saves ``best/`` with it."""
-    probs, labels = predict(run.parts.eval_model, run.loaders.val.epoch(0))
-    score = None
-    if probs is not None:
-        class_acc = metrics.per_class_accuracy(probs.argmax(1), labels, probs.shape[1])
-        score = float(np.nanmean(class_acc))  # class-balanced: the selection metric
-        log.write(
-            {
-                "type": "val",
-                "epoch": epoch,
-                "top1": metrics.top1(probs.argmax(1), labels),
-                "mean_class_acc": score,
-                **metrics.group_accuracy(class_acc, run.class_counts),
-            }
-        )
-    score = dist.broadcast_object(score)
-    if score > state.best_metric:
-        state.best_metric, state.best_epoch = score, epoch
-        save_weights(
-            run.accelerator,
-            run.parts.eval_model,
-            run.parts.criterion,
-            Path(run.cfg.run_dir) / "best",
-            {"epoch": epoch, "val_mean_class_acc": score},
-        )
-
-
-def _rank_files(run: Run, mid_epoch: bool):
-    """What each process adds to a checkpoint: where its training loaders stand and, mid-epoch,
-    its unsynced ledger delta (so the resumed run computes exactly what an uninterrupted one
-    would)."""
-
-    def write(folder: Path, rank: int) -> None:
-        save_loader_states(run.loaders.train, folder)
-        if mid_epoch:
-            save_ledger_delta(run.parts.criterion, folder, rank)
-
-    return write
-
-
-def _preempt(run: Run, state: TrainState, guard: Guard, mid_epoch: bool = False) -> int:
-    """Checkpoint where training stands (unless that point is saved already) and say so."""
-    acc, run_dir = run.accelerator, Path(run.cfg.run_dir)
-    where = newest_checkpoint(run_dir) if dist.rank() == 0 else None
-    where = dist.broadcast_object(where)
-    if where is None or where.name != checkpoint_name(state):
-        keep = run.cfg.train.keep_checkpoints
-        where = save_checkpoint(acc, run_dir, state, keep, _rank_files(run, mid_epoch))
-    _say(acc, f"stop requested (signal {guard.signal}): checkpoint {where}; --resume auto goes on")
-    return EXIT_PREEMPTED
-
-
-def _train_epoch(run: Run, state: TrainState, guard: Guard, epoch: int, first: int):
-    cfg, acc = run.cfg, run.accelerator
-    bar = tqdm(
-        total=run.loaders.train[0].steps_per_epoch,
-        initial=first,
-        desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-        disable=None if acc.is_main_process else True,
-        leave=False,
-        file=sys.stderr,
-    )
-    done = first
-
-    def on_check(step: int, loss: float) -> None:
-        nonlocal done
-        bar.update(step + 1 - done)
-        bar.set_postfix(loss=f"{loss:.3f}")
-        done = step + 1
-
-    batches = _epoch_batches(run, epoch, first)
-    result = train_one_epoch(
-        run.parts.model,
-        run.parts.criterion,
-        run.parts.optimizer,
-        run.parts.scheduler,
-        batches,
-        acc,
-        guard,
-        first_step=first,
-        sync_every=cfg.train.sync_every_steps,
-        check_every=cfg.train.log_every,
-        on_check=on_check,
-        ema=run.parts.ema,
-    )
-    bar.close()
-    if result.stopped and first + result.steps == run.loaders.train[0].steps_per_epoch:
-        # A stop seen at the epoch's last check did not leave the epoch early: running the
-        # (empty) streams out lets each loader end its epoch, and the caller finishes it (ledger
-        # sync, val, epoch checkpoint) before its after-epoch stop check preempts. A mid-epoch
-        # checkpoint at the epoch's end would resume into an epoch with nothing left.
-        for _ in batches:
-            pass
-        result = replace(result, stopped=False)
-    return result
-
-
-def train_epochs(run: Run, state: TrainState, log: RunLog, guard: Guard) -> int:
-    cfg, acc = run.cfg, run.accelerator
-    for epoch in range(state.epoch, cfg.train.epochs):
-        first = state.step if epoch == state.epoch else 0
-        run.parts.criterion.start_epoch(epoch, cfg.train.epochs)
-        result = _train_epoch(run, state, guard, epoch, first)
-        state.global_step += result.steps
-        if result.stopped:
-            state.epoch, state.step = epoch, first + result.steps
-            return _preempt(run, state, guard, mid_epoch=True)
-        sync_ledger(run.parts.criterion)  # before any evaluation or checkpoint
-        world_images = result.samples * acc.num_processes
-        log.write(
-            {
-                **_ledger_metrics(run.parts.criterion),
-                "type": "train",
-                "epoch": epoch,
-                "loss": result.loss,
-                "steps": result.steps,
-                "lr": run.parts.scheduler.get_last_lr()[0],
-                "seconds": result.seconds,
-                "images_per_s": world_images / max(result.seconds, 1e-9),
-            }
-        )
-        if run.parts.criterion.ledger is not None:
-            log.append_ledger(
-                {k: v.numpy() for k, v in run.parts.criterion.ledger.tensors().items()}
-            )
-        if run.loaders.val is not None and _evaluates(cfg, epoch):
-            _evaluate_val(run, log, state, epoch)
-        state.epoch, state.step = epoch + 1, 0
-        if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
-            keep = cfg.train.keep_checkpoints
-            save_checkpoint(acc, Path(cfg.run_dir), state, keep, _rank_files(run, False))
-        _say(acc, f"epoch {epoch + 1}: loss {result.loss:.4f}, {result.seconds:.1f} s")
-        if guard.stop_requested():  # a signal during evaluation or the checkpoint
-            return _preempt(run, state, guard)
-    return 0
-
-
-def _evaluates(cfg: RunConfig, epoch: int) -> bool:
-    """Whether val is scored after ``epoch``: every ``train.eval_every`` epochs, or with 0
-    after the last epoch only (so ``best/`` is then the final weights, scored)."""
-    every, last = cfg.train.eval_every, epoch + 1 == cfg.train.epochs
-    return (epoch + 1) % every == 0 if every else last
-
-
-def _ledger_metrics(criterion) -> dict:
-    """What GALA's logits take, in a number an epoch: the spread of ``log(theta + eps)`` over the
-    classes (of S with ``loss.ledger: sum_of_sums``), which lambda1 scales into the widest
-    logit offset between two classes."""
-    if criterion.ledger is None:
-        return {}
-    return {
-        "ledger": criterion.ledger.kind,
-        "ledger_log_range": criterion.ledger.log_range(criterion.eps),
-    }
-
-
-def _write_run_files(cfg: RunConfig) -> None:
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    (run_dir / "git_revision.txt").write_text(_git_revision() + "\n")
-
-
-def _rank_record(run: Run, state: TrainState, code: int) -> None:
-    """Each rank says who and where it was and which ledger it ended with (for checks)."""
-    acc = run.accelerator
-    ledger = None
-    if run.parts.criterion.ledger is not None:
-        raw = b"".join(v.numpy().tobytes() for v in run.parts.criterion.ledger.tensors().values())
-        ledger = hashlib.sha256(raw).hexdigest()
-    record = {
-        "rank": acc.process_index,
-        "world": acc.num_processes,
-        "host": socket.gethostname(),
-        "slurm_nodeid": os.environ.get("SLURM_NODEID"),
-        "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"),
-        "ledger_sha256": ledger,
-        "epoch": state.epoch,
-        "step": state.step,
-        "exit": code,
-        "device": str(acc.device),
-        "mixed_precision": precision(run.cfg),
-        "loader": run.loaders.train[0].kind,
-        "peak_rss_mib": peak_rss_mib(),
-    }
-    if acc.device.type == "cuda":
-        record["peak_gpu_mib"] = torch.cuda.max_memory_allocated(acc.device) / 2**20
-    _record_exit(run.cfg, code, acc.is_main_process)
-    folder = Path(run.cfg.run_dir) / "ranks"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"rank{acc.process_index}.json").write_text(json.dumps(record, indent=1))
-
-
 def _verify_shards(cfg: RunConfig, accelerator) -> None:
     """Each process hashes its share of the shard files that changed since the run last found
     them whole; any difference stops the run here, naming the sample (gala_scale.data.verify)."""
@@ -399,7 +147,7 @@ def run_training(cfg: RunConfig, accelerator, resume: str, guard: Guard) -> int:
     check_shared_run_dir(run_dir, accelerator.device)
     checkpoint = agreed_resume_point(run_dir, resume)
     if accelerator.is_main_process:
-        _write_run_files(cfg)
+        write_run_files(cfg)
     try:
         _verify_shards(cfg, accelerator)
         run = build_run(cfg, accelerator)
@@ -420,16 +168,14 @@ def run_training(cfg: RunConfig, accelerator, resume: str, guard: Guard) -> int:
             run.loaders.train, checkpoint, state.epoch, state.step
         ):
             print(f"warning: {problem}", file=sys.stderr, flush=True)
-        _say(
-            accelerator, f"resuming from {checkpoint} (epoch {state.epoch + 1}, step {state.step})"
-        )
+        say(accelerator, f"resuming from {checkpoint} (epoch {state.epoch + 1}, step {state.step})")
     log = RunLog(run_dir, accelerator.is_main_process, state.epoch)
     guard.device = accelerator.device
     try:
         code = train_epochs(run, state, log, guard)
         if code == 0 and not finish(run, state, guard):
-            code = _preempt(run, state, guard)
-        _rank_record(run, state, code)
+            code = preempt(run, state, guard)
+        rank_record(run, state, code)
     finally:
         log.close()
     return code
@@ -445,17 +191,6 @@ def main(argv: list[str] | None = None) -> int:
         return _main(args, guard)
 
 
-def _record_exit(cfg: RunConfig, code: int, main_process: bool) -> None:
-    """``exit_status`` in the run directory, for the Slurm script (which requeues unless it
-    says 2 or 3); written whole (temporary file, then rename)."""
-    run_dir = Path(cfg.run_dir)
-    if main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / f".exit_status.tmp-{os.getpid()}"
-        tmp.write_text(f"{code}\n")
-        tmp.replace(run_dir / "exit_status")
-
-
 def _main(args: argparse.Namespace, guard: Guard) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
@@ -468,7 +203,7 @@ def _main(args: argparse.Namespace, guard: Guard) -> int:
         return EXIT_CONFIG
     except ExtensionLockTimeout as err:
         print(f"error: {err}", file=sys.stderr)
-        _record_exit(cfg, EXIT_FAILED, os.environ.get("RANK", "0") == "0")
+        record_exit(cfg, EXIT_FAILED, os.environ.get("RANK", "0") == "0")
         return EXIT_FAILED
     world = accelerator.num_processes
     try:
@@ -479,7 +214,7 @@ def _main(args: argparse.Namespace, guard: Guard) -> int:
         # A missing or incomplete shard set is a configuration error too.
         print(f"error: {err}", file=sys.stderr)
         code = EXIT_CONFIG if isinstance(err, ConfigError | ManifestError) else EXIT_FAILED
-        _record_exit(cfg, code, accelerator.is_main_process)
+        record_exit(cfg, code, accelerator.is_main_process)
     finally:
         accelerator.end_training()
         dist.destroy()  # an exception passing through leaves no group behind either

@@ -9,7 +9,7 @@ import pytest
 from torch.utils import cpp_extension
 from train_helpers import ENV, debug_overrides, explain, run_accelerate
 
-from gala_scale.train import EXIT_FAILED
+from gala_scale.rundir import EXIT_FAILED
 
 pytestmark = pytest.mark.slow
 SHORT = ("train.epochs=2", "data.test_split=", "data.num_workers=1")

@@ -9,7 +9,8 @@ import pytest
 from shard_fixtures import corrupt_an_image
 from train_helpers import ROOT, debug_overrides, run_single
 
-from gala_scale.train import EXIT_CONFIG, EXIT_FAILED, main
+from gala_scale.rundir import EXIT_CONFIG, EXIT_FAILED
+from gala_scale.train import main
 
 
 @pytest.fixture(scope="module")
