@@ -13,6 +13,10 @@ The graph passes ``onnx.checker`` (full check) and is compared with
 the torch model through ONNX Runtime on real images of the run's data (logits, and the
 re-balanced probabilities against ``rebalance.apply``); the largest differences are printed and
 stored. ``--triton`` also lays out a Triton model repository.
+
+The artifact is built in a temporary folder beside ``--out`` and takes its place whole only once
+every check has passed (gala_scale.publish): a failed check or a killed export leaves the previous
+artifact as it was, and the next export removes what a killed one left.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from gala_scale import rebalance
+from gala_scale import publish, rebalance
 from gala_scale.config import load_config
 from gala_scale.data import PAD_LABEL, create_loader
 from gala_scale.data.common import open_split
@@ -45,6 +49,14 @@ CHECK_IMAGES = 64
 TOLERANCE = 1e-3  # max |logit difference| ONNX Runtime vs torch accepted by the export
 CUDA_TOLERANCE = 5e-2  # the same through the CUDA provider (TF32 convolutions)
 PROB_TOLERANCE = 1e-4  # max |PN probability difference|, graph (fp32) vs rebalance.apply (fp64)
+# What an artifact folder holds (and what an older export left): only such a folder is replaced.
+ARTIFACT_ENTRIES = (
+    "model.onnx",
+    "artifact.json",
+    "triton",
+    ".model.onnx.tmp",
+    ".artifact.json.tmp",
+)
 
 
 class ExportError(RuntimeError):
@@ -227,22 +239,27 @@ dynamic_batching {{
     return model_dir
 
 
-def export(
-    run_dir: Path,
-    out: Path,
-    checkpoint: str = "best",
-    triton: bool = False,
-    model_name: str = "gala",
-) -> dict:
-    cfg, model, split, info = _load_run(run_dir, checkpoint)
-    preset = run_preset(cfg.data, cfg.model.name)
-    out.mkdir(parents=True, exist_ok=True)
-    scales, tau, fitted_on = _scales(run_dir, checkpoint, model, cfg)
-    export_onnx(model, preset.crop, out / "model.onnx", scales, tau)
+def _check_replaceable(out: Path) -> None:
+    """An existing ``out`` is replaced whole: refuse one that holds more than an artifact."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"{out}: not a folder")
+    other = sorted(p.name for p in out.iterdir() if p.name not in ARTIFACT_ENTRIES)
+    if other:
+        raise ExportError(
+            f"{out}: holds {other[:5]} besides an artifact, and an export replaces the whole "
+            "folder: choose another --out"
+        )
+
+
+def _check(model, cfg, onnx_path: Path, scales: list[float] | None, tau: float) -> dict:
+    """ONNX Runtime against torch on real images (CPU, and CUDA where there is one); the
+    export fails beyond the tolerances."""
     check_split = cfg.data.test_split or cfg.data.val_split or cfg.data.train_split
     _, _, images = _probs(model, cfg, check_split, limit=CHECK_IMAGES)
     images = images[:CHECK_IMAGES]
-    diff, prob_diff = compare_with_torch(model, out / "model.onnx", images, scales=scales, tau=tau)
+    diff, prob_diff = compare_with_torch(model, onnx_path, images, scales=scales, tau=tau)
     print(
         f"ONNX Runtime vs torch on {len(images)} {check_split} images: max |logit difference| "
         f"{diff:.3g}, max |re-balanced probability difference| {prob_diff:.3g}"
@@ -252,36 +269,60 @@ def export(
             f"ONNX Runtime and torch disagree by {diff:.3g} in logits (limit {TOLERANCE}) and "
             f"{prob_diff:.3g} in re-balanced probabilities (limit {PROB_TOLERANCE})"
         )
-    cuda = compare_on_cuda(model, out / "model.onnx", images, scales, tau)
-    artifact = {
-        "format_version": FORMAT_VERSION,
-        "model_name": model_name,
-        "architecture": cfg.model.name,
-        "onnx": "model.onnx",
-        "input": {"name": INPUT, "datatype": "FP32", "shape": [-1, 3, preset.crop, preset.crop]},
-        "outputs": [
-            {"name": name, "datatype": "FP32", "shape": [-1, split.num_classes]} for name in OUTPUTS
-        ],
-        "num_classes": split.num_classes,
-        "class_names": list(split.class_names),
-        "train_class_counts": list(split.class_counts),
-        "preprocess": preset.to_dict(),
-        "rebalance": {"scales": scales, "tau": tau, "fitted_on": fitted_on},
-        "source": {"run": str(run_dir.resolve()), "checkpoint": checkpoint, **info},
-        "check": {
-            "split": check_split,
-            "images": len(images),
-            "max_abs_logit_diff": diff,
-            "max_abs_probability_diff": prob_diff,
-            "cuda": cuda,
-            "opset": OPSET,
-        },
+    return {
+        "split": check_split,
+        "images": len(images),
+        "max_abs_logit_diff": diff,
+        "max_abs_probability_diff": prob_diff,
+        "cuda": compare_on_cuda(model, onnx_path, images, scales, tau),
+        "opset": OPSET,
     }
-    tmp = out / ".artifact.json.tmp"
-    tmp.write_text(json.dumps(artifact, indent=1))
-    os.replace(tmp, out / "artifact.json")
+
+
+def export(
+    run_dir: Path,
+    out: Path,
+    checkpoint: str = "best",
+    triton: bool = False,
+    model_name: str = "gala",
+) -> dict:
+    """Export ``run_dir`` into ``out``, which is replaced whole once every check has passed, and
+    left as it was otherwise."""
+    cfg, model, split, info = _load_run(run_dir, checkpoint)
+    preset = run_preset(cfg.data, cfg.model.name)
+    out = Path(out).resolve()  # the temporary folder goes beside the real one
+    _check_replaceable(out)
+    scales, tau, fitted_on = _scales(run_dir, checkpoint, model, cfg)
+    with publish.staged(out) as tmp:
+        export_onnx(model, preset.crop, tmp / "model.onnx", scales, tau)
+        check = _check(model, cfg, tmp / "model.onnx", scales, tau)
+        artifact = {
+            "format_version": FORMAT_VERSION,
+            "model_name": model_name,
+            "architecture": cfg.model.name,
+            "onnx": "model.onnx",
+            "input": {
+                "name": INPUT,
+                "datatype": "FP32",
+                "shape": [-1, 3, preset.crop, preset.crop],
+            },
+            "outputs": [
+                {"name": name, "datatype": "FP32", "shape": [-1, split.num_classes]}
+                for name in OUTPUTS
+            ],
+            "num_classes": split.num_classes,
+            "class_names": list(split.class_names),
+            "train_class_counts": list(split.class_counts),
+            "preprocess": preset.to_dict(),
+            "rebalance": {"scales": scales, "tau": tau, "fitted_on": fitted_on},
+            "source": {"run": str(run_dir.resolve()), "checkpoint": checkpoint, **info},
+            "check": check,
+        }
+        (tmp / "artifact.json").write_text(json.dumps(artifact, indent=1))
+        if triton:
+            write_triton(tmp, model_name, preset, split.num_classes)
     if triton:
-        print(f"Triton repository: {write_triton(out, model_name, preset, split.num_classes)}")
+        print(f"Triton repository: {out / 'triton' / model_name}")
     return artifact
 
 

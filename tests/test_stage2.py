@@ -71,9 +71,11 @@ def test_stage2_of_a_run_caches_features_once_and_exports_on_the_backbone(stage1
     proc = run_single(stage2_args(shards, gala, *args, "loss.name=gala"))
     assert proc.returncode == 0, explain(proc)
     assert "stage2 features: train_view1" in proc.stdout
-    cache = first / "features"
-    meta = json.loads((cache / "meta.json").read_text())
-    assert meta["views"] == 1 and len(meta["weights_sha256"]) == 64
+    versions = sorted((first / "features").iterdir())
+    assert len(versions) == 1  # one version, named by its key's hash; no temporary left
+    cache = versions[0]
+    key = json.loads((cache / "meta.json").read_text())["key"]
+    assert key["config"]["stage2.views"] == 1 and len(key["weights_sha256"]) == 64
     stamps = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
     train0 = np.load(cache / "train_view0.features.npy")
     assert train0.dtype == np.float16 and train0.shape == (256, 32)  # the tiny model's 32
@@ -87,6 +89,7 @@ def test_stage2_of_a_run_caches_features_once_and_exports_on_the_backbone(stage1
     assert proc.returncode == 0, explain(proc)
     assert "stage2 features:" not in proc.stdout
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamps
+    assert sorted((first / "features").iterdir()) == versions
     assert results(bs)["test"] != results(gala)["test"]
 
     out = tmp_path / "export"
@@ -102,6 +105,7 @@ def test_stage2_of_a_pretrained_file_caches_in_its_own_run(stage1, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_single(stage2_args(shards, run_dir, f"model.pretrained={weights}"))
     assert proc.returncode == 0, explain(proc)
-    assert (run_dir / "features" / "test.features.npy").is_file()
+    (version,) = (run_dir / "features").iterdir()
+    assert (version / "test.features.npy").is_file()
     proc = run_single(stage2_args(shards, tmp_path / "bad", "stage2.from_run=/nonexistent"))
     assert proc.returncode == 2 and "/nonexistent/final/model.safetensors: missing" in proc.stderr

@@ -30,11 +30,94 @@ class ArtifactError(ValueError):
     pass
 
 
+_ABSENT = object()  # a field the artifact does not have
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _list(value, item, length: int | None) -> bool:
+    return (
+        isinstance(value, list)
+        and all(item(v) for v in value)
+        and (length is None or len(value) == length)
+    )
+
+
+def _schema(k: int | None) -> dict:
+    """Each field the server reads: (its test, what it should be), as gala_scale.export writes
+    it; ``k`` (num_classes, when valid) sizes the per-class lists. A field is checked only when
+    the object holding it passed."""
+    n = f"{k} " if k else "num_classes "
+
+    def text(v) -> bool:
+        return isinstance(v, str)
+
+    return {
+        "num_classes": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "class_names": (lambda v: _list(v, text, k), f"a list of {n}strings"),
+        "train_class_counts": (
+            lambda v: v is _ABSENT or _list(v, _is_int, k),
+            f"a list of {n}integers",
+        ),
+        "onnx": (lambda v: text(v) and v != "", "the graph's file name"),
+        "input": (lambda v: isinstance(v, dict), "an object"),
+        "input.name": (text, "a string"),
+        "input.shape": (lambda v: _list(v, _is_int, 4), "[-1, 3, H, W]"),
+        "outputs": (
+            lambda v: _list(v, lambda o: isinstance(o, dict) and text(o.get("name")), None),
+            "a list of objects with a name",
+        ),
+        "preprocess": (lambda v: isinstance(v, dict), "an object"),
+        "preprocess.crop": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "preprocess.eval_resize": (
+            lambda v: v in (None, _ABSENT) or (_is_int(v) and v >= 1),
+            "null or an integer >= 1",
+        ),
+        "preprocess.mean": (lambda v: _list(v, _is_number, 3), "3 numbers"),
+        "preprocess.std": (lambda v: _list(v, _is_number, 3) and min(v) > 0, "3 numbers > 0"),
+        "rebalance": (lambda v: isinstance(v, dict), "an object"),
+        "rebalance.scales": (
+            lambda v: v in (None, _ABSENT) or _list(v, _is_number, k),
+            f"null or a list of {n}numbers (one a class)",
+        ),
+        "rebalance.tau": (lambda v: v is _ABSENT or _is_number(v), "a number"),
+    }
+
+
+def _problems(doc: dict) -> list[str]:
+    """``field: expected ..., got ...`` for each field of ``doc`` that fails its test."""
+    k = doc.get("num_classes")
+    problems, failed = [], set()
+    for field, (ok, expected) in _schema(k if _is_int(k) and k >= 1 else None).items():
+        parent, _, name = field.rpartition(".")
+        if parent in failed:
+            continue
+        value = (doc[parent] if parent else doc).get(name, _ABSENT)
+        if not ok(value):
+            failed.add(field)
+            got = "nothing" if value is _ABSENT else json.dumps(value)[:80]
+            problems.append(f"{field}: expected {expected}, got {got}")
+    return problems
+
+
 def load_artifact(folder: Path) -> dict:
+    """The artifact's description, checked: any fault is an ArtifactError naming the file and
+    the fields at fault (all of them)."""
     path = Path(folder) / "artifact.json"
     if not path.is_file():
         raise ArtifactError(f"{path}: missing (export with python -m gala_scale.export)")
-    artifact = json.loads(path.read_text())
+    try:
+        artifact = json.loads(path.read_bytes())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ArtifactError(f"{path}: not valid JSON ({err}); export the run again") from None
+    if not isinstance(artifact, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, got {type(artifact).__name__}")
     if artifact.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
             f"{path}: format_version {artifact.get('format_version')}, this server reads "
@@ -43,11 +126,11 @@ def load_artifact(folder: Path) -> dict:
     missing = [k for k in REQUIRED if k not in artifact]
     if missing:
         raise ArtifactError(f"{path}: missing fields {missing}")
-    scales = artifact["rebalance"].get("scales")
-    if scales is not None and len(scales) != artifact["num_classes"]:
-        raise ArtifactError(
-            f"{path}: {len(scales)} PN scales for {artifact['num_classes']} classes"
-        )
+    problems = _problems(artifact)
+    if not problems and not (Path(folder) / artifact["onnx"]).is_file():
+        problems.append(f"onnx: {artifact['onnx']!r} is not a file in {folder}")
+    if problems:
+        raise ArtifactError(f"{path}: " + "; ".join(problems))
     return artifact
 
 
