@@ -5,10 +5,16 @@ grad scaler, RNG states of every process, DeepSpeed's own files under DeepSpeed)
 registered custom state (the GALA ledger, :class:`TrainState`), and each rank's files: its training
 loader's position (``loader_rank<r>.json``, DALI only) and, mid-epoch, its unsynced ledger
 delta. It is written into
-``checkpoints/.tmp-<name>`` and renamed to ``checkpoints/<name>`` by the main process once every
-process has finished writing, so a directory without the ``.tmp-`` prefix is always complete;
-a kill during the write leaves only a ``.tmp-`` folder, which is never read and is removed later.
-Names are ``e<epoch>-s<step>``: the epoch and the step within it at which training resumes.
+``checkpoints/.tmp-<name>``, flushed to disk and renamed to ``checkpoints/<name>`` by the main
+process once every process has finished writing, so a directory without a ``.`` prefix is
+always complete; a kill during the write leaves only a ``.tmp-`` folder, which is never read
+and is removed later. The same point saved twice is swapped in whole (an atomic exchange,
+:mod:`gala_scale.publish`), and an old checkpoint is renamed to ``.trash-<name>`` before it is
+removed, so no kill leaves a half-removed folder under a checkpoint's name. Names are
+``e<epoch>-s<step>``: the epoch and the step within it at which training resumes.
+
+``best/`` and ``final/`` are published the same way (:func:`save_weights`): at every instant
+the folder is the old one or the new one, whole.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
+
+from gala_scale import publish
 
 NAME = re.compile(r"^e(\d{4})-s(\d{6})$")
 STATE_FILE = "train_state.json"
@@ -85,7 +93,8 @@ def save_checkpoint(
     final, tmp = root / name, root / f".tmp-{name}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in [*root.glob(".tmp-*"), *root.glob(".trash-*")]:  # a killed save's
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if per_rank is not None:
@@ -93,13 +102,14 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state.state_dict(), indent=1))
-        if final.exists():  # the same point saved twice (e.g. a repeated stop request)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        # The same point saved twice (a repeated stop request) is swapped in whole; tmp then
+        # holds the old one.
+        publish.publish(tmp, final)
+        shutil.rmtree(tmp, ignore_errors=True)
         for old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            trash = old.with_name(f".trash-{old.name}")
+            os.rename(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -130,26 +140,17 @@ def save_weights(accelerator, model, criterion, folder: Path, extra: dict) -> No
     """Model weights (safetensors, no pickle), the GALA ledger and ``extra`` into ``folder``.
 
     Every process calls it (gathering the state dict can be a collective); the main one writes,
-    into a temporary folder that then replaces ``folder``.
+    into a temporary folder that is then swapped in whole (:func:`gala_scale.publish.staged`).
     """
     state = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / "model.safetensors"
-    )
-    if criterion.ledger is not None:
-        save_file(criterion.ledger.tensors(), tmp / "ledger.safetensors")
-    (tmp / "info.json").write_text(json.dumps(extra, indent=1))
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old")
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(folder)
+    with publish.staged(folder) as tmp:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        save_file(tensors, tmp / "model.safetensors")
+        if criterion.ledger is not None:
+            save_file(criterion.ledger.tensors(), tmp / "ledger.safetensors")
+        (tmp / "info.json").write_text(json.dumps(extra, indent=1))
 
 
 def save_ledger_delta(criterion, folder: Path, rank: int) -> None:

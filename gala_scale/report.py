@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -33,10 +34,18 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def _load_best(run: Run) -> bool:
-    """Load ``best/`` if rank 0 sees it (ranks listing a shared filesystem can disagree)."""
+def _load_best(run: Run, state: TrainState) -> bool:
+    """Load ``best/`` if rank 0 sees it (ranks listing a shared filesystem can disagree).
+
+    A run that selected a best epoch (``state.best_epoch``) and finds no ``best/`` stops: its
+    test results would silently be the final weights'."""
     best = Path(run.cfg.run_dir) / "best" / "model.safetensors"
     if not dist.broadcast_object(best.exists() if dist.rank() == 0 else None):
+        if state.best_epoch >= 0:
+            raise RuntimeError(
+                f"{best}: missing, though val selected epoch {state.best_epoch + 1}; the run "
+                "directory lost it (its test would be of other weights than the selected ones)"
+            )
         return False
     run.accelerator.unwrap_model(run.parts.eval_model).load_state_dict(load_file(best))
     return True
@@ -53,7 +62,7 @@ def finish(run: Run, state: TrainState, guard) -> bool:
     cfg, acc, run_dir = run.cfg, run.accelerator, Path(run.cfg.run_dir)
     final = {"epoch": cfg.train.epochs - 1, "ema_decay": cfg.train.ema_decay}
     save_weights(acc, run.parts.eval_model, run.parts.criterion, run_dir / "final", final)
-    used_best = _load_best(run)
+    used_best = _load_best(run, state)
     if run.loaders.test is None:
         return True
     val = None
@@ -111,11 +120,19 @@ def _write_per_class(run: Run, results: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+def _write_whole(path: Path, text: str) -> None:
+    """``text`` into ``path`` by a temporary file and a rename: a reader never sees half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _write(run: Run, results: dict, scales, tau: float) -> None:
     run_dir = Path(run.cfg.run_dir)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    _write_whole(run_dir / "results.json", json.dumps(results, indent=1))
     if scales is not None:
-        (run_dir / "pn.json").write_text(
+        _write_whole(
+            run_dir / "pn.json",
             json.dumps(
                 {
                     "scales": [float(s) for s in scales],
@@ -124,7 +141,7 @@ def _write(run: Run, results: dict, scales, tau: float) -> None:
                     "class_names": run.class_names,
                 },
                 indent=1,
-            )
+            ),
         )
     _write_per_class(run, results, run_dir / "per_class.csv")
     (run_dir / "plots").mkdir(exist_ok=True)

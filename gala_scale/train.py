@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from gala_scale import dist, recipe
+from gala_scale import dist, publish, recipe
 from gala_scale.checkpoint import (
     TrainState,
     restore_ledger_delta,
@@ -148,6 +148,8 @@ def run_training(cfg: RunConfig, accelerator, resume: str, guard: Guard) -> int:
     checkpoint = agreed_resume_point(run_dir, resume)
     if accelerator.is_main_process:
         write_run_files(cfg)
+        for folder in ("best", "final"):  # what an interrupted swap left, put right first
+            publish.recover(run_dir / folder)
     try:
         _verify_shards(cfg, accelerator)
         run = build_run(cfg, accelerator)
