@@ -139,6 +139,12 @@ class TrainConfig:
         20, "steps between progress updates and the stop/non-finite check (the one sync point)"
     )
     emulate_world: int = _f(1, "one process consumes the batches of N ranks (a check for tests)")
+    tracker: str = _f(
+        "tensorboard",
+        "where metrics go besides metrics.jsonl, through Accelerate's trackers: tensorboard "
+        "(<run_dir>/tb) | mlflow | wandb | trackio | aim | comet_ml | clearml | dvclive | swanlab "
+        "(installed, configured their own way, e.g. MLFLOW_TRACKING_URI) | none",
+    )
 
 
 @dataclass
@@ -191,6 +197,18 @@ CHOICES = {
     "optim.implementation": ("auto", "fused", "foreach", "for_loop"),
     "optim.lr_scaling": ("none", "linear"),
     "train.precision": ("auto", "bf16", "no"),
+    "train.tracker": (
+        "tensorboard",
+        "mlflow",
+        "wandb",
+        "trackio",
+        "aim",
+        "comet_ml",
+        "clearml",
+        "dvclive",
+        "swanlab",
+        "none",
+    ),
 }
 POSITIVE = (
     "data.batch_size",

@@ -24,16 +24,13 @@ from gala_scale.checkpoint import (
 from gala_scale.config import RunConfig
 from gala_scale.data.mixing import Mixing, mixed
 from gala_scale.engine import predict, sync_ledger, train_one_epoch
+from gala_scale.logs import get_logger
 from gala_scale.run import Run
 from gala_scale.rundir import EXIT_PREEMPTED
 from gala_scale.runlog import RunLog
 from gala_scale.runtime import Guard
 
-
-def say(accelerator, message: str) -> None:
-    """Print once per job (the global main process), not once per node."""
-    if accelerator.is_main_process:
-        print(message, flush=True)
+log = get_logger(__name__)
 
 
 def _epoch_batches(run: Run, epoch: int, first_step: int):
@@ -60,14 +57,14 @@ def _epoch_batches(run: Run, epoch: int, first_step: int):
     )
 
 
-def _evaluate_val(run: Run, log: RunLog, state: TrainState, epoch: int) -> None:
+def _evaluate_val(run: Run, run_log: RunLog, state: TrainState, epoch: int) -> None:
     """Score val on the main process; every rank learns the score and saves ``best/`` with it."""
     probs, labels = predict(run.parts.eval_model, run.loaders.val.epoch(0))
     score = None
     if probs is not None:
         class_acc = metrics.per_class_accuracy(probs.argmax(1), labels, probs.shape[1])
         score = float(np.nanmean(class_acc))  # class-balanced: the selection metric
-        log.write(
+        run_log.write(
             {
                 "type": "val",
                 "epoch": epoch,
@@ -109,7 +106,9 @@ def preempt(run: Run, state: TrainState, guard: Guard, mid_epoch: bool = False) 
     if where is None or where.name != checkpoint_name(state):
         keep = run.cfg.train.keep_checkpoints
         where = save_checkpoint(acc, run_dir, state, keep, _rank_files(run, mid_epoch))
-    say(acc, f"stop requested (signal {guard.signal}): checkpoint {where}; --resume auto goes on")
+    log.info(
+        "stop requested (signal %s): checkpoint %s; --resume auto goes on", guard.signal, where
+    )
     return EXIT_PREEMPTED
 
 
@@ -158,7 +157,7 @@ def _train_epoch(run: Run, state: TrainState, guard: Guard, epoch: int, first: i
     return result
 
 
-def train_epochs(run: Run, state: TrainState, log: RunLog, guard: Guard) -> int:
+def train_epochs(run: Run, state: TrainState, run_log: RunLog, guard: Guard) -> int:
     cfg, acc = run.cfg, run.accelerator
     for epoch in range(state.epoch, cfg.train.epochs):
         first = state.step if epoch == state.epoch else 0
@@ -170,7 +169,7 @@ def train_epochs(run: Run, state: TrainState, log: RunLog, guard: Guard) -> int:
             return preempt(run, state, guard, mid_epoch=True)
         sync_ledger(run.parts.criterion)  # before any evaluation or checkpoint
         world_images = result.samples * acc.num_processes
-        log.write(
+        run_log.write(
             {
                 **_ledger_metrics(run.parts.criterion),
                 "type": "train",
@@ -183,16 +182,16 @@ def train_epochs(run: Run, state: TrainState, log: RunLog, guard: Guard) -> int:
             }
         )
         if run.parts.criterion.ledger is not None:
-            log.append_ledger(
+            run_log.append_ledger(
                 {k: v.numpy() for k, v in run.parts.criterion.ledger.tensors().items()}
             )
         if run.loaders.val is not None and _evaluates(cfg, epoch):
-            _evaluate_val(run, log, state, epoch)
+            _evaluate_val(run, run_log, state, epoch)
         state.epoch, state.step = epoch + 1, 0
         if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
             keep = cfg.train.keep_checkpoints
             save_checkpoint(acc, Path(cfg.run_dir), state, keep, _rank_files(run, False))
-        say(acc, f"epoch {epoch + 1}: loss {result.loss:.4f}, {result.seconds:.1f} s")
+        log.info("epoch %d: loss %.4f, %.1f s", epoch + 1, result.loss, result.seconds)
         if guard.stop_requested():  # a signal during evaluation or the checkpoint
             return preempt(run, state, guard)
     return 0

@@ -1,4 +1,5 @@
-"""What a run writes besides checkpoints: metrics (JSON lines + TensorBoard), ledger history."""
+"""What a run writes besides checkpoints: metrics (JSON lines, and the tracker the config names
+through Accelerate's tracker API: TensorBoard by default), ledger history."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 METRICS = "metrics.jsonl"
+TRACKER_PROJECT = "tb"  # TensorBoard writes <run_dir>/tb; MLflow names its experiment so
 # One raw float64 file a name, a (K,) row appended an epoch (so an epoch costs K x 8 bytes a name,
 # not the whole history again), and a JSON file with K and the names.
 LEDGER = "ledger_history"
@@ -16,18 +18,18 @@ LEDGER_META = "meta.json"
 
 
 class RunLog:
-    """Main-process writer of ``metrics.jsonl``, ``tb/`` and ``ledger_history/``."""
+    """Main-process writer of ``metrics.jsonl`` and ``ledger_history/``; every number of a record
+    also goes to ``accelerator``'s trackers (``train.tracker``), as ``<type>/<key>`` at the
+    record's epoch. ``accelerator`` None: the files only (reading, tests)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_epoch: int) -> None:
-        self.run_dir, self.enabled = Path(run_dir), enabled
-        self.writer = None
+    def __init__(self, run_dir: Path, enabled: bool, resume_epoch: int, accelerator=None) -> None:
+        self.run_dir, self.enabled, self.accelerator = Path(run_dir), enabled, accelerator
+        if accelerator is not None:
+            accelerator.init_trackers(TRACKER_PROJECT)  # a collective of sorts: every rank
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._truncate(resume_epoch)
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(self.run_dir / "tb"))
 
     def _truncate(self, epoch: int) -> None:
         """Forget what an interrupted run logged for epochs it will now run again."""
@@ -49,11 +51,13 @@ class RunLog:
             return
         with open(self.run_dir / METRICS, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
-        step = record.get("epoch", 0)
-        for key, value in record.items():
-            if isinstance(value, int | float) and key != "epoch" and value is not None:
-                self.writer.add_scalar(f"{record['type']}/{key}", value, step)
-        self.writer.flush()
+        if self.accelerator is not None:
+            numbers = {
+                f"{record['type']}/{key}": value
+                for key, value in record.items()
+                if isinstance(value, int | float) and not isinstance(value, bool) and key != "epoch"
+            }
+            self.accelerator.log(numbers, step=record.get("epoch", 0))
 
     def _ledger_meta(self) -> dict | None:
         path = self.run_dir / LEDGER / LEDGER_META
@@ -89,5 +93,5 @@ class RunLog:
                 f.write(np.ascontiguousarray(ledger[name], dtype="<f8").tobytes())
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        """Nothing to close: each record is appended whole, each tracker flushes its own, and
+        ``accelerator.end_training()`` (the trainer's last call) finishes the trackers."""

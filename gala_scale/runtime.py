@@ -117,6 +117,7 @@ def make_accelerator(cfg: RunConfig):
     if deepspeed:
         # DeepSpeed takes accumulation from its own config (set in configure_deepspeed).
         del kwargs["gradient_accumulation_steps"]
+    kwargs |= _tracker(cfg)
     if not cuda and deepspeed:
         # cpu=True would silently turn DeepSpeed into plain DDP; gloo keeps DeepSpeed on CPU.
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
@@ -124,6 +125,20 @@ def make_accelerator(cfg: RunConfig):
         kwargs["cpu"] = True  # without it each CPU process would run alone, undistributed
     with extension_wait_limit() if deepspeed else contextlib.nullcontext():
         return Accelerator(**kwargs)  # DeepSpeed's communication op builds here
+
+
+def _tracker(cfg: RunConfig) -> dict:
+    """Accelerate's keywords for ``train.tracker``; one not installed is a config error
+    (Accelerate itself would drop it without a word)."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    name = cfg.train.tracker
+    if name == "none":
+        return {}
+    if LoggerType(name) not in get_available_trackers():
+        raise ConfigError(f"train.tracker: {name!r} is not installed here (pip install {name})")
+    return {"log_with": name, "project_dir": cfg.run_dir}
 
 
 def configure_deepspeed(accelerator, cfg: RunConfig) -> None:

@@ -44,12 +44,14 @@ from torch import nn
 from gala_scale import dist, publish
 from gala_scale.config import ConfigError, RunConfig
 from gala_scale.data import PAD_LABEL, create_loader
+from gala_scale.logs import get_logger
 from gala_scale.models import create_model, model_options
 from gala_scale.models.pretrained import head_module, load_pretrained
 from gala_scale.run import Loaders
 from gala_scale.shards.tario import sha256
 from gala_scale.stages import augmentation, layout, preset
 
+log = get_logger(__name__)
 SAMPLERS = ("instance", "class_balanced", "sqrt")
 META = "meta.json"
 CACHE_FORMAT = 2  # the files of a version and how they are extracted: 2, versions by key hash
@@ -276,7 +278,7 @@ def _write_features(cfg: RunConfig, accelerator, model: nn.Module, num_classes: 
             **common,
         )
         out = _extract(model, loader.epoch(view or 0))
-        accelerator.print(f"stage2 features: {name} ({split}) computed")
+        log.info("stage2 features: %s (%s) computed", name, split)
         if out is not None:
             np.save(tmp / f"{name}.features.npy", out[0])
             np.save(tmp / f"{name}.labels.npy", out[1])

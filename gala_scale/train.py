@@ -31,7 +31,8 @@ from gala_scale.checkpoint import (
 from gala_scale.config import ConfigError, RunConfig, describe, get, load_config
 from gala_scale.data import verify
 from gala_scale.data.common import DataError, open_split
-from gala_scale.epochs import preempt, say, train_epochs
+from gala_scale.epochs import preempt, train_epochs
+from gala_scale.logs import get_logger, setup
 from gala_scale.report import finish
 from gala_scale.run import Parts, Run
 from gala_scale.rundir import (
@@ -55,6 +56,8 @@ from gala_scale.runtime import (
 )
 from gala_scale.shards.manifest import ManifestError
 from gala_scale.stages import stage_of
+
+log = get_logger("gala_scale.train")  # not __name__: run as __main__ by python -m
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -89,7 +92,7 @@ def build_parts(
     cuda = accelerator.device.type == "cuda"
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if model is None:
-        model = recipe.model(cfg, num_classes, accelerator.print)
+        model = recipe.model(cfg, num_classes, log.info)
     model = recipe.prepare_model(model, cfg, cuda, accelerator.num_processes)
     criterion = recipe.loss(cfg, num_classes, counts)
     optimizer = recipe.optimizer(model, cfg, cuda)
@@ -118,7 +121,7 @@ def build_run(cfg: RunConfig, accelerator) -> Run:
     stage = stage_of(cfg)
     loaders = stage.loaders(cfg, accelerator, num_classes)
     torch.manual_seed(cfg.seed)
-    model = stage.model(cfg, num_classes, loaders, accelerator.print)
+    model = stage.model(cfg, num_classes, loaders, log.info)
     steps = loaders.train[0].steps_per_epoch
     parts = build_parts(cfg, accelerator, num_classes, counts, steps, model)
     return Run(cfg, accelerator, parts, loaders, counts, list(split.class_names))
@@ -169,17 +172,17 @@ def run_training(cfg: RunConfig, accelerator, resume: str, guard: Guard) -> int:
         for problem in restore_loader_states(
             run.loaders.train, checkpoint, state.epoch, state.step
         ):
-            print(f"warning: {problem}", file=sys.stderr, flush=True)
-        say(accelerator, f"resuming from {checkpoint} (epoch {state.epoch + 1}, step {state.step})")
-    log = RunLog(run_dir, accelerator.is_main_process, state.epoch)
+            log.warning("%s", problem, main_process_only=False)
+        log.info("resuming from %s (epoch %d, step %d)", checkpoint, state.epoch + 1, state.step)
+    run_log = RunLog(run_dir, accelerator.is_main_process, state.epoch, accelerator)
     guard.device = accelerator.device
     try:
-        code = train_epochs(run, state, log, guard)
+        code = train_epochs(run, state, run_log, guard)
         if code == 0 and not finish(run, state, guard):
             code = preempt(run, state, guard)
         rank_record(run, state, code)
     finally:
-        log.close()
+        run_log.close()
     return code
 
 
@@ -188,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.help_config:
         print("\n".join(describe()))
         return 0
+    setup()
     # Installed first: a stop signal during start-up is honoured at the first check.
     with Guard() as guard:
         return _main(args, guard)

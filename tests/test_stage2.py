@@ -70,7 +70,7 @@ def test_stage2_of_a_run_caches_features_once_and_exports_on_the_backbone(stage1
     args = (f"stage2.from_run={first}", "stage2.views=1", "stage2.sampler=class_balanced")
     proc = run_single(stage2_args(shards, gala, *args, "loss.name=gala"))
     assert proc.returncode == 0, explain(proc)
-    assert "stage2 features: train_view1" in proc.stdout
+    assert "stage2 features: train_view1" in proc.stderr
     versions = sorted((first / "features").iterdir())
     assert len(versions) == 1  # one version, named by its key's hash; no temporary left
     cache = versions[0]
@@ -87,7 +87,7 @@ def test_stage2_of_a_run_caches_features_once_and_exports_on_the_backbone(stage1
     bs = tmp_path / "balanced_softmax"
     proc = run_single(stage2_args(shards, bs, *args, "loss.name=balanced_softmax"))
     assert proc.returncode == 0, explain(proc)
-    assert "stage2 features:" not in proc.stdout
+    assert "stage2 features:" not in proc.stderr
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamps
     assert sorted((first / "features").iterdir()) == versions
     assert results(bs)["test"] != results(gala)["test"]

@@ -49,7 +49,7 @@ def run(tmp_path_factory, synthetic_shards):
     )
     proc = run_single(args)
     assert proc.returncode == 0, explain(proc)
-    return shards, weights, run_dir, proc.stdout
+    return shards, weights, run_dir, proc.stdout + proc.stderr
 
 
 def test_a_timm_run_starts_from_the_file_and_trains_only_its_last_blocks(run):
