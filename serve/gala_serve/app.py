@@ -359,15 +359,14 @@ async def serve(args: argparse.Namespace) -> int:
 
     service = Service(args)
     try:
+        server = web.server(service)
+    except web.UvicornMismatch as err:  # before a port is taken
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
         sock = _listen(args.host, args.port)
     except OSError as err:
         print(f"error: cannot listen on {args.host}:{args.port}: {err}", file=sys.stderr)
-        return 2
-    try:
-        server = web.server(service, sock)
-    except web.UvicornMismatch as err:
-        sock.close()
-        print(f"error: {err}", file=sys.stderr)
         return 2
     stop = lambda: setattr(server, "should_exit", True)  # noqa: E731
     loop = asyncio.get_running_loop()

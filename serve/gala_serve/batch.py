@@ -9,11 +9,19 @@ protocol with the same input works, not only gala-serve. Images are read, sent a
 stream: at most a few per thread in memory, and 16 bytes an image kept for the accuracy, so the
 memory does not grow with the job (the summary prints ``peak_rss_mib``). Predictions are written
 in input order, one JSON object a line. Transient failures (connection errors, 429, 5xx,
-UNAVAILABLE) are retried with backoff. When labels are known, accuracy and many/medium/few shot
-accuracy (from the artifact's training class counts) are printed. ``--transductive`` applies the
+UNAVAILABLE) are retried with backoff. An image the server refuses (400, 413; gRPC
+INVALID_ARGUMENT, RESOURCE_EXHAUSTED), or that cannot be read, gets a record with its key and
+the message instead of a prediction (``{"id", "label", "error", "status"}``), and the job goes
+on. When labels are known, accuracy and many/medium/few shot accuracy (from the artifact's
+training class counts, over the predicted images) are printed. ``--transductive`` applies the
 paper's PN over the whole job instead of the stored scales: each image's raw probabilities go to
 a file beside ``--out`` (K float32 an image, deleted at the end), each class's column is divided
 by its total mass^tau, and the records are rewritten with those predictions.
+
+Records go to ``.<out>.partial`` as they come, and it becomes ``--out`` when the job is done. A
+job that stops (killed, or a failure that retries did not cure) leaves its records there, and
+the same command with ``--resume`` goes on after the last whole record without sending those
+items again; without ``--resume`` a job starts over.
 """
 
 from __future__ import annotations
@@ -228,64 +236,200 @@ def _ordered(fn: Callable, todo: Iterable[Item], concurrency: int) -> Iterator[t
             yield item, future.result()
 
 
+# Answers that condemn the item, not the job: the server refused this image (gRPC: the codes for
+# a bad or oversized request). Anything else that is not retried stops the job.
+ITEM_STATUS = {
+    "400",
+    "413",
+    "415",
+    "422",
+    "StatusCode.INVALID_ARGUMENT",
+    "StatusCode.RESOURCE_EXHAUSTED",
+}
+
+
+@dataclass
+class Failed:
+    """Why an item has no prediction: the server's message and status, or the local error."""
+
+    message: str
+    status: str | None = None
+
+
+def _attempt(infer: Inferrer, item: Item) -> tuple[np.ndarray, np.ndarray] | Failed:
+    try:
+        image = item.load()
+    except (BadItem, OSError) as err:
+        return Failed(f"cannot read the image: {err}")
+    try:
+        return infer(image)
+    except InferenceServerException as err:
+        if str(err.status()) not in ITEM_STATUS:
+            raise
+        return Failed(err.message(), str(err.status()))
+
+
+def _record(item: Item, result, names: list[str], k: int) -> tuple[dict, np.ndarray | None]:
+    """An item's output line, and its raw probabilities when it has a prediction."""
+    if isinstance(result, Failed):
+        doc = {"id": item.id, "label": item.label, "error": result.message}
+        return doc | {"status": result.status}, None
+    adjusted, raw = result
+    top = top_classes(adjusted, raw, names, k)
+    doc = {"id": item.id, "label": item.label, "pred": top[0]["index"]}
+    return doc | {"pred_class": top[0]["class"], "top_k": top}, raw
+
+
+class JobStopped(RuntimeError):
+    """The job stopped part way; its records so far are kept for ``--resume``."""
+
+
+class ResumeError(ValueError):
+    """``--resume`` found records that do not belong to this job's input."""
+
+
+class Output:
+    """The job's records so far, in input order: ``.<out>.partial`` (JSON lines) and, with
+    ``--transductive``, ``.<out>.partial.raw`` (K float32 a predicted item). Each record is
+    flushed as it is written, its raw row first, so a job killed at any point leaves whole
+    records (and at least their raw rows) to resume from. Renamed to ``--out`` when done.
+
+    Memory: 16 bytes a predicted item (label and prediction, for the accuracy)."""
+
+    def __init__(self, out: Path, k: int, transductive: bool) -> None:
+        self.out, self.k = out, k
+        self.path = out.with_name(f".{out.name}.partial")
+        self.raw_path = self.path.with_name(self.path.name + ".raw")
+        self.transductive = transductive
+        self.labels, self.preds = array.array("q"), array.array("q")
+        self.written = self.errors = self.resumed = 0
+        self.file = self.raws = None
+
+    @contextlib.contextmanager
+    def writing(self, todo: Iterator[Item], resume: bool) -> Iterator[None]:
+        """Open for :meth:`write`: after the records of an earlier run when ``resume``, taking
+        the items they hold from ``todo`` (read, never sent); else from nothing."""
+        if resume and self.path.is_file():
+            self._reload(todo)
+        else:
+            if self.path.is_file():
+                print(
+                    f"note: starting over; --resume would go on from {self.path}", file=sys.stderr
+                )
+            self.path.write_bytes(b"")
+            self.raw_path.write_bytes(b"")
+        raws = self.raw_path if self.transductive else os.devnull
+        with open(self.path, "ab") as self.file, open(raws, "ab") as self.raws:
+            yield
+
+    def _reload(self, todo: Iterator[Item]) -> None:
+        end = 0
+        with open(self.path, "rb") as f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break  # the last record, cut off by the stop: sent again
+                record = orjson.loads(line)
+                item = next(todo, None)
+                if item is None or item.id != record.get("id"):
+                    raise ResumeError(
+                        f"{self.path}: record {self.written + 1} is {record.get('id')!r}, the "
+                        f"input's item is {item and item.id!r}: the input has changed; run "
+                        "again without --resume"
+                    )
+                self._count(record)
+                end += len(line)
+        os.truncate(self.path, end)
+        if self.transductive:
+            size = len(self.preds) * self.k * 4
+            have = self.raw_path.stat().st_size if self.raw_path.is_file() else 0
+            if have < size:
+                raise ResumeError(
+                    f"{self.raw_path}: {have} bytes, fewer than the {len(self.preds)} "
+                    f"predictions in {self.path} need: run again without --resume"
+                )
+            os.truncate(self.raw_path, size)
+        self.resumed = self.written
+
+    def _count(self, record: dict) -> None:
+        self.written += 1
+        if "error" in record:
+            self.errors += 1
+            return
+        self.labels.append(-1 if record["label"] is None else record["label"])
+        self.preds.append(record["pred"])
+
+    def write(self, record: dict, raw: np.ndarray | None) -> None:
+        if raw is not None and self.transductive:
+            self.raws.write(np.asarray(raw, np.float32).tobytes())
+            self.raws.flush()
+        self.file.write(orjson.dumps(record) + b"\n")
+        self.file.flush()
+        self._count(record)
+
+    def finish(self, tau: float, names: list[str]) -> np.ndarray:
+        """The predictions (transductive ones rewritten into the records); ``--out`` in place,
+        nothing else left."""
+        preds = np.frombuffer(self.preds, np.int64)
+        if self.transductive and len(preds):
+            raw = np.memmap(self.raw_path, np.float32, "r", shape=(len(preds), self.k))
+            preds = transductive_predictions(raw, tau)
+            del raw
+            _rewrite(self.path, preds, names)
+        self.raw_path.unlink(missing_ok=True)
+        os.replace(self.path, self.out)
+        return preds
+
+    def abandon(self) -> bool:
+        """After a stop: keep the records for ``--resume`` if there are any (True), else leave
+        nothing behind."""
+        if self.written:
+            return True
+        self.path.unlink(missing_ok=True)
+        self.raw_path.unlink(missing_ok=True)
+        return False
+
+
 def run(args: argparse.Namespace) -> dict:
     client = Client(args.server, retries=args.retries)
     meta = client.json("GET", f"/v2/models/{args.model_name}")["parameters"]
     names = meta["class_names"]
     infer = Inferrer(args)
     k = max(1, min(args.top_k, len(names)))
-    # 8 bytes an image for the accuracy at the end; -1 is an image without a label.
-    labels, preds = array.array("q"), array.array("q")
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    raw_path = tmp.with_name(tmp.name + ".raw")
+    output = Output(args.out, len(names), args.transductive)
     start = time.perf_counter()
-    with (
-        open(tmp, "w") as f,
-        open(raw_path, "wb") if args.transductive else contextlib.nullcontext() as raws,
-    ):
-        for item, (adjusted, raw) in _ordered(
-            lambda item: infer(item.load()),
-            items(args.input, args.split, names, args.root),
-            args.concurrency,
-        ):
-            labels.append(-1 if item.label is None else item.label)
-            top = top_classes(adjusted, raw, names, k)
-            preds.append(top[0]["index"])
-            if raws:
-                raws.write(np.asarray(raw, np.float32).tobytes())
-            record = {
-                "id": item.id,
-                "label": item.label,
-                "pred": top[0]["index"],
-                "pred_class": top[0]["class"],
-                "top_k": top,
-            }
-            f.write(orjson.dumps(record).decode() + "\n")
-    seconds = time.perf_counter() - start
-    count = len(preds)
-    if not count:
-        tmp.unlink()
-        raw_path.unlink(missing_ok=True)
-        raise ValueError(f"{args.input}: no images")
-    preds = np.frombuffer(preds, np.int64)
-    if args.transductive:
-        raw = np.memmap(raw_path, np.float32, "r", shape=(count, len(names)))
-        preds = transductive_predictions(raw, meta["tau"])
-        del raw
-        raw_path.unlink()
-        _rewrite(tmp, preds, names)
-    os.replace(tmp, args.out)
+    try:
+        todo = iter(items(args.input, args.split, names, args.root))
+        work = lambda item: _attempt(infer, item)  # noqa: E731
+        with output.writing(todo, args.resume):
+            for item, result in _ordered(work, todo, args.concurrency):
+                output.write(*_record(item, result, names, k))
+        if not output.written:
+            raise ValueError(f"{args.input}: no images")
+        seconds = time.perf_counter() - start
+        preds = output.finish(meta["tau"], names)
+    except ResumeError:
+        raise  # the records are not this input's: left for the user to look at
+    except BaseException as err:
+        if output.abandon() and isinstance(err, Exception):
+            raise JobStopped(
+                f"{err}; the {output.written} records written so far are in {output.path}: "
+                "the same command with --resume goes on from there"
+            ) from err
+        raise
+    sent = output.written - output.resumed
     summary = {
-        "images": count,
+        "images": output.written,
+        "errors": output.errors,
+        "resumed": output.resumed,
         "seconds": seconds,
-        "images_per_s": count / seconds,
+        "images_per_s": sent / seconds,
         "retries": infer.retried + client.retried,
         "mode": "transductive" if args.transductive else "stored",
         "protocol": "grpc" if args.grpc else "http",
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
-    labels = np.frombuffer(labels, np.int64)
-    if (labels >= 0).all():
+    labels = np.frombuffer(output.labels, np.int64)
+    if len(labels) and (labels >= 0).all():
         summary.update(shot_accuracy(preds, labels, meta.get("train_class_counts")))
     return summary
 
@@ -306,14 +450,23 @@ def transductive_predictions(raw: np.ndarray, tau: float, rows: int = 4096) -> n
 
 
 def _rewrite(path: Path, preds: np.ndarray, names: list[str]) -> None:
-    """Put the transductive predictions into the written records, a line at a time."""
+    """Put the transductive predictions into the records that have one, a line at a time."""
     tmp = path.with_name(path.name + ".2")
-    with open(path) as src, open(tmp, "w") as dst:
-        for line, pred in zip(src, preds, strict=True):
-            record = orjson.loads(line)
-            record["pred"], record["pred_class"] = int(pred), names[int(pred)]
-            dst.write(orjson.dumps(record).decode() + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(path, "rb") as src, open(tmp, "wb") as dst:
+            done = 0
+            for line in src:
+                record = orjson.loads(line)
+                if "error" not in record:
+                    pred = int(preds[done])
+                    record["pred"], record["pred_class"] = pred, names[pred]
+                    done += 1
+                dst.write(orjson.dumps(record) + b"\n")
+        if done != len(preds):
+            raise ValueError(f"{path}: {done} predicted records for {len(preds)} predictions")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,12 +489,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-name", default="gala")
     p.add_argument("--grpc", metavar="HOST:PORT", help="infer over gRPC at this address")
     p.add_argument("--transductive", action="store_true", help="the paper's PN over the job")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from the records a stopped run of the same job left, sending none again",
+    )
     args = p.parse_args(argv)
     try:
         summary = run(args)
-    except (ValueError, OSError, ServerError, InferenceServerException) as err:
+    except (JobStopped, ValueError, OSError, ServerError, InferenceServerException) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; --resume goes on from the records written so far", file=sys.stderr)
+        return 130
+    if summary["errors"]:
+        print(
+            f"warning: {summary['errors']} of {summary['images']} images have no prediction; "
+            f"their records in {args.out} say why",
+            file=sys.stderr,
+        )
     shown = {
         k: (f"{100 * v:.2f}%" if k in ("top1", "many", "medium", "few") and v is not None else v)
         for k, v in summary.items()

@@ -166,7 +166,9 @@ class DynamicBatcher:
             stage = "running the model"
             start = time.perf_counter()
             outputs = self.run(inputs)
-            seconds = time.perf_counter() - start
+            stage = "recording the batch"
+            if self.on_batch is not None:
+                self.on_batch(len(inputs), time.perf_counter() - start)
             stage = "splitting the outputs"
             answers, offset = [], 0
             for x, future, loop in items:
@@ -175,22 +177,26 @@ class DynamicBatcher:
             if offset != len(outputs):
                 raise ValueError(f"the model answered {len(outputs)} rows for {offset} samples")
         except Exception as err:
-            log.error("batch of %d requests failed while %s", len(items), stage, exc_info=True)
-            if self.on_failure is not None:
-                self.on_failure(stage)
-            samples = sum(len(item[0]) for item in items)
-            failure = BatchFailed(
-                f"a batch of {samples} samples from {len(items)} requests failed while "
-                f"{stage}: {_describe(err)}"
-            )
-            failure.__cause__ = err
-            _deliver([(future, loop, None) for _, future, loop in items], failure)
+            self._fail(items, stage, err)
             return
         finally:
             self.busy_since = None
-        if self.on_batch is not None:
-            self.on_batch(len(inputs), seconds)
         _deliver(answers, None)
+
+    def _fail(self, items: list, stage: str, err: Exception) -> None:
+        log.error("a batch of %d requests failed while %s", len(items), stage, exc_info=err)
+        samples = sum(len(item[0]) for item in items)
+        failure = BatchFailed(
+            f"a batch of {samples} samples from {len(items)} requests failed while {stage}: "
+            f"{_describe(err)}"
+        )
+        failure.__cause__ = err
+        _deliver([(future, loop, None) for _, future, loop in items], failure)
+        if self.on_failure is not None:
+            try:
+                self.on_failure(stage)
+            except Exception:  # a metric must not take the worker down
+                log.exception("counting the failed batch failed")
 
 
 def _describe(err: BaseException | None) -> str:

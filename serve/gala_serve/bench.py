@@ -22,11 +22,22 @@ RSS, the model alone in process (ms a sample at batch 1 and 64), ONNX Runtime vs
 when torch is importable, and with ``--shards`` gala-batch images/s. The last line is one JSON
 object, with ``json_over_peer`` and ``binary_over_peer`` (against the peer's better mode) and
 ``dynamic_over_max_batch_1`` per concurrency.
+
+``--flood`` measures overload instead: one gala-serve with a small queue (``--max-queue``), and
+``--concurrency`` clients on one event loop sending ``--requests`` binary infer requests of
+``--rows`` samples back to back, with nothing held back. Every answer must be a 200 or a 503
+(with ``Retry-After``); the JSON line gives the count of each status, the 503 share, latency
+quantiles under the flood, and how long one plain request takes right after it.
+
+    python -m gala_serve.bench --artifact DIR --flood [--concurrency 64] [--requests 5000]
+                               [--rows 16] [--max-queue 64] [--flood-max-batch 16]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import collections
 import json
 import multiprocessing
 import os
@@ -51,12 +62,12 @@ PEER_DIR = Path(__file__).resolve().parents[2] / "tools" / "mlserver_peer"
 NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
 
-def _gala(artifact: Path, max_batch: int, providers: str, log: Path) -> tuple:
+def _gala(artifact: Path, max_batch: int, providers: str, log: Path, *flags: str) -> tuple:
     """A gala-serve process; (process, HTTP port, gRPC port)."""
     port, grpc_port = _free_port(), _free_port()
     cmd = [sys.executable, "-m", "gala_serve.app", "--artifact", str(artifact)]  # no script
     cmd += ["--port", str(port), "--grpc-port", str(grpc_port), "--max-batch", str(max_batch)]
-    cmd += ["--max-delay-ms", "5", "--providers", providers]
+    cmd += ["--max-delay-ms", "5", "--providers", providers, *flags]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     return proc, port, grpc_port
@@ -125,15 +136,15 @@ class Target:
     port: int
 
 
-def _request(kind: str, shape: tuple[int, ...]):
+def _request(kind: str, shape: tuple[int, ...], rows: int = 1):
     """What one client sends: (body, headers) over HTTP, a ModelInferRequest over gRPC."""
-    x = _inputs(shape, 1)
-    spec = {"name": "input", "shape": [1, *shape], "datatype": "FP32"}
+    x = _inputs(shape, rows)
+    spec = {"name": "input", "shape": [rows, *shape], "datatype": "FP32"}
     if kind == "grpc":
         from tritonclient.grpc import service_pb2 as pb
 
         request = pb.ModelInferRequest(model_name="gala")
-        request.inputs.add(name="input", datatype="FP32", shape=[1, *shape])
+        request.inputs.add(name="input", datatype="FP32", shape=[rows, *shape])
         request.outputs.add(name="probabilities")
         request.raw_input_contents.append(x.tobytes())
         return request
@@ -209,6 +220,97 @@ def load(target: Target, shape: tuple[int, ...], concurrency: int, seconds: floa
     with multiprocessing.get_context("spawn").Pool(procs) as pool:
         parts = pool.starmap(_load_threads, [(target, shape, n, seconds) for n in shares])
     return [x for part, _ in parts for x in part], max(e for _, e in parts)
+
+
+def flood(
+    url: str, shape: tuple[int, ...], concurrency: int, requests: int, rows: int, timeout: float
+) -> dict:
+    """``requests`` binary infer requests of ``rows`` samples, ``concurrency`` at a time, back
+    to back on one event loop (httpx): the count of each answer (a status, ``timeout`` or the
+    transport error), the 503 share, the ``Retry-After`` values seen, latency quantiles, and
+    the seconds one plain request takes afterwards."""
+    body, headers = _request("binary", shape, rows)
+    result = asyncio.run(_flood(url, body, headers, concurrency, requests, timeout))
+    result["rows"] = rows
+    with httpx.Client(base_url=url, timeout=timeout) as http:
+        start = time.perf_counter()
+        after = http.post("/v2/models/gala/infer", content=body, headers=headers)
+        result["after_s"], result["after_status"] = time.perf_counter() - start, after.status_code
+    return result
+
+
+async def _flood(url: str, body: bytes, headers: dict, concurrency: int, requests: int, timeout):
+    answers: collections.Counter = collections.Counter()
+    latencies: list[tuple[str, float]] = []
+    retry_after: set = set()
+    todo = iter(range(requests))  # shared: each client takes the next until none is left
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as http:
+
+        async def client() -> None:
+            for _ in todo:
+                start = time.perf_counter()
+                try:
+                    response = await http.post(
+                        "/v2/models/gala/infer", content=body, headers=headers
+                    )
+                    answer = response.status_code
+                    if answer == 503:
+                        retry_after.add(response.headers.get("retry-after"))
+                except httpx.TimeoutException:
+                    answer = "timeout"
+                except httpx.TransportError as err:
+                    answer = type(err).__name__
+                answers[answer] += 1
+                latencies.append((str(answer), time.perf_counter() - start))
+
+        begin = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        seconds = time.perf_counter() - begin
+    q = np.quantile([t for _, t in latencies], [0.5, 0.99, 1.0])
+    by_answer = {}
+    for answer in sorted({a for a, _ in latencies}):
+        mine = np.quantile([t for a, t in latencies if a == answer], [0.5, 0.99])
+        by_answer[answer] = {"p50_ms": 1000 * mine[0], "p99_ms": 1000 * mine[1]}
+    return {
+        "requests": requests,
+        "concurrency": concurrency,
+        "seconds": seconds,
+        "answers": {str(k): v for k, v in sorted(answers.items(), key=str)},
+        "share_503": answers[503] / requests,
+        "retry_after": sorted(map(str, retry_after)),
+        "p50_ms": 1000 * q[0],
+        "p99_ms": 1000 * q[1],
+        "max_ms": 1000 * q[2],
+        "by_answer": by_answer,
+    }
+
+
+def flood_main(args: argparse.Namespace, shape: tuple[int, ...]) -> int:
+    """One gala-serve with a small queue, flooded; the figures as one JSON line."""
+    logs = Path(tempfile.mkdtemp(prefix="gala-serve-flood-"))
+    flags = ["--max-queue", str(args.max_queue), "--max-request-batch", str(args.rows)]
+    proc, port, _ = _gala(
+        args.artifact, args.flood_max_batch, args.providers, logs / "flood.log", *flags
+    )
+    try:
+        _wait_ready(proc, port, logs / "flood.log", "/v2/models/gala/ready")
+        url = f"http://127.0.0.1:{port}"
+        result = flood(url, shape, args.concurrency, args.requests, args.rows, timeout=30)
+        result.update(
+            benchmark="flood",
+            cpu_count=os.cpu_count(),
+            max_queue=args.max_queue,
+            max_batch=args.flood_max_batch,
+            provider=Client(url).json("GET", "/v2/models/gala")["parameters"]["provider"],
+            peak_rss_mib=_peak_rss_mib(proc.pid),
+        )
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        shutil.rmtree(logs, ignore_errors=True)
+    print(json.dumps(result, sort_keys=True), flush=True)
+    return 0
 
 
 def _summary(latencies: list[float], seconds: float) -> dict:
@@ -354,8 +456,16 @@ def main(argv: list[str] | None = None) -> int:
         default=max(1, (os.cpu_count() or 1) // 4),
         help="load-generator processes (default: one per 4 cores)",
     )
+    p.add_argument("--flood", action="store_true", help="measure overload instead (see above)")
+    p.add_argument("--concurrency", type=int, default=64, help="--flood: clients at once")
+    p.add_argument("--requests", type=int, default=5000, help="--flood: requests in all")
+    p.add_argument("--rows", type=int, default=16, help="--flood: samples a request")
+    p.add_argument("--max-queue", type=int, default=64, help="--flood: the server's queue")
+    p.add_argument("--flood-max-batch", type=int, default=16, help="--flood: the server's")
     args = p.parse_args(argv)
     shape = tuple(json.loads((args.artifact / "artifact.json").read_text())["input"]["shape"][1:])
+    if args.flood:
+        return flood_main(args, shape)
     logs = Path(tempfile.mkdtemp(prefix="gala-serve-bench-"))
     servers = {
         "dynamic": _gala(args.artifact, 64, args.providers, logs / "dynamic.log"),

@@ -57,7 +57,12 @@ def decode(
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise TooLarge(f"{what} is too large: {err}") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except UnidentifiedImageError as err:  # its text names a BytesIO object at some address
+        raise RequestError(
+            f"{what} could not be decoded as an image of format {'/'.join(formats)} (no decoder "
+            "of those recognises its bytes)"
+        ) from err
+    except (OSError, SyntaxError, ValueError) as err:
         raise RequestError(
             f"{what} could not be decoded as an image of format {'/'.join(formats)} ({err})"
         ) from err

@@ -98,13 +98,15 @@ class App:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return
-        start, endpoint, request_id = time.perf_counter(), "other", uuid.uuid4().hex[:16]
+        start, request_id = time.perf_counter(), uuid.uuid4().hex[:16]
+        exchange = Exchange(self.service, scope, receive)
         try:
-            headers = _headers(scope)
-            request_id = headers.get("x-request-id", request_id)[:64]
-            endpoint, reply = await Exchange(self.service, scope, receive, headers).answer()
+            exchange.headers = _headers(scope)
+            request_id = exchange.headers.get("x-request-id", request_id)[:64]
+            reply = await exchange.answer()
         except ClientGone:
-            self.service.metrics.request(endpoint, "http", time.perf_counter() - start, "gone")
+            seconds = time.perf_counter() - start
+            self.service.metrics.request(exchange.endpoint, "http", seconds, "gone")
             return
         except BodyTooLarge as err:
             reply = error_reply(err)
@@ -127,7 +129,7 @@ class App:
             what = str(err) if isinstance(err, ServerFault) else type(err).__name__
             reply = json_reply(500, {"error": f"internal error ({what}); request id {request_id}"})
         code = None if reply.status < 400 else str(reply.status)
-        self.service.metrics.request(endpoint, "http", time.perf_counter() - start, code)
+        self.service.metrics.request(exchange.endpoint, "http", time.perf_counter() - start, code)
         response_headers = [
             (b"content-type", reply.content_type),
             (b"content-length", str(len(reply.body)).encode()),
@@ -153,13 +155,19 @@ def _headers(scope) -> dict[str, str]:
 
 
 class Exchange:
-    """One HTTP request on its way to a :class:`Reply`."""
+    """One HTTP request on its way to a :class:`Reply`; ``endpoint`` names its route (for the
+    metrics) as soon as it is known, so an error raised later is counted there too."""
 
-    def __init__(self, service, scope, receive, headers: dict[str, str]) -> None:
-        self.service, self.scope, self.receive, self.headers = service, scope, receive, headers
+    def __init__(self, service, scope, receive) -> None:
+        self.service, self.scope, self.receive = service, scope, receive
         self.method, self.path = scope["method"], scope["path"].rstrip("/") or "/"
+        self.endpoint, self.headers = "other", {}  # the headers: set by the app once checked
 
-    async def answer(self) -> tuple[str, Reply]:
+    async def answer(self) -> Reply:
+        self.endpoint, reply = await self._route()
+        return reply
+
+    async def _route(self) -> tuple[str, Reply]:
         method, path, svc = self.method, self.path, self.service
         if method in ("GET", "HEAD"):
             if path == "/v2/health/live":
@@ -176,6 +184,7 @@ class Exchange:
         if not svc.ready.is_set():
             raise Loading("the model is still loading")
         if method == "POST" and path == "/v1/classify":
+            self.endpoint = "classify"
             return "classify", await self._classify()
         match = MODEL_ROUTE.match(path)
         if match is None:
@@ -190,6 +199,7 @@ class Exchange:
                 return "model_ready", json_reply(200, {"name": name, "ready": True})
             return "model_ready", json_reply(503, {"name": name, "ready": False, "reason": reason})
         if method == "POST" and action == "/infer":
+            self.endpoint = "infer"
             return "infer", await self._infer()
         raise NotFound(f"no endpoint {method} {path[:200]}")
 
@@ -469,8 +479,8 @@ def check_uvicorn() -> None:
         )
 
 
-def server(service, sock) -> uvicorn.Server:
-    """A uvicorn server for ``service`` on the listening socket ``sock``;
+def server(service) -> uvicorn.Server:
+    """A uvicorn server for ``service`` (``serve(sockets=[...])`` starts it);
     :class:`UvicornMismatch` when the installed uvicorn cannot carry :class:`Protocol`."""
     check_uvicorn()
     a = service.args
