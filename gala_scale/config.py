@@ -402,6 +402,17 @@ def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
+def shortened(path: str | Path, epochs: int, overrides: list[str] = ()) -> list[str]:
+    """Overrides that cut the recipe at ``path`` (with ``overrides``) to ``epochs``; a warm-up
+    that the cut would make as long as the run is cut by the same factor (so the run still
+    decays), a shorter one kept as it is."""
+    cfg = load_config(path, list(overrides))
+    if cfg.optim.warmup_epochs < epochs:
+        return [f"train.epochs={epochs}"]
+    warmup = cfg.optim.warmup_epochs * epochs / cfg.train.epochs
+    return [f"train.epochs={epochs}", f"optim.warmup_epochs={warmup:g}"]
+
+
 def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -419,4 +430,4 @@ def describe(obj: Any = None, prefix: str = "") -> list[str]:
     return lines
 
 
-__all__ = ["ConfigError", "RunConfig", "describe", "load_config", "to_dict"]
+__all__ = ["ConfigError", "RunConfig", "describe", "load_config", "shortened", "to_dict"]

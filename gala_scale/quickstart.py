@@ -22,8 +22,10 @@ import time
 from pathlib import Path
 
 from gala_scale import plots
+from gala_scale.config import shortened
 from gala_scale.data.common import open_split
 from gala_scale.launch import train_command
+from gala_scale.serving import send, serving
 from gala_scale.system import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +50,7 @@ def _train(name: str, loss: str, args: argparse.Namespace) -> Path:
         f"run_dir={run_dir}",
         f"data.shards={args.shards}",
         f"loss.name={loss}",
-        f"train.epochs={args.epochs}",
+        *shortened(ROOT / "configs" / "quickstart.yaml", args.epochs),
     ]
     _run(f"train {name} (2 processes)", cmd)
     return run_dir
@@ -60,34 +62,10 @@ def _serve_and_batch(run_dir: Path, args: argparse.Namespace) -> dict:
         "export to ONNX",
         [sys.executable, "-m", "gala_scale.export", "--run", str(run_dir), "--out", str(export)],
     )
-    port = free_port()
-    print(f"\n== serve\n$ gala-serve --artifact {export} --port {port}", flush=True)
-    server = subprocess.Popen(
-        [str(BIN / "gala-serve"), "--artifact", str(export), "--port", str(port)], cwd=ROOT
-    )
-    try:
-        from gala_serve.client import Client
-
-        Client(f"http://127.0.0.1:{port}").wait_ready(120)
-        preds = args.out / "served_predictions.jsonl"
-        cmd = [
-            str(BIN / "gala-batch"),
-            "--server",
-            f"http://127.0.0.1:{port}",
-            "--input",
-            str(args.shards),
-            "--out",
-            str(preds),
-            "--concurrency",
-            "4",
-        ]
-        print(f"\n== batch inference through the server\n$ {' '.join(cmd)}", flush=True)
-        out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
-        print(out.strip(), flush=True)
-        return json.loads(out.strip().splitlines()[-1])
-    finally:
-        server.terminate()
-        server.wait(10)
+    with serving(export, cwd=ROOT, ready_s=120) as server:
+        summary = send(server, args.shards, args.out / "served_predictions.jsonl")
+    print(json.dumps(summary), flush=True)
+    return summary
 
 
 def _table(runs: dict[str, Path], served: dict) -> str:
@@ -104,10 +82,7 @@ def _table(runs: dict[str, Path], served: dict) -> str:
                 f"{name + ': ' + variant:44}"
                 + "".join(f"{cell(v):>{w}}" for v, w in zip(values, (9, 8, 8, 8), strict=True))
             )
-    values = [
-        float(served[k].rstrip("%")) / 100 if served.get(k) else None
-        for k in ("top1", "many", "medium", "few")
-    ]
+    values = [served.get(k) for k in ("top1", "many", "medium", "few")]
     lines.append(
         f"{'GALA served (ONNX, stored PN scales)':44}"
         + "".join(f"{cell(v):>{w}}" for v, w in zip(values, (9, 8, 8, 8), strict=True))

@@ -40,6 +40,7 @@ from pathlib import Path
 import yaml
 
 from gala_scale.launch import train_command
+from gala_scale.serving import send, serving
 from gala_scale.shards import like
 from gala_scale.system import free_port, peak_rss_mib
 
@@ -244,32 +245,16 @@ def _stage2(stages, args, train: list[str], shards: Path, run_dir: Path, out: Pa
 
 
 def _serve_and_batch(stages: Stages, export: Path, shards: Path, split: str, out: Path) -> dict:
-    port, grpc_port = free_port(), free_port()
-    cmd = [str(BIN / "gala-serve"), "--artifact", str(export), "--port", str(port)]
-    cmd += ["--grpc-port", str(grpc_port), "--providers", "cpu"]
-    print(f"\n== serve\n$ {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
-    server = subprocess.Popen(cmd, cwd=ROOT)
-    try:
-        from gala_serve.client import Client
-
-        Client(f"http://127.0.0.1:{port}").wait_ready(300, alive=lambda: server.poll() is None)
+    with serving(export, "--providers", "cpu", grpc=True, cwd=ROOT) as server:
         stages._add("serve: load and warm up", time.perf_counter() - start, None)
         preds = out / "served_predictions.jsonl"
-        batch = [str(BIN / "gala-batch"), "--server", f"http://127.0.0.1:{port}"]
-        batch += ["--grpc", f"127.0.0.1:{grpc_port}", "--input", str(shards), "--split", split]
-        batch += ["--out", str(preds), "--concurrency", "4"]
-        summary = out / "served_summary.json"
-        with open(summary, "w") as f:
-            stages.run("gala-batch through the server", batch, stdout=f)
-        server_rss = peak_rss_mib(pid=server.pid)
-    finally:
-        server.terminate()
-        server.wait(30)
+        start = time.perf_counter()
+        doc = send(server, shards, preds, split=split, use_grpc=True)
+        stages._add("gala-batch through the server", time.perf_counter() - start, None)
+        server_rss = peak_rss_mib(pid=server.process.pid)
     stages.record["serve: load and warm up"]["peak_rss_mib"] = round(server_rss, 1)
-    doc = json.loads(summary.read_text().strip().splitlines()[-1])  # accuracies as "12.34%"
-    records = [json.loads(line) for line in preds.read_text().splitlines()]
-    doc["top1"] = sum(r["pred"] == r["label"] for r in records) / len(records)
+    (out / "served_summary.json").write_text(json.dumps(doc))
     return doc
 
 

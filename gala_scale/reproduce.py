@@ -52,7 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gala_scale import plots
-from gala_scale.config import load_config
+from gala_scale.config import load_config, shortened
 from gala_scale.launch import train_command
 from gala_scale.shards.manifest import load_manifest
 from gala_scale.shards.sources import VAL_FROM
@@ -137,8 +137,9 @@ def _run_overrides(run: tuple[str, int], args: argparse.Namespace, shards: Path)
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    """The ``--set`` overrides, then ``--epochs``: the same for every run and for the report."""
-    return [*args.set, *([f"train.epochs={args.epochs}"] if args.epochs else [])]
+    """The ``--set`` overrides, then ``--epochs`` (the warm-up cut with it): the same for every
+    run and for the report."""
+    return [*args.set, *(shortened(args.config, args.epochs, args.set) if args.epochs else [])]
 
 
 def _run_dir(run: tuple[str, int], args: argparse.Namespace) -> Path:

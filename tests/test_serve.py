@@ -27,6 +27,7 @@ from train_helpers import ENV, GPU_ENV, explain, run_module
 
 from gala_scale.data import presets
 from gala_scale.models import create_model
+from gala_scale.serving import serving
 from gala_scale.shards import tario
 
 BIN = Path(sys.executable).parent
@@ -39,30 +40,23 @@ def trained(synthetic_shards, trained_run):
 
 @contextlib.contextmanager
 def running_server(artifact: Path, log: Path, *flags: str, env: dict = ENV):
-    """A gala-serve process on a free port; yields a client once it is ready."""
+    """A gala-serve process on free ports (gala_scale.serving); yields a client once ready."""
     from conftest import free_port
 
-    port, grpc_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "gala_serve.app", "--artifact", str(artifact), "--port", str(port)]
-    cmd += ["--grpc-port", str(grpc_port)]
+    ready = False
     with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [*cmd, *flags],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    try:
-        client = Client(f"http://127.0.0.1:{port}", retries=0)
         try:
-            client.wait_ready(120, alive=lambda: proc.poll() is None)
+            with serving(
+                artifact, *flags, grpc=True, log=out, env=env, ready_s=120, ports=free_port
+            ) as server:
+                ready = True
+                client = Client(server.url, retries=0)
+                client.grpc_port, client.log = int(server.grpc.rpartition(":")[2]), log
+                yield client
         except (TimeoutError, RuntimeError):
+            if ready:
+                raise
             raise AssertionError(log.read_text()) from None
-        client.grpc_port, client.log = grpc_port, log
-        yield client
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+import torchvision
 from torch import nn
 
 from gala_scale.data.presets import Preset, get_preset, with_overrides
-from gala_scale.models.resnet import resnet50, resnet152, resnext50_32x4d
 from gala_scale.models.resnet_cifar import CifarResNet
 from gala_scale.models.timm_models import architecture, create_timm, input_preset, is_timm
 from gala_scale.models.tiny import TinyNet
@@ -19,9 +19,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "tiny_bn": partial(TinyNet, batch_norm=True),
     "resnet20": partial(CifarResNet, depth=20),
     "resnet32": partial(CifarResNet, depth=32),
-    "resnet50": resnet50,
-    "resnet152": resnet152,
-    "resnext50_32x4d": resnext50_32x4d,
+    # torchvision's, with each block's last BatchNorm at zero (every residual branch starts as
+    # the identity; the ImageNet recipes' choice) and no weights: a file gives them.
+    "resnet50": partial(torchvision.models.resnet50, zero_init_residual=True),
+    "resnet152": partial(torchvision.models.resnet152, zero_init_residual=True),
+    "resnext50_32x4d": partial(torchvision.models.resnext50_32x4d, zero_init_residual=True),
 }
 
 

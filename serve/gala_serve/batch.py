@@ -469,7 +469,8 @@ def _rewrite(path: Path, preds: np.ndarray, names: list[str]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """gala-batch's arguments (also what :func:`run` takes from a caller in Python)."""
     p = argparse.ArgumentParser(
         prog="gala-batch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -494,7 +495,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="go on from the records a stopped run of the same job left, sending none again",
     )
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         summary = run(args)
     except (JobStopped, ValueError, OSError, ServerError, InferenceServerException) as err:
