@@ -137,4 +137,3 @@ def fit_tau(
         if acc > best_acc + 1e-12:
             best_tau, best_acc = float(tau), acc
     return best_tau
-

@@ -3,7 +3,6 @@
 See :mod:`gala_scale.data` for the contract.
 """
 
-
 from __future__ import annotations
 
 import base64
