@@ -95,6 +95,8 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         for stale in [*root.glob(".tmp-*"), *root.glob(".trash-*")]:  # a killed save's
             shutil.rmtree(stale, ignore_errors=True)
+        for aside in {p.name[1:].partition(".old-")[0] for p in root.glob(".*.old-*")}:
+            publish.recover(root / aside)  # a swap without the exchange, killed half-way
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if per_rank is not None:

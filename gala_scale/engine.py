@@ -1,7 +1,7 @@
 """The training and evaluation loops: explicit parameters, no globals.
 
 Nothing here touches devices or gradients beyond ``accelerator.backward`` and ``optimizer.step``;
-collectives go through ``gala_scale.dist`` and the caller (``gala_scale.train``) wires them.
+collectives go through ``gala_scale.dist`` and the caller (``gala_scale.epochs``) wires them.
 """
 
 from __future__ import annotations
@@ -89,10 +89,12 @@ def train_one_epoch(
         stopped, _ = guard.check(window)  # the steps since the last check (a sync an epoch)
     # The mean over every rank's steps: each rank's loss is of its own samples. Every rank ran
     # the same steps (the guard's checks stop them together), so this collective always pairs.
-    totals = dist.all_reduce_sum_(torch.stack([loss_sum.float(), loss_sum.new_tensor(steps)]))
+    total, total_steps = dist.all_reduce_sum_(
+        torch.stack([loss_sum.float(), loss_sum.new_tensor(steps)])
+    ).tolist()  # note: a sync point, once an epoch
     return EpochResult(
         steps,
-        float(totals[0]) / max(float(totals[1]), 1.0),
+        total / max(total_steps, 1.0),
         samples,
         time.perf_counter() - start,
         stopped,

@@ -141,4 +141,13 @@ def fsync_tree(folder: Path) -> None:
         _fsync_dir(Path(root))
 
 
-__all__ = ["fsync_tree", "publish", "recover", "staged"]
+def write_text(path: Path, text: str) -> None:
+    """``text`` into the file ``path`` whole: a temporary file beside it, then a rename, so a
+    reader (or a process that starts after a kill) finds the old text or the new, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+__all__ = ["fsync_tree", "publish", "recover", "staged", "write_text"]

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 from safetensors.torch import load_file
 
-from gala_scale import dist, metrics, plots, rebalance
+from gala_scale import dist, metrics, plots, publish, rebalance
 from gala_scale.checkpoint import TrainState, save_weights
 from gala_scale.engine import predict
 from gala_scale.run import Run
@@ -34,6 +33,10 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
+class MissingBest(RuntimeError):
+    """Val selected an epoch and ``best/`` is gone: a rerun would meet the same."""
+
+
 def _load_best(run: Run, state: TrainState) -> bool:
     """Load ``best/`` if rank 0 sees it (ranks listing a shared filesystem can disagree).
 
@@ -42,7 +45,7 @@ def _load_best(run: Run, state: TrainState) -> bool:
     best = Path(run.cfg.run_dir) / "best" / "model.safetensors"
     if not dist.broadcast_object(best.exists() if dist.rank() == 0 else None):
         if state.best_epoch >= 0:
-            raise RuntimeError(
+            raise MissingBest(
                 f"{best}: missing, though val selected epoch {state.best_epoch + 1}; the run "
                 "directory lost it (its test would be of other weights than the selected ones)"
             )
@@ -120,18 +123,11 @@ def _write_per_class(run: Run, results: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def _write_whole(path: Path, text: str) -> None:
-    """``text`` into ``path`` by a temporary file and a rename: a reader never sees half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _write(run: Run, results: dict, scales, tau: float) -> None:
     run_dir = Path(run.cfg.run_dir)
-    _write_whole(run_dir / "results.json", json.dumps(results, indent=1))
+    publish.write_text(run_dir / "results.json", json.dumps(results, indent=1))
     if scales is not None:
-        _write_whole(
+        publish.write_text(
             run_dir / "pn.json",
             json.dumps(
                 {

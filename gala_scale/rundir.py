@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from gala_scale import publish
 from gala_scale.config import RunConfig, to_dict
 from gala_scale.run import Run
 from gala_scale.runtime import precision
@@ -40,8 +41,8 @@ def git_revision() -> str:
 def write_run_files(cfg: RunConfig) -> None:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    (run_dir / "git_revision.txt").write_text(git_revision() + "\n")
+    publish.write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    publish.write_text(run_dir / "git_revision.txt", git_revision() + "\n")
 
 
 def rank_record(run: Run, state, code: int) -> None:
@@ -71,7 +72,7 @@ def rank_record(run: Run, state, code: int) -> None:
     record_exit(run.cfg, code, acc.is_main_process)
     folder = Path(run.cfg.run_dir) / "ranks"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"rank{acc.process_index}.json").write_text(json.dumps(record, indent=1))
+    publish.write_text(folder / f"rank{acc.process_index}.json", json.dumps(record, indent=1))
 
 
 def record_exit(cfg: RunConfig, code: int, main_process: bool) -> None:
@@ -80,6 +81,4 @@ def record_exit(cfg: RunConfig, code: int, main_process: bool) -> None:
     run_dir = Path(cfg.run_dir)
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / f".exit_status.tmp-{os.getpid()}"
-        tmp.write_text(f"{code}\n")
-        tmp.replace(run_dir / "exit_status")
+        publish.write_text(run_dir / "exit_status", f"{code}\n")

@@ -9,12 +9,22 @@ from pathlib import Path
 
 import numpy as np
 
+from gala_scale import publish
+
 METRICS = "metrics.jsonl"
 TRACKER_PROJECT = "tb"  # TensorBoard writes <run_dir>/tb; MLflow names its experiment so
 # One raw float64 file a name, a (K,) row appended an epoch (so an epoch costs K x 8 bytes a name,
 # not the whole history again), and a JSON file with K and the names.
 LEDGER = "ledger_history"
 LEDGER_META = "meta.json"
+
+
+def _epoch(line: str) -> int:
+    """A metrics line's epoch; a line a kill cut short counts as past every epoch (dropped)."""
+    try:
+        return json.loads(line).get("epoch", -1)
+    except ValueError:
+        return 2**31
 
 
 class RunLog:
@@ -35,16 +45,13 @@ class RunLog:
         """Forget what an interrupted run logged for epochs it will now run again."""
         path = self.run_dir / METRICS
         if path.exists():
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line and json.loads(line).get("epoch", -1) < epoch
-            ]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in path.read_text().splitlines() if _epoch(line) < epoch]
+            publish.write_text(path, "".join(line + "\n" for line in kept))
         meta = self._ledger_meta()
         for name in meta["names"] if meta else []:
             path = self.run_dir / LEDGER / f"{name}.f64"
-            os.truncate(path, min(path.stat().st_size, epoch * meta["num_classes"] * 8))
+            if path.exists():  # (absent: a kill between the meta and the first row)
+                os.truncate(path, min(path.stat().st_size, epoch * meta["num_classes"] * 8))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -71,7 +78,10 @@ class RunLog:
         if meta is None:
             return None
         k, folder = meta["num_classes"], self.run_dir / LEDGER
-        rows = {name: np.fromfile(folder / f"{name}.f64", dtype="<f8") for name in meta["names"]}
+        rows = {
+            name: np.fromfile(path, dtype="<f8") if path.exists() else np.zeros(0)
+            for name, path in ((n, folder / f"{n}.f64") for n in meta["names"])
+        }
         epochs = min(len(values) // k for values in rows.values())
         return {name: values[: epochs * k].reshape(epochs, k) for name, values in rows.items()}
 
@@ -85,9 +95,7 @@ class RunLog:
             folder.mkdir(exist_ok=True)
             for stale in folder.glob("*.f64"):
                 stale.unlink()
-            tmp = folder / f".{LEDGER_META}.tmp"
-            tmp.write_text(json.dumps(meta))
-            tmp.replace(folder / LEDGER_META)
+            publish.write_text(folder / LEDGER_META, json.dumps(meta))
         for name in meta["names"]:
             with open(folder / f"{name}.f64", "ab") as f:
                 f.write(np.ascontiguousarray(ledger[name], dtype="<f8").tobytes())

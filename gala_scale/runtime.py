@@ -56,7 +56,7 @@ EXTENSION_WAIT_S = float(os.environ.get("GALA_EXTENSION_WAIT_S", "900"))
 
 class ExtensionLockTimeout(RuntimeError):
     """A torch extension build waited past its limit on a lock (most likely left by a build
-    that was killed): a restart would wait again."""
+    that was killed). Under Slurm a restart builds in a fresh folder, so it is requeued."""
 
 
 def private_extension_dir() -> Path:
@@ -165,15 +165,15 @@ def check_world(accelerator) -> None:
         and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
         and "MASTER_ADDR" in os.environ
     ):
-        raise SystemExit(
-            "error: `accelerate launch --cpu` starts one process whatever --num_processes says. "
+        raise ConfigError(
+            "`accelerate launch --cpu` starts one process whatever --num_processes says. "
             "For one process run `python -m gala_scale.train`; for N processes on CPU run "
             "`accelerate launch --multi_gpu --num_processes N` (configs/accelerate/cpu_2proc.yaml)."
         )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
-        raise SystemExit(
-            f"error: the launcher started {launched} processes (WORLD_SIZE) but this one runs "
+        raise ConfigError(
+            f"the launcher started {launched} processes (WORLD_SIZE) but this one runs "
             f"with {accelerator.num_processes}: the run would train {launched} separate models. "
             "On CPU launch with `accelerate launch --multi_gpu --num_processes N` "
             "(see configs/accelerate/); `--cpu` and `distributed_type: MULTI_CPU` start it alone."

@@ -294,7 +294,8 @@ def ensure_cache(cfg: RunConfig, accelerator, num_classes: int) -> Path:
     weights = backbone_weights(cfg)
     key = cache_key(cfg, weights, accelerator.num_processes, accelerator.device.type)
     folder = version_folder(cfg, key)
-    if dist.broadcast_object(_holds(folder, key)):  # rank 0's view, should a run publish now
+    held = _holds(folder, key) if dist.rank() == 0 else None
+    if dist.broadcast_object(held):  # rank 0's view (a run may publish it meanwhile)
         return folder
     model = backbone(cfg, num_classes).to(accelerator.device)
     main = accelerator.is_main_process

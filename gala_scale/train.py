@@ -16,6 +16,7 @@ the next step and exits with code 99 (``EXIT_PREEMPTED``); ``--resume auto`` con
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ from gala_scale.data import verify
 from gala_scale.data.common import DataError, open_split
 from gala_scale.epochs import preempt, train_epochs
 from gala_scale.logs import get_logger, setup
-from gala_scale.report import finish
+from gala_scale.report import MissingBest, finish
 from gala_scale.run import Parts, Run
 from gala_scale.rundir import (
     EXIT_CONFIG,
@@ -98,7 +99,8 @@ def build_parts(
     optimizer = recipe.optimizer(model, cfg, cuda)
     scheduler = recipe.schedule(optimizer, cfg, steps_per_epoch)
     configure_deepspeed(accelerator, cfg)
-    with extension_wait_limit():  # DeepSpeed's ops may build here
+    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
+    with extension_wait_limit() if deepspeed else contextlib.nullcontext():  # its ops build here
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ema = None
     if cfg.train.ema_decay:
@@ -203,24 +205,31 @@ def _main(args: argparse.Namespace, guard: Guard) -> int:
         if args.get:
             print(get(cfg, args.get))
             return 0
-        accelerator = make_accelerator(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    except ExtensionLockTimeout as err:
+    try:
+        accelerator = make_accelerator(cfg)
+    except (ConfigError, ExtensionLockTimeout) as err:
         print(f"error: {err}", file=sys.stderr)
-        record_exit(cfg, EXIT_FAILED, os.environ.get("RANK", "0") == "0")
-        return EXIT_FAILED
+        if isinstance(err, ExtensionLockTimeout):
+            return 1  # a restart builds in a fresh folder (slurm/inat_gala.sh): requeued
+        record_exit(cfg, EXIT_CONFIG, os.environ.get("RANK", "0") == "0")
+        return EXIT_CONFIG
     world = accelerator.num_processes
     try:
         check_world(accelerator)
         code = run_training(cfg, accelerator, args.resume, guard)
-    except (ConfigError, ManifestError, DataError, NonFiniteLoss, ExtensionLockTimeout) as err:
+    except (ConfigError, ManifestError, DataError, NonFiniteLoss, MissingBest) as err:
         # Deterministic: a requeue would fail the same way (slurm/inat_gala.sh stops on 2 and 3).
-        # A missing or incomplete shard set is a configuration error too.
+        # A missing or incomplete shard set is a configuration error too. The rank that met it
+        # records it (a DataError can be another rank's while rank 0 waits in a collective).
         print(f"error: {err}", file=sys.stderr)
         code = EXIT_CONFIG if isinstance(err, ConfigError | ManifestError) else EXIT_FAILED
-        record_exit(cfg, code, accelerator.is_main_process)
+        record_exit(cfg, code, True)
+    except ExtensionLockTimeout as err:
+        print(f"error: {err}", file=sys.stderr)
+        code = 1
     finally:
         accelerator.end_training()
         dist.destroy()  # an exception passing through leaves no group behind either

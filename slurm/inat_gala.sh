@@ -100,7 +100,8 @@ echo "[inat_gala] srun exit $STATUS, trainer exit $TRAINER_STATUS"
 if [ "$STATUS" = 0 ] && [ "$TRAINER_STATUS" = 0 ]; then
     exit 0
 fi
-# 2: a bad config, 3: a non-finite loss. A rerun would fail the same way: do not requeue.
+# 2: a bad config or data set, found at start-up; 3: met while training (a non-finite loss, a
+# sample that does not decode, a lost best/). A rerun would fail the same way: do not requeue.
 if [ "$TRAINER_STATUS" = 2 ] || [ "$TRAINER_STATUS" = 3 ]; then
     echo "[inat_gala] the trainer failed in a way a restart repeats (exit $TRAINER_STATUS)" >&2
     exit 1

@@ -79,4 +79,5 @@ def test_kill_9_at_random_instants_and_resume_ends_as_the_uninterrupted_run(
         best = json.loads((run_dir / "best" / "info.json").read_text())["epoch"]
         assert results(run_dir)["best_epoch"] == best == results(trained_run)["best_epoch"]
         assert not list(run_dir.glob(".*tmp*")) and not list(run_dir.glob(".*old*"))
+        assert not list((run_dir / "checkpoints").glob(".*"))  # no killed save's leftovers
     print(f"\nchaos: {kills} kills over {episodes} episodes, each ended as the uninterrupted run")

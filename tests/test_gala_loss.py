@@ -289,7 +289,9 @@ def test_two_process_sync_equals_one_process_over_the_union(
         single(torch.cat(logits), torch.cat(labels))
     assert all(torch.equal(ranks[0][key], ranks[1][key]) for key in ranks[0])
     for key in ("theta", "phi", "logit_theta", "logit_phi"):
-        torch.testing.assert_close(ranks[0][key], getattr(single, key), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            ranks[0][key], getattr(single.ledger, key), rtol=1e-12, atol=1e-12
+        )
     assert bool((single.theta > 0).all())  # both ranks' classes received gradient
 
 

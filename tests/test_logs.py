@@ -1,11 +1,10 @@
 """The library logs through ``logging`` with time, level and rank; results stay on stdout."""
 
-import json
 import re
 import shutil
 
 import pytest
-from train_helpers import debug_overrides, explain, run_single
+from train_helpers import debug_overrides, explain, run_single, train_losses
 
 RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (INFO|WARNING) gala_scale\.\w+: \[RANK 0\] ")
 
@@ -54,8 +53,4 @@ def test_a_tracker_that_is_not_installed_is_a_config_error(synthetic_shards, tmp
     code = main(debug_overrides(synthetic_shards, tmp_path / "run", "train.tracker=swanlab"))
     assert code == EXIT_CONFIG
     assert "train.tracker: 'swanlab' is not installed here" in capsys.readouterr().err
-
-
-def train_losses(run_dir) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if r["type"] == "train"]
+    assert (tmp_path / "run" / "exit_status").read_text() == "2\n"  # the Slurm script's cue

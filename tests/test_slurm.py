@@ -12,7 +12,7 @@ from train_helpers import explain, ranks, results, run_accelerate
 
 from gala_scale.shards.__main__ import main as shards_main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]  # one cluster: one worker
 # Long enough that the preemption signal lands before the job ends, whatever the load.
 LONGER = "train.epochs=8"
 

@@ -10,6 +10,7 @@ from shard_fixtures import corrupt_an_image
 from train_helpers import ROOT, debug_overrides, run_single
 
 from gala_scale.rundir import EXIT_CONFIG, EXIT_FAILED
+from gala_scale.shards.manifest import ManifestError
 from gala_scale.train import main
 
 
@@ -105,3 +106,26 @@ def test_an_image_that_does_not_decode_mid_run_exits_3(broken_sets, tmp_path):
     assert proc.returncode == EXIT_FAILED, proc.stderr[-3000:]
     assert "image does not decode" in proc.stderr and "Traceback" not in proc.stderr
     assert (run_dir / "exit_status").read_text() == "3\n"
+
+
+def test_the_start_up_check_hashes_each_shard_once_a_run_until_it_changes(
+    synthetic_shards, tmp_path, monkeypatch
+):
+    from gala_scale.data import verify
+
+    data = tmp_path / "set"
+    shutil.copytree(synthetic_shards, data)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    splits = ["train", "val", "test"]
+    todo = verify.shards_to_check(data, splits, run_dir)
+    assert len(todo) == 3 and not verify.problems_of(data, todo)
+    verify.remember(data, todo, run_dir)
+    assert verify.shards_to_check(data, splits, run_dir) == []  # a restart hashes nothing
+    tar = next((data / "train").glob("*.tar"))
+    corrupt_an_image(tar)
+    (again,) = verify.shards_to_check(data, splits, run_dir)
+    assert again["file"] == f"train/{tar.name}"
+    assert "image does not decode" in " ".join(verify.problems_of(data, [again]))
+    with pytest.raises(ManifestError, match="no split 'dev'"):
+        verify.shards_to_check(data, ["dev"], run_dir)

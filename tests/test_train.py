@@ -15,6 +15,7 @@ from train_helpers import (
     results,
     run_accelerate,
     run_single,
+    train_losses,
     weights,
 )
 
@@ -53,11 +54,6 @@ def assert_same_training(run_dir, reference):
     # ranks' batches logged it (not rank 0's own mean).
     logged = [train_losses(run_dir), train_losses(reference)]
     assert logged[0] == pytest.approx(logged[1], rel=1e-4)
-
-
-def train_losses(run_dir) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if r["type"] == "train"]
 
 
 def test_config_layers_and_errors(tmp_path):
@@ -286,7 +282,9 @@ def test_one_process_cpu_launch_is_refused(shards, tmp_path, port):
         env=ENV,
     )
     assert proc.returncode != 0
-    assert "starts one process" in proc.stderr
+    assert "error: `accelerate launch --cpu` starts one process" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (tmp_path / "trap" / "exit_status").read_text() == "2\n"  # not requeued
     assert not (tmp_path / "trap" / "checkpoints").exists()
 
 

@@ -108,6 +108,12 @@ def weights(run_dir: Path, which: str = "final") -> dict:
     return load_file(run_dir / which / "model.safetensors")
 
 
+def train_losses(run_dir: Path) -> list[float]:
+    """The logged training loss of each epoch."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r["type"] == "train"]
+
+
 def results(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 

@@ -154,7 +154,7 @@ if [ -d "$SHARDS" ]; then
     step paper_budget 270 "$PY" -m gala_scale.reproduce --config configs/cifar10_lt_if100.yaml \
         --shards "$SHARDS" --losses ce,balanced_softmax,gala_reference,gala_paper,gala_reference_sos --concurrent \
         --time-limit 235 --out "$PAPER" --report "$OUT/paper_results.md" \
-        --set train.epochs="$PAPER_EPOCHS" --set train.eval_every="$PAPER_EVAL" \
+        --epochs "$PAPER_EPOCHS" --set train.eval_every="$PAPER_EVAL" \
         --set data.loader=torch --set data.num_workers="$PAPER_WORKERS" --set train.keep_checkpoints=1 \
         "${PAPER_SET[@]}"
     grep '^{' "$WORK/paper_budget.out" | tail -1 >"$OUT/paper_summary.json"

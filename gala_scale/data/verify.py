@@ -11,9 +11,9 @@ differs is then read sample by sample, and the error names the sample at fault.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from gala_scale import publish
 from gala_scale.shards import tario
 from gala_scale.shards.check import check_shard
 from gala_scale.shards.manifest import ManifestError, load_manifest
@@ -37,6 +37,8 @@ def shards_to_check(root: Path, splits: list[str], run_dir: Path) -> list[dict]:
     seen = json.loads(marker.read_text()) if marker.is_file() else {}
     todo = []
     for split in dict.fromkeys(s for s in splits if s):
+        if split not in manifest["splits"]:
+            raise ManifestError(f"{root}: no split {split!r}; it has {sorted(manifest['splits'])}")
         for entry in manifest["splits"][split]["shards"]:
             path = root / entry["file"]
             if seen.get(str(path)) != _stat(path):
@@ -50,9 +52,12 @@ def problems_of(root: Path, entries: list[dict]) -> list[str]:
     manifest = load_manifest(root)
     found = []
     for entry in entries:
-        if tario.sha256(root / entry["file"]) != entry["sha256"]:
-            deep = check_shard(root, entry, manifest["num_classes"], manifest["image_ext"])
-            found += deep or [f"{entry['file']}: sha256 differs from the manifest"]
+        try:  # every rank must reach the gather after this, whatever it meets here
+            if tario.sha256(root / entry["file"]) != entry["sha256"]:
+                deep = check_shard(root, entry, manifest["num_classes"], manifest["image_ext"])
+                found += deep or [f"{entry['file']}: sha256 differs from the manifest"]
+        except OSError as err:
+            found.append(f"{entry['file']}: unreadable here ({err})")
     return found
 
 
@@ -61,9 +66,7 @@ def remember(root: Path, entries: list[dict], run_dir: Path) -> None:
     marker = run_dir / MARKER
     seen = json.loads(marker.read_text()) if marker.is_file() else {}
     seen |= {str(root / e["file"]): _stat(root / e["file"]) for e in entries}
-    tmp = marker.with_name(f".{MARKER}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(seen, indent=1))
-    tmp.replace(marker)
+    publish.write_text(marker, json.dumps(seen, indent=1))
 
 
 def raise_if_any(problems: list[str], root: Path) -> None:
