@@ -17,4 +17,7 @@ fi
 if bash tools/slurm_cluster.sh start; then
     trap 'bash tools/slurm_cluster.sh stop' EXIT
 fi
-"$venv/bin/python" -m pytest -q --durations=15 "$@"  # the slowest tests, for the suite's time budget
+# Two workers (pytest-xdist): one waits on the Slurm cluster or a server while the other trains;
+# the Slurm tests stay on one worker (one cluster). GALA_TEST_WORKERS=0 runs them in this process.
+"$venv/bin/python" -m pytest -q -n "${GALA_TEST_WORKERS:-2}" --dist loadgroup \
+    --durations=15 "$@"  # the slowest tests, for the suite's time budget
