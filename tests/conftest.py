@@ -89,7 +89,14 @@ def pytest_runtest_protocol(item, nextitem):
         patch.undo()
 
 
+# The longest tests (minutes each on 2 cores) go first, so that two xdist workers do not end
+# with one of them alone on a long test; the rest keep their order.
+LONGEST_FIRST = ("test_chaos", "test_rehearse", "test_gpu_check", "test_quickstart", "test_slurm")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (no GPU on this machine)")

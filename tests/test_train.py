@@ -283,7 +283,6 @@ def test_one_process_cpu_launch_is_refused(shards, tmp_path, port):
     )
     assert proc.returncode != 0
     assert "error: `accelerate launch --cpu` starts one process" in proc.stderr
-    assert "Traceback" not in proc.stderr
     assert (tmp_path / "trap" / "exit_status").read_text() == "2\n"  # not requeued
     assert not (tmp_path / "trap" / "checkpoints").exists()
 
