@@ -164,3 +164,19 @@ def test_summarize_reports_everything():
     assert sum(summary["positive_predictions"]) == len(labels)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         metrics.summarize(probs, labels + 5, [1, 2, 3])
+
+
+def test_the_servers_shot_accuracy_is_the_trainers():
+    """gala-batch (torch-free, so it cannot import gala_scale) mirrors metrics' shot groups:
+    held to them here on counts at each group's edges."""
+    from gala_serve.batch import shot_accuracy
+
+    counts = [500, 101, 100, 20, 19, 1, 7]
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(len(counts)), 13)
+    preds = np.where(rng.random(labels.size) < 0.6, labels, rng.integers(0, 7, labels.size))
+    served = shot_accuracy(preds, labels, counts)
+    class_acc = metrics.per_class_accuracy(preds, labels, len(counts))
+    assert served == pytest.approx(
+        {"top1": metrics.top1(preds, labels), **metrics.group_accuracy(class_acc, counts)}
+    )
