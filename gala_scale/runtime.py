@@ -101,6 +101,17 @@ def extension_wait_limit(limit_s: float = EXTENSION_WAIT_S):
         signal.signal(signal.SIGALRM, previous)
 
 
+def build_extensions() -> None:
+    """Build DeepSpeed's JIT op for this machine's accelerator (the CPU's shared-memory
+    collective; none with CUDA) in :func:`private_extension_dir`, within the lock-wait limit:
+    done once before many launches, no launch is killed mid-build (which leaves the lock)."""
+    private_extension_dir()
+    with extension_wait_limit():
+        from deepspeed.comm.torch import build_shm_op
+
+        build_shm_op()
+
+
 def make_accelerator(cfg: RunConfig):
     """Accelerate on GPU (NCCL, bf16) or CPU (gloo), with DeepSpeed when the launcher asks."""
     from accelerate import Accelerator

@@ -9,10 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# A DeepSpeed launch waits at most this long on another's extension build (a build takes about a
+# minute here); set before train_helpers copies the environment for the tests' processes.
+os.environ.setdefault("GALA_EXTENSION_WAIT_S", "300")
+
 from shard_fixtures import build_small_synthetic
 from train_helpers import debug_overrides, explain, run_single
 
-from gala_scale import dist, system
+from gala_scale import dist, runtime, system
 
 # Ports for the servers and rendezvous that tests start: a block per pytest-xdist worker, below
 # Linux's ephemeral range (32768-60999), so no two workers (and no outgoing connection) are given
@@ -164,6 +169,17 @@ def pytest_timeout_set_timer(item, settings):
     signal.signal(signal.SIGALRM, handler)
     signal.setitimer(signal.ITIMER_REAL, settings.timeout)
     return True
+
+
+def pytest_sessionstart(session):
+    """Build DeepSpeed's op once, before any test, in each process that runs the slow tests: a
+    test that kills a launch (a fault test, a step's budget) would otherwise kill the build and
+    leave its lock for every later launch to wait on."""
+    option = session.config.option
+    controller = getattr(option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ
+    if controller or "not slow" in (option.markexpr or ""):
+        return
+    runtime.build_extensions()
 
 
 def pytest_sessionfinish(session, exitstatus):
