@@ -50,7 +50,7 @@ def start(args):
 def test_kill_9_at_random_instants_and_resume_ends_as_the_uninterrupted_run(
     synthetic_shards, trained_run, tmp_path
 ):
-    rng, kills, episodes, duration = random.Random(29), 0, 0, 12.0
+    rng, kills, episodes, duration = random.Random(29), 0, 0, 10.0
     while kills < KILLS:
         run_dir = tmp_path / f"episode{episodes}"
         args = debug_overrides(synthetic_shards, run_dir)
@@ -58,9 +58,9 @@ def test_kill_9_at_random_instants_and_resume_ends_as_the_uninterrupted_run(
         while True:
             began, proc = time.monotonic(), start(args)
             try:
-                # Within the first 80 % of a whole run's time: most attempts are killed, so
+                # Within the first 70 % of a whole run's time: most attempts are killed, so
                 # each fresh run takes several kills before one attempt finishes.
-                proc.wait(timeout=rng.uniform(0.5, 0.8 * duration))
+                proc.wait(timeout=rng.uniform(0.5, 0.7 * duration))
             except subprocess.TimeoutExpired:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
