@@ -7,9 +7,9 @@
     log.info("resuming from %s", checkpoint)                      # the main process only
     log.warning("rank-local problem", main_process_only=False)   # every rank
 
-The logger is Accelerate's ``get_logger``: its records come from the main process unless
-``main_process_only=False``, and it may log only once the Accelerator exists (the trainer's
-modules log after ``make_accelerator``). A command's result stays on stdout (``print``): the
+The logger is Accelerate's ``get_logger`` once the Accelerator exists: its records come from the
+main process unless ``main_process_only=False``. Before that (a library function called outside
+a run) it is a plain logger. A command's result stays on stdout (``print``): the
 results table, ``--get``, ``--help-config``; a failing command's one ``error:`` line on stderr.
 """
 
@@ -34,11 +34,30 @@ def setup(level: int | str = logging.INFO) -> None:
     root.propagate = False
 
 
-def get_logger(name: str):
-    """Accelerate's multi-process logger for ``name`` (under the ``gala_scale`` handler)."""
-    from accelerate.logging import get_logger as accelerate_logger
+class _Logger(logging.LoggerAdapter):
+    """Accelerate's multi-process logger once its state exists; before that (a library call
+    outside a run, a test) a plain logger, ``main_process_only`` and ``in_order`` dropped."""
 
-    return accelerate_logger(name)
+    def __init__(self, name: str) -> None:
+        from accelerate.logging import get_logger as accelerate_logger
+
+        super().__init__(logging.getLogger(name), {})
+        self._accelerate = accelerate_logger(name)
+
+    def log(self, level, msg, *args, **kwargs):
+        from accelerate.state import PartialState
+
+        if PartialState._shared_state:
+            self._accelerate.log(level, msg, *args, **kwargs)
+            return
+        kwargs.pop("main_process_only", None)
+        kwargs.pop("in_order", None)
+        self.logger.log(level, msg, *args, **kwargs)
+
+
+def get_logger(name: str) -> logging.LoggerAdapter:
+    """The logger of ``name`` (under the ``gala_scale`` handler)."""
+    return _Logger(name)
 
 
 __all__ = ["get_logger", "setup"]
