@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from loss_checks import assert_gradients_flow
+from loss_checks import assert_gradients_flow, cosine_batch
 
 from gala_scale import losses
 from gala_scale.config import ConfigError, load_config
@@ -47,11 +47,7 @@ def reference(logits, targets, counts, max_margin=0.5, scale=30.0, beta=None):
 
 
 def batch(seed=0, rows=12):
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.rand(rows, len(COUNTS), generator=gen, dtype=torch.float64) * 2 - 1  # cosines
-    hard = torch.randint(0, len(COUNTS), (rows,), generator=gen)
-    soft = torch.softmax(torch.randn(rows, len(COUNTS), generator=gen, dtype=torch.float64), 1)
-    return logits, hard, soft
+    return cosine_batch(len(COUNTS), seed, rows)
 
 
 @pytest.mark.parametrize(("max_margin", "scale"), [(0.5, 30.0), (0.3, 16.0), (0.0, 1.0)])
