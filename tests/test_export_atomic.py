@@ -94,6 +94,18 @@ def test_a_failed_check_leaves_the_previous_artifact_byte_for_byte(
     assert beside(out) == around  # its temporary folder went with it
 
 
+def export_in_a_process(script: str, run, out) -> subprocess.CompletedProcess:
+    """``python -c script --run RUN --out OUT``: an export with a fault planted by ``script``."""
+    return subprocess.run(
+        [sys.executable, "-c", script, "--run", str(run), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
+
+
 KILLED_AFTER_THE_GRAPH = """
 import os, signal, sys
 from gala_scale import export
@@ -113,14 +125,7 @@ def test_a_killed_export_leaves_the_previous_artifact_and_the_next_cleans_up(
     run, out = exported
     before, around = snapshot(out), beside(out)
     make_run(tmp_path, synthetic_shards, "tiny", weights_seed=1)  # new weights: a new graph
-    proc = subprocess.run(
-        [sys.executable, "-c", KILLED_AFTER_THE_GRAPH, "--run", str(run), "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=ENV,
-    )
+    proc = export_in_a_process(KILLED_AFTER_THE_GRAPH, run, out)
     assert proc.returncode == -9, explain(proc)
     assert snapshot(out) == before
     left = [name for name in beside(out) if name not in around]
@@ -230,14 +235,7 @@ def test_a_swap_without_the_exchange_killed_half_way_is_undone_by_the_next_expor
     run, out = exported
     before, around = snapshot(out), beside(out)
     make_run(tmp_path, synthetic_shards, "tiny", weights_seed=1)
-    proc = subprocess.run(
-        [sys.executable, "-c", KILLED_BETWEEN_THE_RENAMES, "--run", str(run), "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=ENV,
-    )
+    proc = export_in_a_process(KILLED_BETWEEN_THE_RENAMES, run, out)
     assert proc.returncode == -9, explain(proc)
     assert not out.exists()  # killed in the window this file system cannot close
     publish.recover(out)  # what the next export does first
