@@ -33,6 +33,7 @@ def specs() -> dict[str, LossSpec]:
     return {spec.name: spec for spec in found}
 
 
+@cache
 def options() -> dict[str, Option]:
     """Every option of every loss, by name (shared names are one option)."""
     return check_specs(list(specs().values()))
