@@ -101,6 +101,9 @@ class OptimConfig:
         1.0, "layer-wise decay: each layer group nearer the input gets this times less lr"
     )
     weight_decay: float = _f(5e-4, "weight decay")
+    decay_norm_and_bias: bool = _f(
+        False, "weight decay on norm and bias parameters too (off: the field's practice)"
+    )
     nesterov: bool = _f(False, "Nesterov momentum")
     warmup_epochs: float = _f(2.0, "linear warm-up before the cosine decay")
     implementation: str = _f(

@@ -114,17 +114,18 @@ def learning_rate(cfg: RunConfig) -> float:
 
 
 def optimizer(model: nn.Module, cfg: RunConfig, cuda: bool) -> torch.optim.Optimizer:
-    """SGD or AdamW over the trainable parameters; with ``optim.layer_decay`` or
-    ``optim.head_lr_scale`` one parameter group a layer group (gala_scale.models.finetune)."""
+    """SGD or AdamW over the trainable parameters, in timm's parameter groups: one a layer group
+    and decay kind, norm and bias parameters without weight decay unless
+    ``optim.decay_norm_and_bias`` (gala_scale.models.finetune.param_groups)."""
     o = cfg.optim
     impl = o.implementation if o.implementation != "auto" else ("fused" if cuda else "foreach")
     kernels = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {}}[impl]
     if impl == "for_loop":
         kernels = {"foreach": False}
     lr = learning_rate(cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if o.layer_decay != 1.0 or o.head_lr_scale != 1.0:
-        params = finetune.param_groups(model, lr, o.weight_decay, o.layer_decay, o.head_lr_scale)
+    params = finetune.param_groups(
+        model, lr, o.weight_decay, o.layer_decay, o.head_lr_scale, o.decay_norm_and_bias
+    )
     if o.name == "adamw":
         betas = tuple(o.betas)
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=o.weight_decay, **kernels)

@@ -196,8 +196,20 @@ def test_layer_decay_and_head_scale_set_each_groups_learning_rate():
     model = create_model("resnet32", num_classes=5)
     apply_policy(model, "last_k", trainable_blocks=2)
     groups = param_groups(model, 1.0, 5e-4, 0.5, 10.0)
-    assert [g["lr"] for g in groups] == [0.25, 0.5, 10.0]
-    assert all(p.requires_grad for g in groups for p in g["params"])
+    lr = {id(p): g["lr"] for g in groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    names = layer_groups(model)
+    expected = {n: [0.25, 0.5, 10.0][i] for i, group in enumerate(names[-3:]) for n in group}
+    params = dict(model.named_parameters())
+    assert {n: lr[id(params[n])] for n in expected} == expected
+    assert len(lr) == len(expected) and all(p.requires_grad for g in groups for p in g["params"])
+    # No weight decay on norm scales, shifts and biases, unless asked for.
+    assert {n: decay[id(params[n])] for n in expected} == {
+        n: 0.0 if params[n].ndim == 1 else 5e-4 for n in expected
+    }
+    assert any(params[n].ndim == 1 for n in expected) and any("bias" in n for n in expected)
+    everything = param_groups(model, 1.0, 5e-4, 0.5, 10.0, decay_norm_and_bias=True)
+    assert {g["weight_decay"] for g in everything} == {5e-4}
 
 
 def test_bad_finetune_keys_are_named():

@@ -11,13 +11,16 @@ their stages and their head. On them:
 * ``last_k``: the last ``model.trainable_blocks`` groups before the head and the head train; the
   rest is frozen as with ``linear``.
 
-The optimizer's parameter groups (:func:`param_groups`) give group i of n the learning rate
-``lr * layer_decay ** (n - 1 - i)`` (layer-wise decay: the head at ``lr``, each group nearer the
-input ``layer_decay`` times less) and the head ``head_lr_scale`` times more; frozen parameters
-are left out.
+The optimizer's parameter groups (:func:`param_groups`, timm's ``param_groups_layer_decay``)
+give group i of n the learning rate ``lr * layer_decay ** (n - 1 - i)`` (layer-wise decay: the
+head at ``lr``, each group nearer the input ``layer_decay`` times less) and the head
+``head_lr_scale`` times more; norm and bias parameters get no weight decay; frozen parameters are
+left out.
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 from torch import nn
 
@@ -80,20 +83,36 @@ def _stay_in_eval(module: nn.Module, _inputs) -> None:
 
 
 def param_groups(
-    model: nn.Module, lr: float, weight_decay: float, layer_decay: float, head_lr_scale: float
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    layer_decay: float,
+    head_lr_scale: float,
+    decay_norm_and_bias: bool = False,
 ) -> list[dict]:
-    """Optimizer groups of the trainable parameters, one a layer group, with its learning rate."""
-    params = dict(model.named_parameters())
+    """Optimizer groups of the trainable parameters: timm's ``param_groups_layer_decay`` over
+    :func:`layer_groups` (one group a layer group and decay kind), each with its ``lr``.
+
+    Weight decay skips one-dimensional parameters (norm scales and shifts, biases) unless
+    ``decay_norm_and_bias``; the head's learning rate is ``head_lr_scale`` times its own.
+    """
+    from timm.optim import param_groups_layer_decay
+
     groups = layer_groups(model)
-    out = []
-    for i, names in enumerate(groups):
-        head = i == len(groups) - 1
-        scale = layer_decay ** (len(groups) - 1 - i) * (head_lr_scale if head else 1.0)
-        trainable = [params[n] for n in names if params[n].requires_grad]
-        if trainable:
-            out.append({"params": trainable, "lr": lr * scale, "weight_decay": weight_decay})
-    placed = {id(p) for g in out for p in g["params"]}
-    rest = [p for p in params.values() if p.requires_grad and id(p) not in placed]
-    if rest:  # parameters no group names (none in the shipped models)
-        out.append({"params": rest, "lr": lr, "weight_decay": weight_decay})
+    layer = {name: i for i, names in enumerate(groups) for name in names}
+    head = {id(p) for n, p in model.named_parameters() if layer.get(n) == len(groups) - 1}
+    grouped = SimpleNamespace(  # timm reads only these two of a model
+        named_parameters=model.named_parameters,
+        group_matcher=lambda coarse=False: lambda name: layer[name],
+    )
+    out = param_groups_layer_decay(
+        grouped,
+        weight_decay=weight_decay,
+        layer_decay=layer_decay,
+        weight_decay_exclude_1d=not decay_norm_and_bias,
+    )
+    for group in out:
+        in_head = {id(p) in head for p in group["params"]}
+        assert len(in_head) == 1, "a parameter group mixes the head and other layers"
+        group["lr"] = lr * group.pop("lr_scale") * (head_lr_scale if in_head.pop() else 1.0)
     return out
