@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -103,26 +102,41 @@ def train_one_epoch(
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
-    """Softmax probabilities and labels of every sample of every rank, on the main process only.
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    head: nn.Linear | None = None,
+) -> tuple:
+    """Softmax probabilities and labels of every sample of every rank, on the main process only;
+    with ``head`` (the model's linear classifier) also its inputs, the features, third.
 
-    Other ranks get ``(None, None)``: they send their batches to rank 0 and keep nothing, so the
-    (samples, classes) matrix exists once per job. Every rank must run the same number of batches
-    (eval loaders pad; pads are dropped here).
+    Other ranks get ``None`` for each: they send their batches to rank 0 and keep nothing, so
+    the (samples, classes) matrix exists once per job. Every rank must run the same number of
+    batches (eval loaders pad; pads are dropped here).
     """
     model.eval()
-    all_probs, all_labels = [], []
-    for images, labels in batches:
-        probs = torch.softmax(model(images).float(), dim=1)
-        gathered = dist.gather_to_main(torch.cat([probs, labels[:, None].to(probs.dtype)], 1))
-        if gathered is None:
-            continue
-        rows = torch.cat(gathered).cpu()
-        labels = rows[:, -1].long()
-        keep = labels != PAD_LABEL
-        all_probs.append(rows[keep, :-1])
-        all_labels.append(labels[keep])
+    rows_of: dict[str, list] = {"probs": [], "labels": [], "features": []}
+    seen: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _m, a: seen.append(a[0])) if head else None
+    try:
+        for images, labels in batches:
+            probs = torch.softmax(model(images).float(), dim=1)
+            parts = [probs, labels[:, None].to(probs.dtype)]
+            if head is not None:
+                parts.append(seen.pop().float().flatten(1))
+            gathered = dist.gather_to_main(torch.cat(parts, 1))
+            if gathered is None:
+                continue
+            rows = torch.cat(gathered).cpu()
+            k = probs.shape[1]
+            labels = rows[:, k].long()
+            keep = labels != PAD_LABEL
+            rows_of["probs"].append(rows[keep, :k])
+            rows_of["labels"].append(labels[keep])
+            rows_of["features"].append(rows[keep, k + 1 :])
+    finally:
+        if hook is not None:
+            hook.remove()
+    names = ("probs", "labels", "features") if head is not None else ("probs", "labels")
     if dist.rank() != 0:
-        return None, None
-    return torch.cat(all_probs).numpy(), torch.cat(all_labels).numpy()
+        return (None,) * len(names)
+    return tuple(torch.cat(rows_of[n]).numpy() for n in names)

@@ -78,8 +78,9 @@ def positive_predictions(preds: Any, num_classes: int) -> np.ndarray:
     return np.bincount(_numpy(preds).astype(np.int64), minlength=num_classes)
 
 
-def expected_calibration_error(probs: Any, labels: Any, n_bins: int = ECE_BINS) -> float:
-    """ECE with ``n_bins`` equal-width confidence bins on (0, 1]."""
+def reliability(probs: Any, labels: Any, n_bins: int = ECE_BINS) -> dict[str, list]:
+    """Per confidence bin (``n_bins`` equal-width bins on (0, 1]): its sample count, accuracy
+    and mean confidence (None for an empty bin); what a reliability diagram draws."""
     probs = _numpy(probs).astype(np.float64)
     labels = _labels(labels, probs.shape[1])
     confidence, preds = probs.max(1), probs.argmax(1)
@@ -87,23 +88,43 @@ def expected_calibration_error(probs: Any, labels: Any, n_bins: int = ECE_BINS) 
     # Bin b holds confidences in (b/n, (b+1)/n]; ceil puts an exact edge in the lower bin.
     bins = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
     count = np.bincount(bins, minlength=n_bins)
-    gap = np.abs(
-        np.bincount(bins, weights=correct, minlength=n_bins)
-        - np.bincount(bins, weights=confidence, minlength=n_bins)
-    )
-    return float(gap.sum() / max(count.sum(), 1))
+    hits = np.bincount(bins, weights=correct, minlength=n_bins)
+    conf = np.bincount(bins, weights=confidence, minlength=n_bins)
+    return {
+        "count": count.tolist(),
+        "accuracy": [float(h / c) if c else None for h, c in zip(hits, count, strict=True)],
+        "confidence": [float(f / c) if c else None for f, c in zip(conf, count, strict=True)],
+    }
+
+
+def expected_calibration_error(probs: Any, labels: Any, n_bins: int = ECE_BINS) -> float:
+    """ECE: the bins' |accuracy - confidence| weighted by their share of the samples."""
+    return _ece(reliability(probs, labels, n_bins))
+
+
+def _ece(bins: dict[str, list]) -> float:
+    total = sum(bins["count"])
+    gaps = [
+        n * abs(a - c)
+        for n, a, c in zip(bins["count"], bins["accuracy"], bins["confidence"], strict=True)
+        if n
+    ]
+    return float(sum(gaps) / max(total, 1))
 
 
 def summarize(probs: Any, labels: Any, train_counts: Any) -> dict[str, Any]:
-    """Top-1, shot groups, per-class accuracy, positive predictions and ECE of ``probs``."""
+    """Top-1, shot groups, per-class accuracy, positive predictions, ECE and the reliability
+    bins of ``probs``."""
     probs = _numpy(probs)
     num_classes = probs.shape[1]
     preds = probs.argmax(1)
     class_acc = per_class_accuracy(preds, labels, num_classes)
+    bins = reliability(probs, labels)
     return {
         "top1": top1(preds, _numpy(labels)),
         **group_accuracy(class_acc, train_counts),
         "per_class": [None if np.isnan(a) else float(a) for a in class_acc],
         "positive_predictions": positive_predictions(preds, num_classes).tolist(),
-        "ece": expected_calibration_error(probs, labels),
+        "ece": _ece(bins),
+        "reliability": bins,
     }

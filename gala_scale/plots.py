@@ -141,3 +141,22 @@ def comparison(train_counts, per_class: dict[str, list], path: Path) -> None:
     ax.set_title("Per-class test accuracy against training count")
     path.parent.mkdir(parents=True, exist_ok=True)
     _save(fig, path)
+
+
+def reliability(variants: dict[str, dict], path: Path) -> None:
+    """Reliability diagram: each variant's accuracy against its mean confidence per confidence
+    bin (metrics.reliability), the diagonal of a calibrated model, and its ECE in the legend."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="calibrated")
+    for (name, summary), marker in zip(variants.items(), itertools.cycle("os^vD"), strict=False):
+        bins = summary["reliability"]
+        kept = [(c, a) for c, a in zip(bins["confidence"], bins["accuracy"], strict=True) if c]
+        ax.plot(
+            *zip(*kept, strict=True), marker + "-", ms=4, label=f"{name} (ECE {summary['ece']:.3f})"
+        )
+    ax.set_xlabel("confidence (mean of a bin)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, loc="upper left")
+    _save(fig, path)

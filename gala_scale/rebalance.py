@@ -17,7 +17,7 @@ Every function takes numpy arrays or torch tensors and returns the same kind.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ from gala_scale import metrics
 
 Array = Any  # np.ndarray | torch.Tensor
 ROW_SUM_ATOL = 1e-3
+TAUS = tuple(float(t) for t in np.round(np.linspace(0.0, 2.0, 21), 2))
 
 
 def _is_torch(x: Array) -> bool:
@@ -116,24 +117,51 @@ def transductive(probs: Array, tau: float = 1.0) -> Array:
     return _normalise_by(probs, _fill_zero_mass(probs.sum(0)), tau)
 
 
+def best_tau(
+    labels: np.ndarray,
+    predict: Callable[[float], np.ndarray],
+    taus: Sequence[float] = TAUS,
+) -> float:
+    """The tau in ``taus`` whose predictions ``predict(tau)`` give the best class-balanced
+    accuracy on ``labels``. Use a validation split, never the reported test split. Ties go to
+    the smallest tau."""
+    labels = np.asarray(labels)
+    best, best_acc = 0.0, -1.0
+    for tau in taus:
+        preds = np.asarray(predict(float(tau)))
+        acc = float(np.nanmean(metrics.per_class_accuracy(preds, labels, int(labels.max()) + 1)))
+        if acc > best_acc + 1e-12:
+            best, best_acc = float(tau), acc
+    return best
+
+
 def fit_tau(
     probs: np.ndarray,
     labels: np.ndarray,
     scales: np.ndarray | None = None,
-    taus: Sequence[float] = tuple(np.round(np.linspace(0.0, 2.0, 21), 2)),
+    taus: Sequence[float] = TAUS,
 ) -> float:
-    """The tau in ``taus`` whose re-balancing gives the best class-balanced accuracy.
-
-    Use a validation split (the one ``scales`` was fitted on), never the reported test split.
-    Ties go to the smallest tau.
-    """
+    """The PN tau (:func:`best_tau`) for ``scales`` (fitted on ``probs`` when None)."""
     probs = np.asarray(probs, dtype=np.float64)
-    labels = np.asarray(labels)
     scales = fit(probs) if scales is None else np.asarray(scales, dtype=np.float64)
-    best_tau, best_acc = 0.0, -1.0
-    for tau in taus:
-        preds = apply(probs, scales, float(tau)).argmax(1)
-        acc = float(np.nanmean(metrics.per_class_accuracy(preds, labels, probs.shape[1])))
-        if acc > best_acc + 1e-12:
-            best_tau, best_acc = float(tau), acc
-    return best_tau
+    return best_tau(labels, lambda tau: apply(probs, scales, tau).argmax(1), taus)
+
+
+def prior(class_counts: Sequence[int]) -> np.ndarray:
+    """The training label distribution: the scales of post-hoc logit adjustment.
+
+    ``apply(probs, prior(counts), tau)`` is ``softmax(z - tau log pi)`` (Menon et al.): PN's
+    formula with the training prior in place of the model's own mean prediction."""
+    counts = np.asarray(class_counts, dtype=np.float64)
+    if counts.ndim != 1 or not (counts > 0).all():
+        raise ValueError("post-hoc logit adjustment needs a count > 0 for every class")
+    return counts / counts.sum()
+
+
+def tau_normalised(features: Array, weight: Array, tau: float) -> Array:
+    """Logits of the tau-normalised classifier (Kang et al.): each class vector divided by its
+    norm to the power tau, the bias left out; tau 0 is the plain dot product, 1 the cosine's
+    direction. ``features`` (B, D), ``weight`` (K, D)."""
+    if _is_torch(weight):
+        return features @ (weight / weight.norm(dim=1, keepdim=True) ** tau).T
+    return features @ (weight / np.linalg.norm(weight, axis=1, keepdims=True) ** tau).T

@@ -6,11 +6,14 @@ import csv
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from gala_scale import dist, metrics, plots, publish, rebalance
 from gala_scale.checkpoint import TrainState, save_weights
 from gala_scale.engine import predict
+from gala_scale.models.pretrained import PretrainedError, head_module
 from gala_scale.run import Run
 from gala_scale.runlog import RunLog
 
@@ -55,8 +58,8 @@ def _load_best(run: Run, state: TrainState) -> bool:
 
 
 def finish(run: Run, state: TrainState, guard) -> bool:
-    """Final weights, then the best-on-val model tested plain, with PN scales fitted on val,
-    and with the paper's transductive PN; writes results.json, pn.json and the plots.
+    """Final weights, then the best-on-val model tested plain and with each post-hoc option
+    (:func:`_score`); writes results.json, pn.json and the plots.
 
     Probabilities, PN and metrics live on the main process only. Returns False, having written
     no results, when a stop was requested meanwhile (checked between phases): the caller
@@ -68,36 +71,58 @@ def finish(run: Run, state: TrainState, guard) -> bool:
     used_best = _load_best(run, state)
     if run.loaders.test is None:
         return True
+    head = _linear_head(run)
     val = None
     if run.loaders.val is not None:
         if guard.stop_requested():
             return False
-        val = predict(run.parts.eval_model, run.loaders.val.epoch(0))
+        val = predict(run.parts.eval_model, run.loaders.val.epoch(0), head)
     if guard.stop_requested():
         return False
-    probs, labels = predict(run.parts.eval_model, run.loaders.test.epoch(0))
+    test = predict(run.parts.eval_model, run.loaders.test.epoch(0), head)
     if acc.is_main_process:
-        results, scales, tau = _score(run, probs, labels, val)
+        results, scales, tau = _score(run, test, val, head)
         results.update(weights="best" if used_best else "final", best_epoch=state.best_epoch)
         _write(run, results, scales, tau)
     return True
 
 
-def _score(run: Run, probs, labels, val):
-    scales, tau = None, run.cfg.pn.tau
+def _linear_head(run: Run) -> nn.Linear | None:
+    """The model's linear classifier (its weights for tau-norm), or None for any other head."""
+    model = run.accelerator.unwrap_model(run.parts.eval_model)
+    try:
+        head = model if isinstance(model, nn.Linear) else head_module(model)
+    except PretrainedError:
+        return None
+    return head if isinstance(head, nn.Linear) else None
+
+
+def _score(run: Run, test: tuple, val: tuple | None, head: nn.Linear | None):
+    """Test results of each variant: plain; PN with scales and tau fitted on val; the paper's
+    transductive PN; post-hoc logit adjustment and the tau-normalised classifier, each with its
+    tau fitted on val (Run.cfg.pn.tau where there is no val split)."""
+    probs, labels = test[0], test[1]
+    counts, scales, tau = run.class_counts, None, run.cfg.pn.tau
+    variants = {"plain": probs}
     if val is not None:
         scales = rebalance.fit(val[0])
         if run.cfg.pn.fit_tau:
             tau = rebalance.fit_tau(val[0], val[1], scales)
-    test = {"plain": metrics.summarize(probs, labels, run.class_counts)}
-    if scales is not None:
-        test[f"PN, val scales, tau {tau:g}"] = metrics.summarize(
-            rebalance.apply(probs, scales, tau), labels, run.class_counts
-        )
-    test[f"PN, transductive on test, tau {tau:g}"] = metrics.summarize(
-        rebalance.transductive(probs, tau), labels, run.class_counts
-    )
-    return {"test_samples": len(labels), "tau": tau, "test": test}, scales, tau
+        variants[f"PN, val scales, tau {tau:g}"] = rebalance.apply(probs, scales, tau)
+    variants[f"PN, transductive on test, tau {tau:g}"] = rebalance.transductive(probs, tau)
+    if val is not None:
+        prior = rebalance.prior(counts)
+        t = rebalance.best_tau(val[1], lambda t: rebalance.apply(val[0], prior, t).argmax(1))
+        variants[f"post-hoc LA, val tau {t:g}"] = rebalance.apply(probs, prior, t)
+        if head is not None:
+            weight = head.weight.detach().float().cpu().numpy()
+            t = rebalance.best_tau(
+                val[1], lambda t: rebalance.tau_normalised(val[2], weight, t).argmax(1)
+            )
+            logits = torch.from_numpy(rebalance.tau_normalised(test[2], weight, t))
+            variants[f"tau-norm, val tau {t:g}"] = torch.softmax(logits, 1).numpy()
+    results = {k: metrics.summarize(v, labels, counts) for k, v in variants.items()}
+    return {"test_samples": len(labels), "tau": tau, "test": results}, scales, tau
 
 
 def _write_per_class(run: Run, results: dict, path: Path) -> None:
@@ -155,6 +180,7 @@ def _write(run: Run, results: dict, scales, tau: float) -> None:
         pn["positive_predictions"],
         run_dir / "plots" / "positive_predictions.png",
     )
+    plots.reliability(results["test"], run_dir / "plots" / "reliability.png")
     history = RunLog(run_dir, False, 0).ledger_history()
     if history is not None:
         plots.ledger(history, run.class_counts, run_dir / "plots" / "ledger.png")

@@ -69,7 +69,14 @@ VARIANTS = {
     "gala_reference_sos": ["loss.name=gala", "loss.variant=reference", "loss.ledger=sum_of_sums"],
     "gala_paper_sos": ["loss.name=gala", "loss.variant=paper", "loss.ledger=sum_of_sums"],
 }
-PN_NAMES = ("plain", "PN (val scales)", "PN (transductive, paper's protocol)")
+# The table's name of each post-hoc variant, by the start of its key in results.json.
+PN_NAMES = {
+    "plain": "plain",
+    "PN, val scales": "PN (val scales)",
+    "PN, transductive": "PN (transductive, paper's protocol)",
+    "post-hoc LA": "post-hoc LA (val tau)",
+    "tau-norm": "tau-norm (val tau)",
+}
 
 
 def _factor(args: argparse.Namespace) -> int:
@@ -263,11 +270,12 @@ def _summary(run: tuple[str, int], args: argparse.Namespace, code: int, seconds:
 
 def _test_results(res: dict, per_class: bool) -> dict:
     """A run's test figures under :data:`PN_NAMES`, optionally with the per-class accuracies."""
-    keys = ("top1", "many", "medium", "few") + (("per_class",) if per_class else ())
-    return {
-        pn: {k: res["test"][key][k] for k in keys}
-        for pn, key in zip(PN_NAMES, res["test"], strict=True)
-    }
+    keys = ("top1", "many", "medium", "few", "ece") + (("per_class",) if per_class else ())
+    out = {}
+    for key, figures in res["test"].items():
+        (name,) = [n for start, n in PN_NAMES.items() if key.startswith(start)]
+        out[name] = {k: figures[k] for k in keys if k in figures}
+    return out
 
 
 def _cell(values: list) -> str:
@@ -286,15 +294,17 @@ def tables(raw: dict, file: str = "") -> list[str]:
     seeds = raw["seeds"]
     file = file or f"{raw['name']}_{raw['epochs']}ep.json"
     rows = [
-        "| loss | seeds | PN | overall | many | medium | few |",
-        "|---|---|---|---|---|---|---|",
+        "| loss | seeds | post-hoc | overall | many | medium | few | ECE |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, by_seed in raw["runs"].items():
         mine = sorted(by_seed, key=int)
-        for pn in PN_NAMES:
+        for pn in PN_NAMES.values():
+            if not all(pn in by_seed[seed]["test"] for seed in mine):
+                continue  # a variant that runs of an earlier version did not score
             cells = [
-                _cell([by_seed[seed]["test"][pn][k] for seed in mine])
-                for k in ("top1", "many", "medium", "few")
+                _cell([by_seed[seed]["test"][pn].get(k) for seed in mine])
+                for k in ("top1", "many", "medium", "few", "ece")
             ]
             rows.append(f"| {name} | {', '.join(mine)} | {pn} | " + " | ".join(cells) + " |")
     spread = "a cell over several seeds is their mean ± sample std" if len(seeds) > 1 else ""
@@ -354,7 +364,7 @@ def _report(args, raw: dict) -> None:
     curves = {f"{n} (plain)": mean_curve(r, "plain") for n, r in raw["runs"].items()}
     for name in ("gala_reference", "gala_counts"):
         if name in raw["runs"]:
-            curves[f"{name} + PN"] = mean_curve(raw["runs"][name], PN_NAMES[1])
+            curves[f"{name} + PN"] = mean_curve(raw["runs"][name], PN_NAMES["PN, val scales"])
     plots.comparison(raw["train_class_counts"], curves, image)
     stored = args.report.parent / "results" / f"{raw['name']}_{raw['epochs']}ep.json"
     stored.parent.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,8 @@ def test_main_job_end_to_end(tmp_path):
     proc = run_module("gala_scale.quickstart", *args, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     table = proc.stdout[proc.stdout.index("== results") :]
-    rows = {line[:44].strip(): line[44:].split() for line in table.splitlines()[4:11]}
-    assert len(rows) == 7 and "GALA served (ONNX, stored PN scales)" in rows
+    rows = {line[:44].strip(): line[44:].split() for line in table.splitlines()[4:15]}
+    assert len(rows) == 11 and "GALA served (ONNX, stored PN scales)" in rows
     # The served model with its stored scales scores what the trainer measured for it.
     assert rows["GALA served (ONNX, stored PN scales)"] == rows["GALA: PN, val scales, tau 1"]
     assert (out / "comparison.png").stat().st_size > 1000
@@ -74,7 +74,8 @@ def test_reproduce_builds_trains_and_reports_under_the_factor_used(tmp_path):
         assert "ledger_init: counts" in (run / "config.yaml").read_text()
     ce = summary["runs"]["ce/seed0"]
     assert ce["exit"] == 0 and ce["epochs_done"] == 1
-    assert len(ce["test"]) == 3 and 0 <= ce["test"]["plain"]["top1"] <= 1
+    assert len(ce["test"]) == 5 and 0 <= ce["test"]["plain"]["top1"] <= 1
+    assert set(ce["test"]) >= {"post-hoc LA (val tau)", "tau-norm (val tau)"}
     # The raw figures behind the table, and the table regenerated from them alone.
     raw = json.loads((report.parent / "results" / "cifar10_lt_if10_1ep.json").read_text())
     assert raw["seeds"] == [0, 1] and raw["val_from"] == "reserved"

@@ -146,6 +146,10 @@ def test_expected_calibration_error():
     # Two bins: 0.6-confident and right (gap 0.4), 0.95-confident and wrong (gap 0.95).
     probs = np.array([[0.6, 0.4], [0.05, 0.95]])
     assert metrics.expected_calibration_error(probs, np.array([0, 0])) == pytest.approx(0.675)
+    bins = metrics.reliability(probs, np.array([0, 0]), n_bins=10)
+    assert bins["count"] == [0] * 5 + [1, 0, 0, 0, 1]
+    assert bins["accuracy"][5] == 1.0 and bins["accuracy"][9] == 0.0 and bins["accuracy"][0] is None
+    assert bins["confidence"][5] == pytest.approx(0.6) and bins["confidence"][9] == 0.95
 
 
 def test_summarize_reports_everything():
@@ -159,7 +163,10 @@ def test_summarize_reports_everything():
         "per_class",
         "positive_predictions",
         "ece",
+        "reliability",
     }
+    bins = summary["reliability"]
+    assert sum(bins["count"]) == len(labels) and len(bins["accuracy"]) == metrics.ECE_BINS
     assert summary["many"] == pytest.approx(summary["per_class"][0])
     assert sum(summary["positive_predictions"]) == len(labels)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
@@ -180,3 +187,38 @@ def test_the_servers_shot_accuracy_is_the_trainers():
     assert served == pytest.approx(
         {"top1": metrics.top1(preds, labels), **metrics.group_accuracy(class_acc, counts)}
     )
+
+
+def test_post_hoc_logit_adjustment_is_softmax_of_logits_minus_tau_log_prior():
+    rng = np.random.default_rng(3)
+    logits, counts = rng.normal(size=(7, 4)), [500, 120, 30, 5]
+    probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
+    for tau in (0.0, 0.5, 1.0, 1.7):
+        got = rebalance.apply(probs, rebalance.prior(counts), tau)
+        for b in range(7):  # per sample, from the definition
+            z = logits[b] - tau * np.log(np.asarray(counts) / sum(counts))
+            np.testing.assert_allclose(got[b], np.exp(z) / np.exp(z).sum(), rtol=1e-9)
+    with pytest.raises(ValueError, match="count > 0 for every class"):
+        rebalance.prior([3, 0, 2])
+
+
+def test_tau_normalised_classifier_divides_each_class_vector_by_its_norm_to_tau():
+    rng = np.random.default_rng(4)
+    features, weight = rng.normal(size=(5, 3)), rng.normal(size=(4, 3)) * [[9], [3], [1], [0.2]]
+    for tau in (0.0, 0.5, 1.0):
+        got = rebalance.tau_normalised(features, weight, tau)
+        for b, k in np.ndindex(5, 4):
+            want = sum(features[b, d] * weight[k, d] for d in range(3))
+            assert got[b, k] == pytest.approx(want / np.sqrt((weight[k] ** 2).sum()) ** tau)
+    as_torch = rebalance.tau_normalised(torch.from_numpy(features), torch.from_numpy(weight), 1.0)
+    np.testing.assert_allclose(as_torch.numpy(), rebalance.tau_normalised(features, weight, 1.0))
+
+
+def test_best_tau_maximises_class_balanced_accuracy_and_prefers_the_smallest_on_ties():
+    labels = np.array([0, 0, 0, 1, 2])
+    # tau 0 predicts the head for everything (1 of 3 classes right); tau >= 0.6 gets all.
+    preds = {0.0: [0, 0, 0, 0, 0], 0.3: [0, 0, 0, 1, 0], 0.6: [0, 0, 0, 1, 2]}
+    assert (
+        rebalance.best_tau(labels, lambda t: np.array(preds[min(t, 0.6)]), (0, 0.3, 0.6, 1)) == 0.6
+    )
+    assert rebalance.best_tau(labels, lambda t: np.zeros(5, int), (0.5, 1.0)) == 0.5

@@ -110,10 +110,16 @@ def test_single_process_run_directory(shards, reference):
         assert (checkpoint / name).is_file(), name
     assert json.loads((checkpoint / "train_state.json").read_text())["epoch"] == 3
     assert set(weights(run_dir, "best")) == set(weights(run_dir, "final"))  # safetensors, no pickle
-    for plot in ("per_class_accuracy", "positive_predictions", "ledger"):
+    for plot in ("per_class_accuracy", "positive_predictions", "ledger", "reliability"):
         assert (run_dir / "plots" / f"{plot}.png").stat().st_size > 1000
     res = results(run_dir)
-    assert set(res["test"]) == {"plain", "PN, val scales, tau 1", "PN, transductive on test, tau 1"}
+    fixed = ["plain", "PN, val scales, tau 1", "PN, transductive on test, tau 1"]
+    assert list(res["test"])[:3] == fixed and len(res["test"]) == 5
+    assert [k.rsplit(" ", 1)[0] for k in list(res["test"])[3:]] == [
+        "post-hoc LA, val tau",
+        "tau-norm, val tau",
+    ]
+    assert all(0 <= v["ece"] <= 1 for v in res["test"].values())
     with open(run_dir / "per_class.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["class"]) for r in rows] == list(range(6))
