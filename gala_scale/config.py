@@ -170,6 +170,9 @@ class Stage2Config:
     sampler: str = _f("instance", "instance | class_balanced | sqrt (class drawn as sqrt(count))")
     reset_head: bool = _f(True, "start from a fresh classifier (false: the backbone's own)")
     cache: str = _f("", "feature cache folder ('' = <from_run or run_dir>/features)")
+    standardize: bool = _f(
+        True, "train on features standardised per dimension (folded into the head at export)"
+    )
 
 
 @dataclass

@@ -10,7 +10,7 @@ from train_helpers import debug_overrides, explain, ledger, results, run_single
 
 from gala_scale.data import PAD_LABEL
 from gala_scale.export import export
-from gala_scale.stage2 import FeatureLoader
+from gala_scale.stage2 import FeatureLoader, Standardized, feature_statistics
 
 LABELS = np.repeat(np.arange(4), [64, 16, 8, 2])  # 90 samples, imbalance 32
 
@@ -79,7 +79,11 @@ def test_stage2_of_a_run_caches_features_once_and_exports_on_the_backbone(stage1
     stamps = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
     train0 = np.load(cache / "train_view0.features.npy")
     assert train0.dtype == np.float16 and train0.shape == (256, 32)  # the tiny model's 32
-    assert set(load_file(gala / "final" / "model.safetensors")) == {"weight", "bias"}
+    trained = load_file(gala / "final" / "model.safetensors")  # standardised by default
+    assert set(trained) == {"fc.weight", "fc.bias", "mean", "std"}
+    np.testing.assert_allclose(
+        trained["mean"].numpy(), train0.astype(np.float64).mean(0), atol=1e-3
+    )
     assert ledger(gala)["theta"].sum() > 0 and "test" in results(gala)
     assert (gala / "plots" / "ledger.png").is_file()
 
@@ -109,3 +113,29 @@ def test_stage2_of_a_pretrained_file_caches_in_its_own_run(stage1, tmp_path):
     assert (version / "test.features.npy").is_file()
     proc = run_single(stage2_args(shards, tmp_path / "bad", "stage2.from_run=/nonexistent"))
     assert proc.returncode == 2 and "/nonexistent/final/model.safetensors: missing" in proc.stderr
+
+
+def test_standardized_classifier_folds_into_one_linear_layer_on_raw_features():
+    rng = np.random.default_rng(0)
+    features = (rng.normal(size=(300, 5)) * [1, 10, 100, 0.01, 3] + [5, -2, 40, 0, 1]).astype(
+        np.float16
+    )
+    features[:, 3] = 7  # a constant dimension: std 1, not a division by zero
+    mean, std = feature_statistics(features, rows=64)  # in blocks, as from a memory map
+    exact = features.astype(np.float64)
+    np.testing.assert_allclose(mean.numpy(), exact.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(std.numpy(), np.where(exact.std(0) > 0, exact.std(0), 1), rtol=1e-4)
+    torch.manual_seed(0)
+    model = Standardized(torch.nn.Linear(5, 4), mean, std)
+    x = torch.from_numpy(features.astype(np.float32))
+    standardised = (x - x.mean(0)) / torch.where(
+        x.std(0, unbiased=False) > 0, x.std(0, unbiased=False), 1
+    )
+    torch.testing.assert_close(model(x), model.fc(standardised), atol=1e-4, rtol=1e-4)
+    folded = model.folded()
+    assert isinstance(folded, torch.nn.Linear)
+    torch.testing.assert_close(folded(x), model(x), atol=1e-3, rtol=1e-4)
+    # And back: a raw head (stage2.reset_head: false) unfolded computes what it computed.
+    raw = torch.nn.Linear(5, 4)
+    model.unfold_(raw)
+    torch.testing.assert_close(model(x), raw(x), atol=1e-3, rtol=1e-4)

@@ -1,0 +1,69 @@
+"""The full-batch L-BFGS solve that stage 2's convergence is checked against."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gala_scale import convex
+
+
+def long_tailed_features(counts, dim=6, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(len(counts), dim)) * 2
+    labels = np.repeat(np.arange(len(counts)), counts)
+    scale = [50, 0.1, 1, 1, 5, 1][:dim]  # dimensions on very different scales
+    features = (centres[labels] + rng.normal(size=(len(labels), dim)) * 1.5) * scale
+    return features.astype(np.float16), labels
+
+
+@pytest.mark.parametrize("loss", ["ce", "balanced_softmax"])
+def test_the_solve_is_a_stationary_point_of_loss_plus_weight_decay(loss):
+    features, labels = long_tailed_features([200, 60, 15])
+    x64 = torch.from_numpy(features.astype(np.float64))
+    model = convex.solve(x64, labels, loss, weight_decay=1e-2)
+    fc = model.fc.double()
+    x = (x64 - model.mean.double()) / model.std.double()
+    criterion = convex.loss_of(loss, [200, 60, 15])
+    y = torch.from_numpy(labels)
+
+    def objective(weight, bias):
+        logits = x @ weight.T + bias
+        return criterion(logits, y).double() + 1e-2 / 2 * weight.pow(2).sum()
+
+    weight = fc.weight.detach().clone().requires_grad_(True)
+    bias = fc.bias.detach().clone().requires_grad_(True)
+    best = objective(weight, bias)
+    best.backward()
+    assert weight.grad.abs().max() < 1e-5 and bias.grad.abs().max() < 1e-5
+    for seed in range(5):  # and no nearby point is lower
+        g = torch.Generator().manual_seed(seed)
+        w = weight.detach() + 1e-2 * torch.randn(weight.shape, generator=g, dtype=torch.float64)
+        assert objective(w, bias.detach()) > best.detach()
+
+
+def test_cli_scores_each_loss_and_a_run_against_the_solve_of_its_loss(tmp_path, capsys):
+    cache = tmp_path / "features" / "v"
+    cache.mkdir(parents=True)
+    train = long_tailed_features([300, 60, 10], seed=1)
+    test = long_tailed_features([50, 50, 50], seed=2)
+    for name, (x, y) in (("train_view0", train), ("test", test)):
+        np.save(cache / f"{name}.features.npy", x)
+        np.save(cache / f"{name}.labels.npy", y)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 0\nloss:\n  name: balanced_softmax\n  tau: 1.0\n")
+    (run / "results.json").write_text(json.dumps({"test": {"plain": {"top1": 0.5}}}))
+    assert convex.main(["--features", str(cache), "--run", str(run)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    solved = out["lbfgs"]
+    assert set(solved) == {"ce", "balanced_softmax"} and 0 < solved["ce"]["top1"] <= 1
+    # The prior correction moves accuracy from the head class to the rarest.
+    assert solved["balanced_softmax"]["few"] > solved["ce"]["few"]
+    assert out["runs"][str(run)]["minus_lbfgs"] == pytest.approx(
+        0.5 - solved["balanced_softmax"]["top1"]
+    )
+    with pytest.raises(SystemExit):
+        convex.main(["--features", str(tmp_path)])
+    assert "no train_view0.features.npy" in capsys.readouterr().err
