@@ -160,3 +160,31 @@ def reliability(variants: dict[str, dict], path: Path) -> None:
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7, loc="upper left")
     _save(fig, path)
+
+
+def training_curves(records: list[dict], path: Path) -> None:
+    """The training loss (global mean an epoch) and, where scored, val top-1 and class-balanced
+    accuracy against the epoch: where a run has flattened and where it still moves."""
+    train = [r for r in records if r.get("type") == "train"]
+    val = [r for r in records if r.get("type") == "val"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["epoch"] + 1 for r in train], [r["loss"] for r in train], "o-", ms=3, label="loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss")
+    if val:
+        twin = ax.twinx()
+        epochs = [r["epoch"] + 1 for r in val]
+        twin.plot(epochs, [r["top1"] for r in val], "s--", ms=3, color="C1", label="val top-1")
+        twin.plot(
+            epochs,
+            [r["mean_class_acc"] for r in val],
+            "^--",
+            ms=3,
+            color="C2",
+            label="val mean class",
+        )
+        twin.set_ylabel("val accuracy")
+        twin.set_ylim(0, 1.02)
+        twin.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper right")
+    _save(fig, path)

@@ -66,6 +66,12 @@ class RunLog:
             }
             self.accelerator.log(numbers, step=record.get("epoch", 0))
 
+    def records(self) -> list[dict]:
+        """Every whole record of ``metrics.jsonl`` (a line a kill cut short is left out)."""
+        path = self.run_dir / METRICS
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [json.loads(line) for line in lines if _epoch(line) < 2**31]
+
     def _ledger_meta(self) -> dict | None:
         path = self.run_dir / LEDGER / LEDGER_META
         return json.loads(path.read_text()) if path.is_file() else None

@@ -110,7 +110,7 @@ def test_single_process_run_directory(shards, reference):
         assert (checkpoint / name).is_file(), name
     assert json.loads((checkpoint / "train_state.json").read_text())["epoch"] == 3
     assert set(weights(run_dir, "best")) == set(weights(run_dir, "final"))  # safetensors, no pickle
-    for plot in ("per_class_accuracy", "positive_predictions", "ledger", "reliability"):
+    for plot in ("per_class_accuracy", "positive_predictions", "ledger", "reliability", "training"):
         assert (run_dir / "plots" / f"{plot}.png").stat().st_size > 1000
     res = results(run_dir)
     fixed = ["plain", "PN, val scales, tau 1", "PN, transductive on test, tau 1"]
