@@ -74,6 +74,10 @@ class ModelConfig:
     bn_eps: float = _f(
         0.0, "timm models: BatchNorm epsilon, 0 = the architecture's (TF weights: 1e-3)"
     )
+    head: str = _f("linear", "classifier head: linear | cosine (normalised, no bias)")
+    cosine_scale: float = _f(
+        0.0, "cosine head: logit scale; 0 = loss.scale, for the losses with one (ldam, gcl)"
+    )
 
 
 def _loss_config() -> type:
@@ -192,6 +196,7 @@ class RunConfig:
 CHOICES = {
     "data.preset": ("auto", "cifar", "imagenet"),
     "model.finetune": ("full", "linear", "last_k"),
+    "model.head": ("linear", "cosine"),
     "model.pretrained_layout": ("", "torchvision", "efficientnet_pytorch"),
     "optim.name": ("sgd", "adamw"),
     "stage2.from_weights": ("final", "best"),
@@ -332,6 +337,20 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
     for key in ("data.mix_prob", "data.mix_switch_prob"):
         if not 0 <= get(cfg, key) <= 1:
             errors.append(f"{key}: must be in [0, 1], got {get(cfg, key)}")
+    if cfg.model.cosine_scale < 0:
+        errors.append(f"model.cosine_scale: must be >= 0, got {cfg.model.cosine_scale}")
+    elif cfg.model.head == "cosine":
+        own = "scale" in losses.spec(cfg.loss.name).options
+        if own and cfg.model.cosine_scale not in (0, cfg.loss.scale):
+            errors.append(
+                f"model.cosine_scale: loss {cfg.loss.name!r} scales the cosines by its "
+                f"loss.scale ({cfg.loss.scale}); leave this 0 or set loss.scale"
+            )
+        elif not own and not cfg.model.cosine_scale:
+            errors.append(
+                f"model.cosine_scale: 0 takes the loss's scale, and loss {cfg.loss.name!r} has "
+                "none (set a scale, e.g. 16, or use ldam, ldam_drw or gcl)"
+            )
     if cfg.stage2.views < 0:
         errors.append(f"stage2.views: must be >= 0, got {cfg.stage2.views}")
     if cfg.stage2.enabled and cfg.data.cutmix:

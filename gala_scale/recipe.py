@@ -17,8 +17,9 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from gala_scale.config import ConfigError, RunConfig
-from gala_scale.losses import Loss, build_loss
+from gala_scale.losses import Loss, build_loss, spec
 from gala_scale.models import create_model, finetune, model_options
+from gala_scale.models.heads import cosine_head
 from gala_scale.models.pretrained import load_pretrained
 
 
@@ -40,6 +41,7 @@ def model(cfg: RunConfig, num_classes: int, say: Callable[[str], None] = print) 
             )
         elif m.pretrained_layout:
             raise ConfigError("model.pretrained_layout: set, but model.pretrained names no file")
+        net = with_head(net, cfg)
         frozen = finetune.apply_policy(net, m.finetune, m.trainable_blocks)
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -47,6 +49,19 @@ def model(cfg: RunConfig, num_classes: int, say: Callable[[str], None] = print) 
         trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
         say(f"finetune {m.finetune}: {trainable:,} parameters train")
     return net
+
+
+def with_head(net: nn.Module, cfg: RunConfig) -> nn.Module:
+    """``net`` with the head ``model.head`` names (its own linear one, or a cosine one)."""
+    return cosine_head(net, *cosine_scale(cfg)) if cfg.model.head == "cosine" else net
+
+
+def cosine_scale(cfg: RunConfig) -> tuple[float, bool]:
+    """The cosine head's scale and whether the loss applies it itself (gala_scale.models.heads):
+    the loss's ``loss.scale`` for a loss that has one, else ``model.cosine_scale``."""
+    if "scale" in spec(cfg.loss.name).options:
+        return cfg.loss.scale, True
+    return cfg.model.cosine_scale, False
 
 
 def loss(cfg: RunConfig, num_classes: int, class_counts: list[int]) -> Loss:

@@ -46,7 +46,9 @@ from gala_scale.config import ConfigError, RunConfig
 from gala_scale.data import PAD_LABEL, create_loader
 from gala_scale.logs import get_logger
 from gala_scale.models import create_model, model_options
+from gala_scale.models.heads import CosineLinear, replace_head
 from gala_scale.models.pretrained import head_module, load_pretrained
+from gala_scale.recipe import cosine_scale
 from gala_scale.run import Loaders
 from gala_scale.shards.tario import sha256
 from gala_scale.stages import augmentation, layout, preset
@@ -193,16 +195,21 @@ def feature_statistics(features: np.ndarray, rows: int = 65536) -> tuple[torch.T
 def classifier(
     cfg: RunConfig, num_classes: int, feature_dim: int, statistics: tuple | None = None
 ) -> nn.Module:
-    """The stage-2 classifier: a fresh linear layer (seeded), or the backbone's own head with
-    ``stage2.reset_head: false``; on standardised features (:class:`Standardized`) when
-    ``statistics`` (mean, std) are given."""
+    """The stage-2 classifier: a fresh linear or cosine layer (``model.head``; seeded), or the
+    backbone's own linear head with ``stage2.reset_head: false``; on standardised features
+    (:class:`Standardized`) when ``statistics`` (mean, std) are given."""
     torch.manual_seed(cfg.seed)
-    fresh = nn.Linear(feature_dim, num_classes)
+    if cfg.model.head == "cosine":
+        fresh = CosineLinear(feature_dim, num_classes, *cosine_scale(cfg))
+    else:
+        fresh = nn.Linear(feature_dim, num_classes)
     model = fresh if statistics is None else Standardized(fresh, *statistics)
     if not cfg.stage2.reset_head:
         head = head_module(backbone(cfg, num_classes))
         if not isinstance(head, nn.Linear) or head.in_features != feature_dim:
             raise ConfigError("stage2.reset_head: false needs the backbone's head to be Linear")
+        if cfg.model.head == "cosine":
+            raise ConfigError("stage2.reset_head: false starts from a linear head, not cosine")
         if statistics is None:
             fresh.load_state_dict(head.state_dict())
         else:
@@ -483,10 +490,11 @@ class FeatureStage:
         """The backbone with the trained classifier in place of its head (a standardised one
         folded into one linear layer on the raw features)."""
         model = backbone(cfg, num_classes)
-        if "mean" in weights:
-            dim = weights["mean"].shape[0]
-            trained = Standardized(nn.Linear(dim, num_classes), weights["mean"], weights["std"])
-            trained.load_state_dict(weights)
-            weights = trained.folded().state_dict()
-        head_module(model).load_state_dict(weights)
-        return model
+        dim = head_module(model).in_features
+        trained = classifier(cfg, num_classes, dim, (torch.zeros(dim), torch.ones(dim)))
+        if "mean" not in weights:  # trained without standardisation
+            trained = trained.fc
+        trained.load_state_dict(weights)
+        if isinstance(trained, Standardized) and isinstance(trained.fc, nn.Linear):
+            trained = trained.folded()
+        return replace_head(model, trained)

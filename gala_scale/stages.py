@@ -138,6 +138,7 @@ class ImageStage:
 
     def trained_model(self, cfg, num_classes, weights) -> nn.Module:
         model = create_model(cfg.model.name, num_classes=num_classes, **model_options(cfg))
+        model = recipe.with_head(model, cfg)
         model.load_state_dict(weights)
         return model
 

@@ -137,7 +137,7 @@ def head_module(model: nn.Module) -> nn.Module:
     """The model's final classifier: timm's ``get_classifier()``, else ``fc``."""
     if hasattr(model, "get_classifier"):
         return model.get_classifier()
-    if isinstance(getattr(model, "fc", None), nn.Linear):
+    if isinstance(getattr(model, "fc", None), nn.Module):  # a linear or cosine head
         return model.fc
     raise PretrainedError(f"{type(model).__name__}: no classifier (get_classifier() or fc)")
 
