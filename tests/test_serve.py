@@ -581,7 +581,7 @@ def test_batcher_serves_coroutines_and_passes_model_errors_on():
 @pytest.mark.slow
 def test_serve_benchmark_prints_its_measurements_as_json_last(artifact):
     args = ["--artifact", str(artifact), "--seconds", "0.3", "--rounds", "2", "--levels", "1", "4"]
-    proc = run_module("gala_serve.bench", *args, "--client-procs", "2", "--providers", "cpu")
+    proc = run_module("gala_serve_bench", *args, "--client-procs", "2", "--providers", "cpu")
     assert proc.returncode == 0, explain(proc)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["provider"] == "CPUExecutionProvider" and set(result["levels"]) == {"1", "4"}
@@ -594,6 +594,32 @@ def test_serve_benchmark_prints_its_measurements_as_json_last(artifact):
     assert result["model_alone"]["batch_gain"] > 0
     assert result["ort_vs_torch_cpu"]["batch64"]["ort_speedup"] > 0
     assert "ort_vs_torch_cuda" not in result  # only when the servers run on CUDA
+
+
+def test_the_server_wheel_holds_gala_serve_and_not_the_benchmark():
+    """serve/pyproject.toml's package discovery, as setuptools runs it, takes gala_serve and
+    nothing of the benchmark (serve/bench), even were it beside gala_serve."""
+    import importlib.util
+
+    import setuptools
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    serve = Path(__file__).resolve().parents[1] / "serve"
+    find = tomllib.loads((serve / "pyproject.toml").read_text())["tool"]["setuptools"]
+    find = find["packages"]["find"]
+    assert find.get("namespaces", True) and find.get("where", ["."]) == ["."], find
+
+    def discover(where: Path) -> list[str]:
+        exclude, include = find.get("exclude", ()), find["include"]
+        return setuptools.find_namespace_packages(str(where), exclude=exclude, include=include)
+
+    packages = discover(serve)
+    assert "gala_serve" in packages, packages
+    assert all(p.split(".")[0] == "gala_serve" for p in packages), packages
+    assert discover(serve / "bench") == []  # the pattern takes no gala_serve_bench
+    modules = {p.stem for p in (serve / "gala_serve").glob("*.py")}
+    assert {"app", "web", "uvicorn_protocol", "batch", "sources", "records"} <= modules
+    assert "bench" not in modules and importlib.util.find_spec("gala_serve.bench") is None
 
 
 @pytest.mark.slow

@@ -28,11 +28,11 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from gala_serve import web
+from gala_serve import uvicorn_protocol
 from gala_serve.batch import main as batch_main
-from gala_serve.batch import split_key
-from gala_serve.bench import flood
 from gala_serve.client import Client
+from gala_serve.sources import split_key
+from gala_serve_bench.flood import flood
 from train_helpers import ENV
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
@@ -288,10 +288,10 @@ def test_an_artifact_whose_crop_does_not_fit_its_graph_is_refused(artifact, tmp_
 def test_the_uvicorn_names_the_server_relies_on_are_in_place_and_pinned():
     import uvicorn
 
-    assert web.uvicorn_mismatches() == []
+    assert uvicorn_protocol.uvicorn_mismatches() == []
     pins = re.findall(r'"uvicorn([=<>!~]=?[^"]*)"', (ROOT / "serve" / "pyproject.toml").read_text())
-    assert pins == [f"=={web.UVICORN_VERSION}"], pins  # exactly, and only once
-    assert uvicorn.__version__ == web.UVICORN_VERSION
+    assert pins == [f"=={uvicorn_protocol.UVICORN_VERSION}"], pins  # exactly, and only once
+    assert uvicorn.__version__ == uvicorn_protocol.UVICORN_VERSION
 
 
 def _renamed_init(self, config, server_state, app_state, _loop=None):
@@ -314,9 +314,11 @@ def test_a_uvicorn_that_moved_a_private_name_is_refused(monkeypatch, target, nam
         monkeypatch.delattr(cls, name)
     else:
         monkeypatch.setattr(cls, name, value)
-    assert any(reported in m for m in web.uvicorn_mismatches()), web.uvicorn_mismatches()
-    with pytest.raises(web.UvicornMismatch, match=reported):
-        web.check_uvicorn()
+    assert any(reported in m for m in uvicorn_protocol.uvicorn_mismatches()), (
+        uvicorn_protocol.uvicorn_mismatches()
+    )
+    with pytest.raises(uvicorn_protocol.UvicornMismatch, match=reported):
+        uvicorn_protocol.check_uvicorn()
 
 
 @pytest.mark.slow

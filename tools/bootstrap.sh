@@ -61,6 +61,10 @@ if [ -f serve/pyproject.toml ]; then
     echo "[bootstrap] gala-serve"
     "${pip[@]}" install -e serve/
 fi
+if [ -f serve/bench/pyproject.toml ]; then
+    echo "[bootstrap] gala-serve-bench (the serving benchmark, not part of the server wheel)"
+    "${pip[@]}" install -e serve/bench/
+fi
 "$venv/bin/python" - "$cuda" <<'PY'
 import importlib.metadata as md
 import sys

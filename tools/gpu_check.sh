@@ -180,7 +180,8 @@ if [ -n "$RUN" ] && has onnxruntime; then
     PROVIDER=cpu
     [ "$CUDA$ORT_CUDA" = 11 ] && PROVIDER=cuda
     step serve 60 bash -c "'$PY' -m gala_scale.export --run '$RUN' --checkpoint last \
-        --out '$WORK/export' >&2 && '$PY' -m gala_serve.bench --artifact '$WORK/export' \
+        --out '$WORK/export' >&2 && PYTHONPATH='$ROOT/serve/bench:$PYTHONPATH' \
+        '$PY' -m gala_serve_bench --artifact '$WORK/export' \
         --providers $PROVIDER ${SERVE[*]}"
 else
     skip serve "no paper run to export, or no onnxruntime"

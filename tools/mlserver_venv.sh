@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The peer of `python -m gala_serve.bench`: MLServer 1.7.1 in a venv of its own (its pins clash
+# The peer of `python -m gala_serve_bench`: MLServer 1.7.1 in a venv of its own (its pins clash
 # with gala-serve's: protobuf, uvicorn, fastapi), with ONNX Runtime for the custom runtime in
 # tools/mlserver_peer/. Usage: bash tools/mlserver_venv.sh [VENV]   (default tools/.mlserver)
 #

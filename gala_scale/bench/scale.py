@@ -204,17 +204,17 @@ def serve(artifact: Path, seconds: float, folder: Path, batch_images: list[int])
     """gala-serve on ``artifact``: latency at concurrency 1 and 32, answer sizes, gala-batch
     on each of ``batch_images`` image counts (its peak RSS shows whether memory grows)."""
     import httpx
-    from gala_serve import bench as serve_bench
+    from gala_serve_bench import load, servers
 
     log = folder / f"server-{artifact.name}.log"
-    proc, port, grpc_port = serve_bench._gala(artifact, 64, "cpu", log)
+    proc, port, grpc_port = servers.gala(artifact, 64, "cpu", log)
     result: dict = {}
     try:
-        serve_bench._wait_ready(proc, port, log, "/v2/models/gala/ready")
-        target = serve_bench.Target("binary", "binary", port)
+        servers.wait_ready(proc, port, log, "/v2/models/gala/ready")
+        target = load.Target("binary", "binary", port)
         for level in (1, 32):
-            lat, sec = serve_bench.load(target, (3, SIDE, SIDE), level, seconds, 1)
-            result[f"c{level}"] = serve_bench._summary(lat, sec)
+            lat, sec = load.load(target, (3, SIDE, SIDE), level, seconds, 1)
+            result[f"c{level}"] = load.summary(lat, sec)
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
         image = _png(0)
         for name, query in (("classify_top5_bytes", ""), ("classify_full_bytes", "&full=1")):

@@ -355,12 +355,12 @@ def _listen(host: str, port: int) -> socket.socket:
 
 async def serve(args: argparse.Namespace) -> int:
     """Listen, load the model (live at once, ready when loaded), serve until SIGTERM/SIGINT."""
-    from gala_serve import grpc_service, web
+    from gala_serve import grpc_service, uvicorn_protocol
 
     service = Service(args)
     try:
-        server = web.server(service)
-    except web.UvicornMismatch as err:  # before a port is taken
+        server = uvicorn_protocol.server(service)
+    except uvicorn_protocol.UvicornMismatch as err:  # before a port is taken
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:

@@ -27,13 +27,9 @@ items again; without ``--resume`` a job starts over.
 from __future__ import annotations
 
 import argparse
-import array
-import contextlib
 import json
-import os
 import resource
 import sys
-import tarfile
 import threading
 import time
 from collections import deque
@@ -44,110 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 import tenacity
 from tritonclient.utils import InferenceServerException
 
 from gala_serve.client import Client, ServerError
 from gala_serve.protocol import top_classes
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-
-
-class BadItem(Exception):
-    """An input item that cannot be sent (no image in its sample, an unreadable file)."""
-
-
-@dataclass
-class Item:
-    id: str
-    label: int | None
-    load: Callable[[], bytes]  # the encoded image; BadItem or OSError when there is none
-
-
-def split_key(name: str) -> tuple[str, str]:
-    """``dir.v2/abc.seg.jpg`` -> (``dir.v2/abc``, ``seg.jpg``): a WebDataset sample's key ends at
-    the first dot of the file name, never at a dot of its folders. The shard tools' own rule
-    (``gala_scale.shards.tario.split_key``), mirrored because this package must not import the
-    training one (torch); tests/test_serve_faults.py holds the two to each other."""
-    slash = name.rfind("/") + 1
-    dot = name.find(".", slash)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
-
-
-def _label(raw: bytes | None) -> int | None:
-    try:
-        return None if raw is None else int(raw)
-    except ValueError:
-        return None
-
-
-def _sample(key: str, parts: dict[str, bytes], ext: str) -> Item:
-    label = _label(parts.get("cls"))
-    data = parts.get(ext)
-    if data is not None:
-        return Item(key, label, lambda: data)
-    problem = f"the sample has no {ext!r} file, only {sorted(parts)}"
-
-    def missing() -> bytes:
-        raise BadItem(problem)
-
-    return Item(key, label, missing)
-
-
-def _from_shards(root: Path, split: str) -> Iterator[Item]:
-    """A shard set's samples, streamed: WebDataset keeps a sample's files next to each other."""
-    manifest = json.loads((root / "manifest.json").read_text())
-    if split not in manifest["splits"]:
-        raise ValueError(f"{root}: no split {split!r}; it has {sorted(manifest['splits'])}")
-    ext = manifest.get("image_ext", "jpg")
-    for shard in manifest["splits"][split]["shards"]:
-        key, parts = None, {}
-        try:
-            with tarfile.open(root / shard["file"]) as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    name, suffix = split_key(member.name)
-                    if name != key and parts:
-                        yield _sample(key, parts, ext)
-                        parts = {}
-                    key = name
-                    parts[suffix] = tar.extractfile(member).read()
-        except tarfile.TarError as err:
-            raise ValueError(f"{root / shard['file']}: not a readable tar ({err})") from err
-        if parts:
-            yield _sample(key, parts, ext)
-
-
-def _from_folder(root: Path, class_names: list[str]) -> Iterator[Item]:
-    index = {name: i for i, name in enumerate(class_names)}
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-        parent = path.parent.name if path.parent != root else None
-        yield Item(str(path.relative_to(root)), index.get(parent), path.read_bytes)
-
-
-def _from_list(path: Path, root: Path) -> Iterator[Item]:
-    with open(path) as lines:
-        for number, line in enumerate(lines, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
-                raise ValueError(f"{path}:{number}: expected '<path> [label]', got {line!r}")
-            image = root / parts[0]
-            yield Item(parts[0], int(parts[1]) if len(parts) == 2 else None, image.read_bytes)
-
-
-def items(source: Path, split: str, class_names: list[str], root: Path | None) -> Iterator[Item]:
-    """The images of ``source``, one at a time."""
-    if (source / "manifest.json").is_file():
-        return _from_shards(source, split)
-    if source.is_dir():
-        return _from_folder(source, class_names)
-    if source.is_file():
-        return _from_list(source, root or source.parent)
-    raise ValueError(f"{source}: not a shard set, an image folder or a list file")
+from gala_serve.records import Output, ResumeError, transductive_predictions
+from gala_serve.sources import BadItem, Item, items
 
 
 def shot_accuracy(preds: np.ndarray, labels: np.ndarray, counts: list[int] | None) -> dict:
@@ -284,111 +183,6 @@ class JobStopped(RuntimeError):
     """The job stopped part way; its records so far are kept for ``--resume``."""
 
 
-class ResumeError(ValueError):
-    """``--resume`` found records that do not belong to this job's input."""
-
-
-class Output:
-    """The job's records so far, in input order: ``.<out>.partial`` (JSON lines) and, with
-    ``--transductive``, ``.<out>.partial.raw`` (K float32 a predicted item). Each record is
-    flushed as it is written, its raw row first, so a job killed at any point leaves whole
-    records (and at least their raw rows) to resume from. Renamed to ``--out`` when done.
-
-    Memory: 16 bytes a predicted item (label and prediction, for the accuracy)."""
-
-    def __init__(self, out: Path, k: int, transductive: bool) -> None:
-        self.out, self.k = out, k
-        self.path = out.with_name(f".{out.name}.partial")
-        self.raw_path = self.path.with_name(self.path.name + ".raw")
-        self.transductive = transductive
-        self.labels, self.preds = array.array("q"), array.array("q")
-        self.written = self.errors = self.resumed = 0
-        self.file = self.raws = None
-
-    @contextlib.contextmanager
-    def writing(self, todo: Iterator[Item], resume: bool) -> Iterator[None]:
-        """Open for :meth:`write`: after the records of an earlier run when ``resume``, taking
-        the items they hold from ``todo`` (read, never sent); else from nothing."""
-        if resume and self.path.is_file():
-            self._reload(todo)
-        else:
-            if self.path.is_file():
-                print(
-                    f"note: starting over; --resume would go on from {self.path}", file=sys.stderr
-                )
-            self.path.write_bytes(b"")
-            self.raw_path.write_bytes(b"")
-        raws = self.raw_path if self.transductive else os.devnull
-        with open(self.path, "ab") as self.file, open(raws, "ab") as self.raws:
-            yield
-
-    def _reload(self, todo: Iterator[Item]) -> None:
-        end = 0
-        with open(self.path, "rb") as f:
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break  # the last record, cut off by the stop: sent again
-                record = orjson.loads(line)
-                item = next(todo, None)
-                if item is None or item.id != record.get("id"):
-                    raise ResumeError(
-                        f"{self.path}: record {self.written + 1} is {record.get('id')!r}, the "
-                        f"input's item is {item and item.id!r}: the input has changed; run "
-                        "again without --resume"
-                    )
-                self._count(record)
-                end += len(line)
-        os.truncate(self.path, end)
-        if self.transductive:
-            size = len(self.preds) * self.k * 4
-            have = self.raw_path.stat().st_size if self.raw_path.is_file() else 0
-            if have < size:
-                raise ResumeError(
-                    f"{self.raw_path}: {have} bytes, fewer than the {len(self.preds)} "
-                    f"predictions in {self.path} need: run again without --resume"
-                )
-            os.truncate(self.raw_path, size)
-        self.resumed = self.written
-
-    def _count(self, record: dict) -> None:
-        self.written += 1
-        if "error" in record:
-            self.errors += 1
-            return
-        self.labels.append(-1 if record["label"] is None else record["label"])
-        self.preds.append(record["pred"])
-
-    def write(self, record: dict, raw: np.ndarray | None) -> None:
-        if raw is not None and self.transductive:
-            self.raws.write(np.asarray(raw, np.float32).tobytes())
-            self.raws.flush()
-        self.file.write(orjson.dumps(record) + b"\n")
-        self.file.flush()
-        self._count(record)
-
-    def finish(self, tau: float, names: list[str]) -> np.ndarray:
-        """The predictions (transductive ones rewritten into the records); ``--out`` in place,
-        nothing else left."""
-        preds = np.frombuffer(self.preds, np.int64)
-        if self.transductive and len(preds):
-            raw = np.memmap(self.raw_path, np.float32, "r", shape=(len(preds), self.k))
-            preds = transductive_predictions(raw, tau)
-            del raw
-            _rewrite(self.path, preds, names)
-        self.raw_path.unlink(missing_ok=True)
-        os.replace(self.path, self.out)
-        return preds
-
-    def abandon(self) -> bool:
-        """After a stop: keep the records for ``--resume`` if there are any (True), else leave
-        nothing behind."""
-        if self.written:
-            return True
-        self.path.unlink(missing_ok=True)
-        self.raw_path.unlink(missing_ok=True)
-        return False
-
-
 def run(args: argparse.Namespace) -> dict:
     client = Client(args.server, retries=args.retries)
     meta = client.json("GET", f"/v2/models/{args.model_name}")["parameters"]
@@ -432,41 +226,6 @@ def run(args: argparse.Namespace) -> dict:
     if len(labels) and (labels >= 0).all():
         summary.update(shot_accuracy(preds, labels, meta.get("train_class_counts")))
     return summary
-
-
-def transductive_predictions(raw: np.ndarray, tau: float, rows: int = 4096) -> np.ndarray:
-    """The paper's PN over the job: each class's column divided by its total mass^tau, argmax.
-
-    ``raw`` (images, K) is read ``rows`` at a time, so a memory map of it on disk is never
-    loaded whole: iNat's val split is 24,426 x 8,142 floats, 0.8 GB.
-    """
-    mass = np.zeros(raw.shape[1], np.float64)
-    for i in range(0, len(raw), rows):
-        mass += raw[i : i + rows].sum(0, dtype=np.float64)
-    divisor = mass**tau
-    return np.concatenate(
-        [(raw[i : i + rows] / divisor).argmax(1) for i in range(0, len(raw), rows)]
-    )
-
-
-def _rewrite(path: Path, preds: np.ndarray, names: list[str]) -> None:
-    """Put the transductive predictions into the records that have one, a line at a time."""
-    tmp = path.with_name(path.name + ".2")
-    try:
-        with open(path, "rb") as src, open(tmp, "wb") as dst:
-            done = 0
-            for line in src:
-                record = orjson.loads(line)
-                if "error" not in record:
-                    pred = int(preds[done])
-                    record["pred"], record["pred_class"] = pred, names[pred]
-                    done += 1
-                dst.write(orjson.dumps(record) + b"\n")
-        if done != len(preds):
-            raise ValueError(f"{path}: {done} predicted records for {len(preds)} predictions")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -520,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(shown))
     return 0
+
+
+# transductive_predictions lives in gala_serve.records (Output.finish applies it); named here too,
+# with the job, for callers of the job's Python API.
+__all__ = ["JobStopped", "main", "parse_args", "run", "shot_accuracy", "transductive_predictions"]
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The peer server of ``python -m gala_serve.bench``: MLServer serving gala-scale's exported
+"""The peer server of ``python -m gala_serve_bench``: MLServer serving gala-scale's exported
 ONNX graph with ONNX Runtime, the way an MLServer user would (MLServer ships no ONNX runtime:
 this is its custom-runtime interface). Loaded by MLServer from this folder, in its own venv
 (tools/mlserver_venv.sh); nothing of gala-serve is imported."""
