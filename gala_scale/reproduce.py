@@ -1,5 +1,7 @@
 """Reproduce the paper's comparison: CE, logit adjustment, balanced softmax, GALA (eq. 6 and the
-authors' variant), each with and without PN, same data and seed, one table.
+authors' variant) and the field's competitors (focal, class-balanced, LDAM-DRW and GCL on a cosine
+head), each plain and with each post-hoc option (PN, post-hoc logit adjustment, tau-norm), same
+data and seeds, one table.
 
     python -m gala_scale.reproduce --config configs/cifar10_lt_if100.yaml --root <cifar10> \\
         [--epochs 12] [--processes 1] [--out runs/reproduce] [--report docs/results.md]
@@ -27,6 +29,13 @@ is reported as 0. ``--keep FILE`` puts every run of a raw results file (one comm
 data set, epochs, model and training counts are this call's, and trains only the runs it lacks:
 ``--keep docs/results/x.json --seeds 0 1 2`` adds seeds 1 and 2 to a committed seed 0. Each run
 keeps its date in the raw file, and each row of the table says over which seeds it is.
+
+``--in-process`` trains the runs one after another inside this process (the trainer's ``main``
+called for each): a stage-2 sweep on a feature cache, whose runs take seconds, then pays no
+interpreter, import and start-up a run.
+
+    python -m gala_scale.reproduce --config configs/cifar10_lt_if100_lite0.yaml --shards <set> \
+        --in-process --seeds 0 1 2 3 4 --set model.pretrained=<weights>   # every loss, 5 seeds
 
 ``--concurrent`` starts the runs at once (several processes sharing one GPU) instead of
 one after another. ``--time-limit S`` sends SIGTERM to runs still going after S seconds: each
@@ -56,6 +65,7 @@ from gala_scale.config import load_config, shortened
 from gala_scale.launch import train_command
 from gala_scale.shards.manifest import load_manifest
 from gala_scale.shards.sources import VAL_FROM
+from gala_scale.tables import PN_NAMES, tables, variant_results
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -68,14 +78,11 @@ VARIANTS = {
     # The authors' accumulation: the logits take the running sum of the running sum.
     "gala_reference_sos": ["loss.name=gala", "loss.variant=reference", "loss.ledger=sum_of_sums"],
     "gala_paper_sos": ["loss.name=gala", "loss.variant=paper", "loss.ledger=sum_of_sums"],
-}
-# The table's name of each post-hoc variant, by the start of its key in results.json.
-PN_NAMES = {
-    "plain": "plain",
-    "PN, val scales": "PN (val scales)",
-    "PN, transductive": "PN (transductive, paper's protocol)",
-    "post-hoc LA": "post-hoc LA (val tau)",
-    "tau-norm": "tau-norm (val tau)",
+    "focal": ["loss.name=focal"],
+    "class_balanced": ["loss.name=class_balanced"],
+    # LDAM's and GCL's recipes: their losses on a cosine classifier.
+    "ldam_drw": ["loss.name=ldam_drw", "model.head=cosine"],
+    "gcl": ["loss.name=gcl", "model.head=cosine"],
 }
 
 
@@ -175,6 +182,9 @@ def _train_all(args: argparse.Namespace, shards: Path) -> tuple[dict, dict]:
                 print(f"\n== {_label(run)}: finished by an earlier call, kept", flush=True)
                 codes[run], seconds[run] = 0, 0.0
                 continue
+            if args.in_process:
+                codes[run], seconds[run] = _train_here(run, args, shards)
+                continue
             cmd = _command(run, args, shards, args.port + offset)
             print(f"\n== {_label(run)}\n$ {' '.join(cmd)}", flush=True)
             procs[run] = subprocess.Popen(cmd, cwd=ROOT)
@@ -188,6 +198,18 @@ def _train_all(args: argparse.Namespace, shards: Path) -> tuple[dict, dict]:
             for run, code, spent in pool.map(finish, procs.items()):
                 codes[run], seconds[run] = code, spent
     return codes, seconds
+
+
+def _train_here(run: tuple[str, int], args: argparse.Namespace, shards: Path) -> tuple:
+    """``run`` through the trainer's ``main`` in this process (``--in-process``): no
+    interpreter, import or start-up a run, which is most of a stage-2 run's time."""
+    from gala_scale import train
+
+    argv = ["--config", str(args.config), "--resume", "auto", *_run_overrides(run, args, shards)]
+    print(f"\n== {_label(run)} (in this process)\n$ train {' '.join(argv)}", flush=True)
+    start = time.perf_counter()
+    code = train.main(argv)
+    return code, time.perf_counter() - start
 
 
 def _kept(run: tuple[str, int], args: argparse.Namespace) -> dict | None:
@@ -264,62 +286,8 @@ def _summary(run: tuple[str, int], args: argparse.Namespace, code: int, seconds:
     if val:
         out["last_val"] = {k: val[-1][k] for k in ("epoch", "top1", "mean_class_acc")}
     if code == 0 and (run_dir / "results.json").exists():
-        out["test"] = _test_results(json.loads((run_dir / "results.json").read_text()), False)
+        out["test"] = variant_results(json.loads((run_dir / "results.json").read_text()), False)
     return out
-
-
-def _test_results(res: dict, per_class: bool) -> dict:
-    """A run's test figures under :data:`PN_NAMES`, optionally with the per-class accuracies."""
-    keys = ("top1", "many", "medium", "few", "ece") + (("per_class",) if per_class else ())
-    out = {}
-    for key, figures in res["test"].items():
-        (name,) = [n for start, n in PN_NAMES.items() if key.startswith(start)]
-        out[name] = {k: figures[k] for k in keys if k in figures}
-    return out
-
-
-def _cell(values: list) -> str:
-    """Percent, mean +- sample std over seeds when there are several; '-' for an empty group."""
-    if any(v is None for v in values):
-        return "-"
-    pct = [100 * v for v in values]
-    if len(pct) == 1:
-        return f"{pct[0]:.1f}"
-    return f"{statistics.mean(pct):.1f} ± {statistics.stdev(pct):.1f}"
-
-
-def tables(raw: dict, file: str = "") -> list[str]:
-    """The markdown section for one raw results file (what ``--tables`` prints); ``file`` is
-    its name where it was renamed from the ``<name>_<epochs>ep.json`` that reproduce writes."""
-    seeds = raw["seeds"]
-    file = file or f"{raw['name']}_{raw['epochs']}ep.json"
-    rows = [
-        "| loss | seeds | post-hoc | overall | many | medium | few | ECE |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, by_seed in raw["runs"].items():
-        mine = sorted(by_seed, key=int)
-        for pn in PN_NAMES.values():
-            if not all(pn in by_seed[seed]["test"] for seed in mine):
-                continue  # a variant that runs of an earlier version did not score
-            cells = [
-                _cell([by_seed[seed]["test"][pn].get(k) for seed in mine])
-                for k in ("top1", "many", "medium", "few", "ece")
-            ]
-            rows.append(f"| {name} | {', '.join(mine)} | {pn} | " + " | ".join(cells) + " |")
-    spread = "a cell over several seeds is their mean ± sample std" if len(seeds) > 1 else ""
-    return [
-        f"## {raw['name']}, {raw['epochs']} epochs ({raw['model']}, "
-        + (f"seeds {', '.join(map(str, seeds))})" if len(seeds) > 1 else f"seed {seeds[0]})"),
-        "",
-        f"Command: `{raw['command']}`",
-        "",
-        f"Date: {raw['date']}. Machine: {raw['machine']}. Val: {raw['val_from']}. "
-        f"Raw figures: `results/{file}`" + (f"; {spread}" if spread else "") + ".",
-        "",
-        *rows,
-        "",
-    ]
 
 
 def _raw(args, runs: list[tuple[str, int]], seconds: dict, shards: Path, command: str) -> dict:
@@ -334,7 +302,7 @@ def _raw(args, runs: list[tuple[str, int]], seconds: dict, shards: Path, command
         if entry is None:
             res = json.loads((_run_dir(run, args) / "results.json").read_text())
             entry = {"seconds": round(seconds[run], 1), "date": today}
-            entry["test"] = _test_results(res, True)
+            entry["test"] = variant_results(res, True)
         else:
             entry = {"date": args.kept["date"], **entry}
         by_loss.setdefault(run[0], {})[str(run[1])] = entry
@@ -403,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/reproduce"))
     p.add_argument("--report", type=Path, default=Path("runs/reproduce/results.md"))
     p.add_argument("--concurrent", action="store_true", help="run the losses at the same time")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="train every run in this process, one after another (a stage-2 sweep)",
+    )
     p.add_argument("--time-limit", type=float, help="stop (checkpointed) after S seconds")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a config override"
@@ -416,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.config is None:
         p.error("--config is required (or --tables)")
+    if args.in_process and (args.concurrent or args.processes > 1 or args.time_limit):
+        p.error(
+            "--in-process trains one run at a time in one process: no --concurrent, "
+            "--processes > 1 or --time-limit"
+        )
     unknown = set(args.losses.split(",")) - set(VARIANTS)
     if unknown:
         p.error(f"unknown losses {sorted(unknown)}; valid: {', '.join(VARIANTS)}")

@@ -87,6 +87,8 @@ KEY_EXCLUDED = {
     "model.pretrained": "a path: the weights are keyed by their sha256",
     "model.finetune": "which layers stage 1 trains; stage 2 freezes the whole backbone",
     "model.trainable_blocks": "which layers stage 1 trains; stage 2 freezes the whole backbone",
+    "model.head": "the classifier stage 2 trains on the features (they are the head's input)",
+    "model.cosine_scale": "the scale of a cosine classifier trained on the features",
     "loss": "the objective trained on the features",
     "optim": "the optimizer of the training on the features",
     "pn": "fitted on predictions after training",
