@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gala_scale import config, stage2
+from gala_scale import config, features
 from gala_scale.config import load_config
+from gala_scale.features import ensure_cache
 from gala_scale.models.tiny import TinyNet
-from gala_scale.stage2 import ensure_cache
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ BASE = [
 def key_of(inputs, *overrides: str, processes: int = 1, device: str = "cpu") -> dict:
     shards, weights = inputs
     cfg = load_config(overrides=[f"data.shards={shards}", *BASE, *overrides])
-    return stage2.cache_key(cfg, weights, processes, device)
+    return features.cache_key(cfg, weights, processes, device)
 
 
 # Each changes what is extracted: a different loader, decode, preset, augmentation, order,
@@ -128,7 +128,7 @@ def test_weights_shards_processes_and_device_are_keyed_by_what_they_are(inputs, 
     shutil.copytree(shards, moved_shards)
     shutil.copyfile(weights, moved_weights)
     moved = load_config(overrides=[f"data.shards={moved_shards}", *BASE])
-    assert stage2.cache_key(moved, moved_weights, 1, "cpu") == base
+    assert features.cache_key(moved, moved_weights, 1, "cpu") == base
     # Other bytes at the same paths: a miss.
     weights.write_bytes(b"other weights")
     assert key_of(inputs) != base
@@ -150,7 +150,7 @@ def leaves(obj, prefix: str = "") -> dict:
 
 
 def excluded(key: str) -> bool:
-    return any(key == name or key.startswith(f"{name}.") for name in stage2.KEY_EXCLUDED)
+    return any(key == name or key.startswith(f"{name}.") for name in features.KEY_EXCLUDED)
 
 
 def other_values(key: str, value) -> list:
@@ -173,14 +173,14 @@ def test_every_config_field_is_in_the_key_unless_excluded_with_a_reason(inputs, 
     moved = tmp_path / "moved"
     shutil.copytree(shards, moved)
     base = load_config(overrides=[f"data.shards={shards}", *BASE])
-    want = stage2.cache_key(base, weights, 1, "cpu")
+    want = features.cache_key(base, weights, 1, "cpu")
     for key, value in leaves(base).items():
         changed = []
         for other in [str(moved)] if key == "data.shards" else other_values(key, value):
             cfg = load_config(overrides=[f"data.shards={shards}", *BASE])
             section, _, name = key.rpartition(".")
             setattr(config.get(cfg, section) if section else cfg, name, other)
-            changed.append(stage2.cache_key(cfg, weights, 1, "cpu") != want)
+            changed.append(features.cache_key(cfg, weights, 1, "cpu") != want)
         if excluded(key):
             assert not any(changed), f"{key} is excluded from the key but changes it"
         else:
@@ -190,7 +190,7 @@ def test_every_config_field_is_in_the_key_unless_excluded_with_a_reason(inputs, 
 def test_the_exclusions_name_real_fields_with_reasons():
     fields = leaves(config.RunConfig())
     sections = {key.rpartition(".")[0] for key in fields}
-    for name, reason in (stage2.KEY_EXCLUDED | stage2.KEY_RESOLVED).items():
+    for name, reason in (features.KEY_EXCLUDED | features.KEY_RESOLVED).items():
         assert name in fields or name in sections, f"{name}: no such config field or section"
         assert len(reason) > 20, f"{name}: say why it does not shape the features"
 
@@ -203,7 +203,7 @@ def test_a_field_added_to_the_config_later_is_in_the_key_by_default(inputs):
     for blur in (0.0, 0.5):
         cfg = load_config(overrides=[f"data.shards={shards}", *BASE])
         cfg.data = Data(**dataclasses.asdict(cfg.data), blur=blur)
-        keys.append(stage2.cache_key(cfg, weights, 1, "cpu"))
+        keys.append(features.cache_key(cfg, weights, 1, "cpu"))
     assert keys[0] != keys[1]
 
 
@@ -287,7 +287,7 @@ def test_two_runs_computing_the_same_key_at_once_share_one_whole_version(backbon
     """Both check the cache before either has published (a barrier holds each at its first
     batch); both compute; the first to publish wins, the other keeps what is there."""
     cfg, cache = backbone_run
-    barrier, extract = threading.Barrier(2, timeout=120), stage2._extract
+    barrier, extract = threading.Barrier(2, timeout=120), features._extract
     seen: set[int] = set()
 
     def extract_after_both_checked(model, batches):
@@ -296,7 +296,7 @@ def test_two_runs_computing_the_same_key_at_once_share_one_whole_version(backbon
             barrier.wait()
         return extract(model, batches)
 
-    monkeypatch.setattr(stage2, "_extract", extract_after_both_checked)
+    monkeypatch.setattr(features, "_extract", extract_after_both_checked)
     results, errors = [], []
 
     def run() -> None:
@@ -315,6 +315,41 @@ def test_two_runs_computing_the_same_key_at_once_share_one_whole_version(backbon
     folder = results[0]
     assert len(np.load(folder / "train_view1.labels.npy")) == 240
     assert json.loads((folder / "meta.json").read_text())["key"] == json.loads(
-        json.dumps(stage2.cache_key(cfg(), Path(cfg().model.pretrained), 1, "cpu"))
+        json.dumps(features.cache_key(cfg(), Path(cfg().model.pretrained), 1, "cpu"))
     )
     assert [p.name for p in cache.iterdir()] == [folder.name]  # no temporary left
+
+
+def test_a_build_killed_mid_split_goes_on_from_its_last_chunk(backbone_run, monkeypatch):
+    """The first build stops after two chunks of the first split (an exception standing in
+    for a kill: nothing is cleaned up); the second computes only the batches after them, and
+    the published version equals one built in one go."""
+    cfg, cache = backbone_run
+    monkeypatch.setattr(features, "CHUNK_BATCHES", 2)
+    calls, extract = [], features._extract
+
+    def counting(model, batches):
+        batches = list(batches)
+        calls.append(len(batches))
+        if len(calls) == 3 and not resumed:
+            raise KeyboardInterrupt  # mid-way through the first split
+        return extract(model, batches)
+
+    monkeypatch.setattr(features, "_extract", counting)
+    resumed = False
+    with pytest.raises(KeyboardInterrupt):
+        ensure_cache(cfg(), OneProcess(), 6)
+    (partial,) = cache.glob(".*.partial")
+    assert len(list(partial.glob("train_view0.chunk*.npz"))) == 2
+    assert calls[:2] == [2, 2]
+    resumed, calls[:] = True, []
+    folder = ensure_cache(cfg(), OneProcess(), 6)
+    assert not partial.exists() and [p.name for p in cache.iterdir()] == [folder.name]
+    resumed_batches, calls[:] = sum(calls), []
+    fresh = ensure_cache(cfg(f"stage2.cache={cache.parent / 'again'}"), OneProcess(), 6)
+    assert resumed_batches == sum(calls) - 4  # the two chunks kept were not computed again
+    for name in ("train_view0", "train_view1", "val", "test"):
+        for kind in ("features", "labels"):
+            np.testing.assert_array_equal(
+                np.load(folder / f"{name}.{kind}.npy"), np.load(fresh / f"{name}.{kind}.npy")
+            )

@@ -25,7 +25,6 @@ def test_in_process_sweep_trains_every_loss_and_seed_on_one_cache(
     assert all(r["exit"] == 0 and r["epochs_done"] == 3 for r in summary["runs"].values())
     # One feature cache for all eight runs (the cosine heads' included), beside the stage-1 run.
     assert len(set((trained_run / "features").glob("*/meta.json")) - before) <= 1
-    assert len(set((trained_run / "features").glob("*/meta.json"))) == max(1, len(before))
     raw = json.loads((report.parent / "results" / "debug_3ep.json").read_text())
     ce = raw["runs"]["ce"]["0"]["test"]
     assert set(ce) == {
