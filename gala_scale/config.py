@@ -75,6 +75,9 @@ class ModelConfig:
         0.0, "timm models: BatchNorm epsilon, 0 = the architecture's (TF weights: 1e-3)"
     )
     head: str = _f("linear", "classifier head: linear | cosine (normalised, no bias)")
+    head_from: str = _f(
+        "", "a finished stage-2 run whose trained classifier starts this run's head (LP-FT)"
+    )
     cosine_scale: float = _f(
         0.0, "cosine head: logit scale; 0 = loss.scale, for the losses with one (ldam, gcl)"
     )

@@ -84,6 +84,7 @@ KEY_EXCLUDED = {
     "model.finetune": "which layers stage 1 trains; stage 2 freezes the whole backbone",
     "model.trainable_blocks": "which layers stage 1 trains; stage 2 freezes the whole backbone",
     "model.head": "the classifier stage 2 trains on the features (they are the head's input)",
+    "model.head_from": "the head a fine-tuning run starts from; stage 2 trains its own",
     "model.cosine_scale": "the scale of a cosine classifier trained on the features",
     "loss": "the objective trained on the features",
     "optim": "the optimizer of the training on the features",

@@ -13,13 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from gala_scale.config import ConfigError, RunConfig
 from gala_scale.losses import Loss, build_loss, spec
 from gala_scale.models import create_model, finetune, model_options
-from gala_scale.models.heads import cosine_head
+from gala_scale.models.heads import cosine_head, load_head
 from gala_scale.models.pretrained import load_pretrained
 
 
@@ -42,6 +43,17 @@ def model(cfg: RunConfig, num_classes: int, say: Callable[[str], None] = print) 
         elif m.pretrained_layout:
             raise ConfigError("model.pretrained_layout: set, but model.pretrained names no file")
         net = with_head(net, cfg)
+        if m.head_from:
+            path = Path(m.head_from) / "final" / "model.safetensors"
+            if not path.is_file():
+                raise ConfigError(f"model.head_from: {path}: missing (a finished stage-2 run)")
+            try:
+                load_head(net, load_file(path))
+            except RuntimeError as err:  # another shape: another backbone or label space
+                raise ConfigError(
+                    f"model.head_from: {path} does not fit this head: {err}"
+                ) from None
+            say(f"head: the classifier of {m.head_from} (linear probe, then fine-tune)")
         frozen = finetune.apply_policy(net, m.finetune, m.trainable_blocks)
     except ValueError as err:
         raise ConfigError(str(err)) from None

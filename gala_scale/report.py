@@ -91,7 +91,7 @@ def _linear_head(run: Run) -> nn.Linear | None:
     """The model's linear classifier (its weights for tau-norm), or None for any other head."""
     model = run.accelerator.unwrap_model(run.parts.eval_model)
     try:
-        head = model if isinstance(model, nn.Linear) else head_module(model)
+        head = head_module(model)
     except PretrainedError:
         return None
     return head if isinstance(head, nn.Linear) else None

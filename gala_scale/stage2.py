@@ -25,7 +25,7 @@ from torch import nn
 from gala_scale.config import ConfigError, RunConfig
 from gala_scale.data import PAD_LABEL
 from gala_scale.features import backbone, cache_names, ensure_cache, read_split
-from gala_scale.models.heads import CosineLinear, replace_head
+from gala_scale.models.heads import CosineLinear, load_head, replace_head
 from gala_scale.models.pretrained import head_module
 from gala_scale.recipe import cosine_scale
 from gala_scale.run import Loaders
@@ -53,10 +53,8 @@ class Standardized(nn.Module):
         return self.fc((x - self.mean) / self.std)
 
     def folded(self) -> nn.Linear:
-        weight = self.fc.weight.detach() / self.std
-        out = nn.Linear(weight.shape[1], weight.shape[0])
-        out.weight.data.copy_(weight)
-        out.bias.data.copy_(self.fc.bias.detach() - weight @ self.mean)
+        out = nn.Linear(self.fc.in_features, self.fc.out_features)
+        load_head(out, self.state_dict())
         return out
 
     def unfold_(self, raw: nn.Linear) -> None:

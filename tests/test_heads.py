@@ -9,6 +9,7 @@ import pytest
 import torch
 from gala_serve import preprocess
 from PIL import Image
+from safetensors.torch import save_file
 from train_helpers import debug_overrides, explain, results, run_single
 
 from gala_scale import recipe
@@ -98,3 +99,29 @@ def test_a_cosine_head_run_trains_tests_and_exports(
     top1 = float((raw["raw_probabilities"].argmax(1) == np.array(labels)).mean())
     assert len(labels) == results(run_dir)["test_samples"]
     assert top1 == pytest.approx(tests["plain"]["top1"], abs=2 / len(labels))
+
+
+@pytest.mark.parametrize("standardized", [False, True])
+def test_lp_ft_starts_the_head_from_a_stage_2_classifier(tmp_path, standardized):
+    torch.manual_seed(0)
+    fc = torch.nn.Linear(64, 7)  # ResNet-32's 64 features
+    mean, std = torch.randn(64), torch.rand(64) + 0.5
+    if standardized:
+        weights = {"fc.weight": fc.weight, "fc.bias": fc.bias, "mean": mean, "std": std}
+    else:
+        weights = {"weight": fc.weight, "bias": fc.bias}
+    (tmp_path / "final").mkdir()
+    save_file(
+        {k: v.detach().contiguous() for k, v in weights.items()},
+        tmp_path / "final" / "model.safetensors",
+    )
+    said, cfg = [], load_config(None, ["data.shards=x", f"model.head_from={tmp_path}"])
+    net = recipe.model(cfg, 7, said.append)
+    x = torch.randn(3, 64)
+    want = fc((x - mean) / std) if standardized else fc(x)
+    torch.testing.assert_close(net.fc(x), want, atol=1e-4, rtol=1e-4)
+    assert any("linear probe, then fine-tune" in line for line in said)
+    with pytest.raises(ValueError, match=r"model\.head_from: .* does not fit this head"):
+        recipe.model(cfg, 5)
+    with pytest.raises(ValueError, match=r"model\.head_from: .*missing"):
+        recipe.model(load_config(None, ["data.shards=x", "model.head_from=/nonexistent"]), 7)

@@ -65,3 +65,17 @@ def cosine_head(model: nn.Module, scale: float, loss_scales: bool) -> nn.Module:
             f"model.head: cosine needs a linear classifier, found {type(old).__name__}"
         )
     return replace_head(model, CosineLinear(old.in_features, old.out_features, scale, loss_scales))
+
+
+def load_head(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load a classifier's weights into the model's head: a linear head's ``weight``/``bias``, a
+    cosine head's ``weight``, or a stage-2 classifier on standardised features (``fc.*``,
+    ``mean``, ``std``: gala_scale.stage2.Standardized), which a linear head takes folded (the
+    same function of the raw features)."""
+    if "mean" in weights:
+        fc = {k.removeprefix("fc."): v for k, v in weights.items() if k.startswith("fc.")}
+        if "bias" not in fc:
+            raise ValueError("a standardised cosine classifier cannot be folded into one layer")
+        weight = fc["weight"] / weights["std"]
+        weights = {"weight": weight, "bias": fc["bias"] - weight @ weights["mean"]}
+    head_module(model).load_state_dict(weights)

@@ -134,7 +134,10 @@ def classifier_keys(model: nn.Module) -> set[str]:
 
 
 def head_module(model: nn.Module) -> nn.Module:
-    """The model's final classifier: timm's ``get_classifier()``, else ``fc``."""
+    """The model's final classifier: timm's ``get_classifier()``, else ``fc``; a linear layer
+    is its own."""
+    if isinstance(model, nn.Linear):
+        return model
     if hasattr(model, "get_classifier"):
         return model.get_classifier()
     if isinstance(getattr(model, "fc", None), nn.Module):  # a linear or cosine head
