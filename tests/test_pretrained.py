@@ -245,3 +245,12 @@ def test_a_timm_model_and_its_frozen_policy_run_on_cuda_as_on_the_cpu():
     frozen = gpu.bn1.running_mean.clone()
     out_gpu.sum().backward()
     assert gpu.conv_stem.weight.grad is None and torch.equal(gpu.bn1.running_mean, frozen)
+
+
+def test_a_bare_linear_classifier_is_one_group_its_bias_without_decay():
+    head = torch.nn.Linear(8, 3)  # stage 2 without standardisation trains this alone
+    assert layer_groups(head) == [["weight", "bias"]]
+    groups = param_groups(head, 0.1, 5e-4, 0.5, 2.0)
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert decay == {id(head.weight): 5e-4, id(head.bias): 0.0}
+    assert {g["lr"] for g in groups} == {0.2}  # the head: lr x head_lr_scale

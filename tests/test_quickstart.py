@@ -58,7 +58,7 @@ def test_reproduce_builds_trains_and_reports_under_the_factor_used(tmp_path):
     text = report.read_text()
     assert "## cifar10_lt_if10, 1 epochs (tiny, seeds 0, 1)" in text
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert sum(line.startswith(("| ce |", "| gala_counts |")) for line in rows) == 6
+    assert sum(line.startswith(("| ce |", "| gala_counts |")) for line in rows) == 10
     assert (report.parent / "img" / "results_cifar10_lt_if10_1ep.png").stat().st_size > 1000
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["reproduce"] == "cifar10_lt_if10"

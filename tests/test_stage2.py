@@ -68,12 +68,15 @@ def test_stage2_of_a_run_caches_features_once_and_exports_on_the_backbone(stage1
     shards, first = stage1
     gala = tmp_path / "gala"
     args = (f"stage2.from_run={first}", "stage2.views=1", "stage2.sampler=class_balanced")
+    before = set((first / "features").iterdir()) if (first / "features").exists() else set()
     proc = run_single(stage2_args(shards, gala, *args, "loss.name=gala"))
     assert proc.returncode == 0, explain(proc)
     assert "stage2 features: train_view1" in proc.stderr
     versions = sorted((first / "features").iterdir())
-    assert len(versions) == 1  # one version, named by its key's hash; no temporary left
-    cache = versions[0]
+    # One version, named by its key's hash, beside those other tests of the shared run made;
+    # no temporary, partial or lock left.
+    (cache,) = set(versions) - before
+    assert not [p for p in versions if p.name.startswith(".")]
     key = json.loads((cache / "meta.json").read_text())["key"]
     assert key["config"]["stage2.views"] == 1 and len(key["weights_sha256"]) == 64
     stamps = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}

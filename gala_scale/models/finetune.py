@@ -49,6 +49,8 @@ def layer_groups(model: nn.Module) -> list[list[str]]:
             else:
                 groups.append(names)
         in_stem = in_stem and not stage
+    if not groups:  # a module without children (a bare linear classifier): one group
+        groups.append([n for n, _ in model.named_parameters()])
     return groups
 
 
