@@ -221,7 +221,7 @@ def cache_names(cfg: RunConfig) -> list[tuple[str, str, int | None]]:
     d = cfg.data
     names = [("train_view0", d.train_split, None)]
     names += [(f"train_view{v}", d.train_split, v) for v in range(1, cfg.stage2.views + 1)]
-    names += [(split, split, None) for split in (d.val_split, d.test_split) if split]
+    names += [(split, split, None) for split in dict.fromkeys((d.val_split, d.test_split)) if split]
     return names
 
 

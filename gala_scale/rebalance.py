@@ -98,7 +98,10 @@ def fit(probs: Array) -> Array:
 
 
 def _normalise_by(probs: Array, scales: Array, tau: float) -> Array:
-    adjusted = probs / scales**tau
+    # In the probabilities' own dtype: a float64 copy of an 8,142-class matrix costs seconds.
+    adjusted = probs / (scales**tau).astype(probs.dtype) if not _is_torch(probs) else None
+    if adjusted is None:
+        adjusted = probs / scales**tau
     return adjusted / adjusted.sum(1, keepdims=True)
 
 
@@ -142,9 +145,18 @@ def fit_tau(
     taus: Sequence[float] = TAUS,
 ) -> float:
     """The PN tau (:func:`best_tau`) for ``scales`` (fitted on ``probs`` when None)."""
-    probs = np.asarray(probs, dtype=np.float64)
-    scales = fit(probs) if scales is None else np.asarray(scales, dtype=np.float64)
-    return best_tau(labels, lambda tau: apply(probs, scales, tau).argmax(1), taus)
+    check_probs(probs)
+    scales = fit(probs) if scales is None else scales
+    return best_tau(labels, adjusted_argmax(probs, scales), taus)
+
+
+def adjusted_argmax(probs: Array, scales: Array) -> Callable[[float], np.ndarray]:
+    """``tau -> argmax(p / scales^tau)`` per row, for a tau search: the argmax of
+    ``log p - tau log scales``, which renormalising does not change, from one log of ``probs``
+    (a search over 21 taus at iNat's 8,142 classes takes seconds, not minutes)."""
+    log_p = torch.log(torch.as_tensor(np.asarray(probs), dtype=torch.float32).clamp_min(1e-38))
+    log_s = torch.log(torch.as_tensor(np.asarray(scales), dtype=torch.float32))
+    return lambda tau: (log_p - tau * log_s).argmax(1).numpy()
 
 
 def prior(class_counts: Sequence[int]) -> np.ndarray:

@@ -112,7 +112,7 @@ def _score(run: Run, test: tuple, val: tuple | None, head: nn.Linear | None):
     variants[f"PN, transductive on test, tau {tau:g}"] = rebalance.transductive(probs, tau)
     if val is not None:
         prior = rebalance.prior(counts)
-        t = rebalance.best_tau(val[1], lambda t: rebalance.apply(val[0], prior, t).argmax(1))
+        t = rebalance.best_tau(val[1], rebalance.adjusted_argmax(val[0], prior))
         variants[f"post-hoc LA, val tau {t:g}"] = rebalance.apply(probs, prior, t)
         if head is not None:
             weight = head.weight.detach().float().cpu().numpy()

@@ -3,7 +3,7 @@
 A seeded loop: each episode trains a fresh run directory, killing the trainer at instants drawn
 over an uninterrupted run's duration and resuming it with ``--resume auto`` after every kill; after
 ``PER_EPISODE`` kills the next attempt is left to finish. Episodes repeat until
-``GALA_CHAOS_KILLS`` kills (20 in the suite, over four episodes or a few more: most of the
+``GALA_CHAOS_KILLS`` kills (20 in the suite, over three episodes or a few more: most of the
 loop's time goes to kills, not to finishing runs; ``python -m pytest tests/test_chaos.py`` with a
 larger value is the benchmark setting). After every kill ``best/`` and ``final/`` are whole
 wherever they were published before, and every finished episode has the ledger and the test
@@ -25,7 +25,7 @@ from train_helpers import ENV, ROOT, debug_overrides, ranks, results
 
 pytestmark = pytest.mark.slow
 KILLS = int(os.environ.get("GALA_CHAOS_KILLS", "20"))
-PER_EPISODE = 5
+PER_EPISODE = 7
 
 
 def whole(folder) -> bool:

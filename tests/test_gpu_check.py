@@ -38,7 +38,7 @@ def test_dry_run_runs_every_step_and_writes_its_line(tmp_path):
     step = found["step_bench"]
     assert step["ddp"]["images_per_s"] > 0 and step["zero2"]["images_per_s"] > 0
     runs = found["paper_budget"]["runs"]
-    losses = ("ce", "balanced_softmax", "gala_reference", "gala_paper", "gala_reference_sos")
+    losses = ("ce", "gala_paper")  # the dry run's two; the GPU run has five
     assert set(runs) == {f"{loss}/seed0" for loss in losses}
     assert all(r["exit"] == 0 and r["epochs_done"] == 1 and "test" in r for r in runs.values())
     assert json.loads((out / "paper_summary.json").read_text())["runs"] == runs

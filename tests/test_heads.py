@@ -1,23 +1,15 @@
 """The cosine classifier head (model.head: cosine) and where it goes."""
 
-import io
-import json
-
-import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
-from gala_serve import preprocess
-from PIL import Image
 from safetensors.torch import save_file
-from train_helpers import debug_overrides, explain, results, run_single
+from train_helpers import debug_overrides, explain, onnx_test_top1, results, run_single
 
 from gala_scale import recipe
 from gala_scale.config import load_config
 from gala_scale.export import export
 from gala_scale.models.heads import CosineLinear
 from gala_scale.models.pretrained import head_module
-from gala_scale.shards import tario
 
 
 def reference_cosines(x, weight):
@@ -68,37 +60,20 @@ def test_a_scale_the_loss_cannot_give_or_contradicts_is_a_config_error():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage2", [False, True])
-def test_a_cosine_head_run_trains_tests_and_exports(
-    synthetic_shards, trained_run, tmp_path, stage2
-):
-    """LDAM-DRW on a cosine head, from scratch or as stage 2 of a run (standardised features):
-    it finishes, and the ONNX graph export checks against torch is the trained cosine head."""
+def test_a_cosine_head_run_trains_tests_and_exports(synthetic_shards, tmp_path):
+    """LDAM-DRW on a cosine head from scratch: it finishes, and the ONNX graph export checks
+    against torch scores the test images as the trainer did (stage 2 on a cosine head:
+    tests/test_sweep.py)."""
     run_dir = tmp_path / "run"
     extra = ["model.head=cosine", "loss.name=ldam_drw", "train.epochs=2", "optim.warmup_epochs=0"]
-    if stage2:
-        extra += ["stage2.enabled=true", f"stage2.from_run={trained_run}"]
     proc = run_single(debug_overrides(synthetic_shards, run_dir, *extra))
     assert proc.returncode == 0, explain(proc)
     tests = results(run_dir)["test"]
     assert not any(k.startswith("tau-norm") for k in tests)  # no linear weights to normalise
     export(run_dir, tmp_path / "export", "best")  # checks ONNX Runtime against torch
-    # The exported graph scores the test images as the trainer scored them.
-    pre = json.loads((tmp_path / "export" / "artifact.json").read_text())["preprocess"]
-    manifest = json.loads((synthetic_shards / "manifest.json").read_text())
-    x, labels = [], []
-    for shard in manifest["splits"]["test"]["shards"]:
-        for _, files in tario.iter_tar(synthetic_shards / shard["file"]):
-            x.append(preprocess.eval_array(Image.open(io.BytesIO(files["jpg"])), pre))
-            labels.append(int(files["cls"]))
-    session = ort.InferenceSession(
-        str(tmp_path / "export" / "model.onnx"), providers=["CPUExecutionProvider"]
-    )
-    names = [o.name for o in session.get_outputs()]
-    raw = dict(zip(names, session.run(None, {"input": np.stack(x)}), strict=True))
-    top1 = float((raw["raw_probabilities"].argmax(1) == np.array(labels)).mean())
-    assert len(labels) == results(run_dir)["test_samples"]
-    assert top1 == pytest.approx(tests["plain"]["top1"], abs=2 / len(labels))
+    top1, images = onnx_test_top1(tmp_path / "export", synthetic_shards)
+    assert images == results(run_dir)["test_samples"]
+    assert top1 == pytest.approx(tests["plain"]["top1"], abs=2 / images)
 
 
 @pytest.mark.parametrize("standardized", [False, True])

@@ -3,8 +3,10 @@
 import json
 
 import pytest
+from train_helpers import onnx_test_top1
 
 from gala_scale import reproduce
+from gala_scale.export import export
 
 pytestmark = pytest.mark.slow  # its stage-1 run (the session's trained_run) is a process
 
@@ -41,3 +43,11 @@ def test_in_process_sweep_trains_every_loss_and_seed_on_one_cache(
     assert "| loss | seeds | post-hoc | overall | many | medium | few | ECE |" in text
     assert "| ldam_drw | 0, 1 | post-hoc LA (val tau) |" in text
     assert (report.parent / "img" / "results_debug_3ep.png").stat().st_size > 1000
+    # A stage-2 classifier on a cosine head, on standardised features, back on its backbone:
+    # the exported graph scores the test images as the sweep's run did.
+    gcl = out / "debug" / "gcl" / "seed0"
+    export(gcl, tmp_path / "export", "best")  # checks ONNX Runtime against torch
+    top1, images = onnx_test_top1(tmp_path / "export", synthetic_shards)
+    scored = json.loads((gcl / "results.json").read_text())
+    assert images == scored["test_samples"] and scored["weights"] == "best"
+    assert top1 == pytest.approx(scored["test"]["plain"]["top1"], abs=2 / images)

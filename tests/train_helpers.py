@@ -121,3 +121,28 @@ def results(run_dir: Path) -> dict:
 def explain(proc) -> str:
     out, err = proc.stdout[-3000:], proc.stderr[-6000:]
     return f"exit {proc.returncode}\n--- stdout\n{out}\n--- stderr\n{err}"
+
+
+def onnx_test_top1(artifact: Path, shards: Path) -> tuple[float, int]:
+    """Top-1 of an exported artifact's ``model.onnx`` (ONNX Runtime, the server's preprocessing)
+    on a shard set's test split, and the number of images."""
+    import io
+
+    import numpy as np
+    import onnxruntime as ort
+    from gala_serve import preprocess
+    from PIL import Image
+
+    from gala_scale.shards import tario
+
+    pre = json.loads((artifact / "artifact.json").read_text())["preprocess"]
+    manifest = json.loads((shards / "manifest.json").read_text())
+    x, labels = [], []
+    for shard in manifest["splits"]["test"]["shards"]:
+        for _, files in tario.iter_tar(shards / shard["file"]):
+            x.append(preprocess.eval_array(Image.open(io.BytesIO(files["jpg"])), pre))
+            labels.append(int(files["cls"]))
+    session = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    raw = dict(zip(names, session.run(None, {"input": np.stack(x)}), strict=True))
+    return float((raw["raw_probabilities"].argmax(1) == np.array(labels)).mean()), len(labels)

@@ -107,12 +107,14 @@ echo "cuda: $CUDA"
 if [ "$CUDA" = 1 ]; then  # the real sizes
     STEP=(--model resnet50 --image-size 224 --classes 1000 --batch-size 128 --steps 20 --warmup 5)
     PAPER_EPOCHS=${PAPER_EPOCHS:-200} PAPER_WORKERS=4 PAPER_EVAL=20 PAPER_SET=()
+    PAPER_LOSSES=ce,balanced_softmax,gala_reference,gala_paper,gala_reference_sos
     LOADER_SET=(--image-size 224 --max-per-class 200 --test-per-class 1 --val-per-class 1)
     LOADER_RUN=(--batches 30 --repeats 1)
     SERVE=(--seconds 1 --rounds 2 --levels 1 16 64)
 else  # the dry run on a CPU: token sizes
     STEP=(--model tiny --image-size 32 --classes 10 --batch-size 16 --steps 3 --warmup 1)
     PAPER_EPOCHS=${PAPER_EPOCHS:-1} PAPER_WORKERS=1 PAPER_EVAL=1 PAPER_SET=(--set model.name=tiny)
+    PAPER_LOSSES=ce,gala_paper  # the step's plumbing, two concurrent runs: not every loss again
     LOADER_SET=(--image-size 224 --max-per-class 20 --test-per-class 1 --val-per-class 1)
     LOADER_RUN=(--batches 4 --repeats 1 --batch-size 8)
     SERVE=(--seconds 0.5 --rounds 1 --levels 1 --client-procs 1)
@@ -152,7 +154,7 @@ if [ -f .gpu/paper_runs.tar.gz.0 ] && [ ! -d "$PAPER" ]; then
 fi
 if [ -d "$SHARDS" ]; then
     step paper_budget 270 "$PY" -m gala_scale.reproduce --config configs/cifar10_lt_if100.yaml \
-        --shards "$SHARDS" --losses ce,balanced_softmax,gala_reference,gala_paper,gala_reference_sos --concurrent \
+        --shards "$SHARDS" --losses "$PAPER_LOSSES" --concurrent \
         --time-limit 235 --out "$PAPER" --report "$OUT/paper_results.md" \
         --epochs "$PAPER_EPOCHS" --set train.eval_every="$PAPER_EVAL" \
         --set data.loader=torch --set data.num_workers="$PAPER_WORKERS" --set train.keep_checkpoints=1 \

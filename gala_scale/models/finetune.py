@@ -20,6 +20,7 @@ left out.
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 from torch import nn
@@ -99,6 +100,10 @@ def param_groups(
     ``decay_norm_and_bias``; the head's learning rate is ``head_lr_scale`` times its own.
     """
     from timm.optim import param_groups_layer_decay
+
+    # timm warns that layer decay does nothing for a model of one layer group (a stage-2
+    # classifier), whatever layer_decay is: true, and not worth a line in every such run.
+    logging.getLogger("timm.optim._param_groups").setLevel(logging.ERROR)
 
     groups = layer_groups(model)
     layer = {name: i for i, names in enumerate(groups) for name in names}
