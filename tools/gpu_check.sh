@@ -177,7 +177,7 @@ else
 fi
 
 # 4. Serving: one paper run exported, then the server with the CUDA provider.
-RUN=$(ls -d "$PAPER"/*/gala_reference/seed0 2>/dev/null | head -1)
+RUN=$(ls -d "$PAPER"/*/gala_*/seed0 2>/dev/null | head -1)  # a GALA run of the paper step
 if [ -n "$RUN" ] && has onnxruntime; then
     PROVIDER=cpu
     [ "$CUDA$ORT_CUDA" = 11 ] && PROVIDER=cuda
