@@ -178,7 +178,7 @@ class Stage2Config:
     reset_head: bool = _f(True, "start from a fresh classifier (false: the backbone's own)")
     cache: str = _f("", "feature cache folder ('' = <from_run or run_dir>/features)")
     standardize: bool = _f(
-        True, "train on features standardised per dimension (folded into the head at export)"
+        False, "train on features standardised per dimension (folded into the head at export)"
     )
 
 

@@ -68,6 +68,7 @@ def test_stage2_of_a_run_caches_features_once_and_exports_on_the_backbone(stage1
     shards, first = stage1
     gala = tmp_path / "gala"
     args = (f"stage2.from_run={first}", "stage2.views=1", "stage2.sampler=class_balanced")
+    args += ("stage2.standardize=true",)
     before = set((first / "features").iterdir()) if (first / "features").exists() else set()
     proc = run_single(stage2_args(shards, gala, *args, "loss.name=gala"))
     assert proc.returncode == 0, explain(proc)
@@ -82,7 +83,7 @@ def test_stage2_of_a_run_caches_features_once_and_exports_on_the_backbone(stage1
     stamps = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
     train0 = np.load(cache / "train_view0.features.npy")
     assert train0.dtype == np.float16 and train0.shape == (256, 32)  # the tiny model's 32
-    trained = load_file(gala / "final" / "model.safetensors")  # standardised by default
+    trained = load_file(gala / "final" / "model.safetensors")  # standardised, as asked
     assert set(trained) == {"fc.weight", "fc.bias", "mean", "std"}
     np.testing.assert_allclose(
         trained["mean"].numpy(), train0.astype(np.float64).mean(0), atol=1e-3

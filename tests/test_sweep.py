@@ -20,6 +20,7 @@ def test_in_process_sweep_trains_every_loss_and_seed_on_one_cache(
     argv += ["--losses", ",".join(losses), "--seeds", "0", "1", "--out", str(out)]
     argv += ["--report", str(report), "--set", "stage2.enabled=true"]
     argv += ["--set", f"stage2.from_run={trained_run}", "--set", "train.epochs=3"]
+    argv += ["--set", "stage2.standardize=true"]  # the cosine head on standardised features
     before = set((trained_run / "features").glob("*/meta.json"))
     assert reproduce.main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
