@@ -4,7 +4,8 @@
         [--weight-decay 5e-4] [--run <stage-2 run> ...]
 
 On the cached features of the eval-transform training view (``train_view0``), standardised as
-stage 2 standardises them, a linear classifier minimises the mean loss over the training samples
+stage 2 standardises them (or raw, ``--raw``, for a run without ``stage2.standardize``), a linear
+classifier minimises the mean loss over the training samples
 plus ``weight_decay / 2 * |W|^2`` (SGD's weight decay on the weight, none on the bias, as the
 trainer's parameter groups), with ``torch.optim.LBFGS`` in float64 until the gradient vanishes.
 For the losses whose objective is fixed (not GALA, whose ledger changes it during training)
@@ -48,10 +49,15 @@ def solve(
     loss: str,
     weight_decay: float,
     max_iter: int = 1000,
+    standardize: bool = True,
 ) -> Standardized:
-    """The classifier minimising ``loss`` + weight decay on standardised ``features``."""
+    """The classifier minimising ``loss`` + weight decay on ``features``, standardised (as
+    ``stage2.standardize`` does) or raw (mean 0, std 1 in the returned module)."""
     counts = np.bincount(labels).tolist()
-    mean, std = feature_statistics(features.numpy())
+    if standardize:
+        mean, std = feature_statistics(features.numpy())
+    else:
+        mean, std = torch.zeros(features.shape[1]), torch.ones(features.shape[1])
     x = (features - mean.double()) / std.double()
     y = torch.from_numpy(labels.astype(np.int64))
     criterion = loss_of(loss, counts)
@@ -95,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--losses", nargs="+", default=["ce", "balanced_softmax"])
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--max-iter", type=int, default=1000)
+    p.add_argument(
+        "--raw", action="store_true", help="raw features (stage2.standardize: false, the default)"
+    )
     p.add_argument("--run", type=Path, nargs="*", default=[], help="stage-2 runs to compare")
     args = p.parse_args(argv)
     for name in ("train_view0", "test"):
@@ -105,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = np.bincount(train_y).tolist()
     solved = {}
     for loss in args.losses:
-        model = solve(train_x, train_y, loss, args.weight_decay, args.max_iter)
+        model = solve(train_x, train_y, loss, args.weight_decay, args.max_iter, not args.raw)
         with torch.no_grad():
             probs = torch.softmax(model(test_x.float()), 1)
         summary = metrics.summarize(probs, test_y, counts)
@@ -118,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         runs[str(run)] = {"loss": loss, "top1": top1, "minus_lbfgs": gap}
         note = "" if gap is None else f" ({100 * gap:+.2f} points against L-BFGS)"
         print(f"{run}: {loss} test top-1 {100 * top1:.2f} %{note}", flush=True)
-    print(json.dumps({"weight_decay": args.weight_decay, "lbfgs": solved, "runs": runs}))
+    summary = {"weight_decay": args.weight_decay, "standardized": not args.raw}
+    print(json.dumps({**summary, "lbfgs": solved, "runs": runs}))
     return 0
 
 

@@ -18,11 +18,13 @@ def long_tailed_features(counts, dim=6, seed=0):
     return features.astype(np.float16), labels
 
 
+@pytest.mark.parametrize("standardize", [True, False])
 @pytest.mark.parametrize("loss", ["ce", "balanced_softmax"])
-def test_the_solve_is_a_stationary_point_of_loss_plus_weight_decay(loss):
+def test_the_solve_is_a_stationary_point_of_loss_plus_weight_decay(loss, standardize):
     features, labels = long_tailed_features([200, 60, 15])
     x64 = torch.from_numpy(features.astype(np.float64))
-    model = convex.solve(x64, labels, loss, weight_decay=1e-2)
+    model = convex.solve(x64, labels, loss, weight_decay=1e-2, standardize=standardize)
+    assert bool((model.std == 1).all()) != standardize  # raw: the identity transform
     fc = model.fc.double()
     x = (x64 - model.mean.double()) / model.std.double()
     criterion = convex.loss_of(loss, [200, 60, 15])
