@@ -50,10 +50,11 @@ def solve(
     weight_decay: float,
     max_iter: int = 1000,
     standardize: bool = True,
+    num_classes: int = 0,
 ) -> Standardized:
     """The classifier minimising ``loss`` + weight decay on ``features``, standardised (as
     ``stage2.standardize`` does) or raw (mean 0, std 1 in the returned module)."""
-    counts = np.bincount(labels).tolist()
+    counts = np.bincount(labels, minlength=num_classes or 0).tolist()
     if standardize:
         mean, std = feature_statistics(features.numpy())
     else:
@@ -111,10 +112,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{args.features}: no {name}.features.npy (a stage-2 cache version folder)")
     train_x, train_y = _split(args.features, "train_view0")
     test_x, test_y = _split(args.features, "test")
-    counts = np.bincount(train_y).tolist()
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    counts = np.bincount(train_y, minlength=classes).tolist()
     solved = {}
     for loss in args.losses:
-        model = solve(train_x, train_y, loss, args.weight_decay, args.max_iter, not args.raw)
+        model = solve(
+            train_x, train_y, loss, args.weight_decay, args.max_iter, not args.raw, classes
+        )
         with torch.no_grad():
             probs = torch.softmax(model(test_x.float()), 1)
         summary = metrics.summarize(probs, test_y, counts)

@@ -342,8 +342,13 @@ def _building(folder: Path) -> Iterator[Path]:
     with open(lock_path, "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("stage2 features: another process builds %s; building a copy", folder)
+            # The winner unlinks the lock file when it publishes: a lock taken on that old file
+            # (opened before the unlink) is no lock at all.
+            held = os.fstat(lock.fileno()).st_ino == os.stat(lock_path).st_ino
+        except OSError:  # held by another builder; or a file system without flock (ENOLCK)
+            held = False
+        if not held:
+            log.info("stage2 features: another process builds %s (or no lock); a copy", folder)
             with publish.staged(folder, replace=False) as tmp:
                 yield tmp
             return

@@ -88,7 +88,10 @@ def finish(run: Run, state: TrainState, guard) -> bool:
 
 
 def _linear_head(run: Run) -> nn.Linear | None:
-    """The model's linear classifier (its weights for tau-norm), or None for any other head."""
+    """The model's linear classifier (its weights for tau-norm), or None for any other head and
+    for a compiled model (its graph, compiled before the hook, would not call the hook)."""
+    if run.cfg.train.compile:
+        return None
     model = run.accelerator.unwrap_model(run.parts.eval_model)
     try:
         head = head_module(model)
@@ -110,7 +113,7 @@ def _score(run: Run, test: tuple, val: tuple | None, head: nn.Linear | None):
             tau = rebalance.fit_tau(val[0], val[1], scales)
         variants[f"PN, val scales, tau {tau:g}"] = rebalance.apply(probs, scales, tau)
     variants[f"PN, transductive on test, tau {tau:g}"] = rebalance.transductive(probs, tau)
-    if val is not None:
+    if val is not None and min(counts) > 0:  # the prior needs every class seen in training
         prior = rebalance.prior(counts)
         t = rebalance.best_tau(val[1], rebalance.adjusted_argmax(val[0], prior))
         variants[f"post-hoc LA, val tau {t:g}"] = rebalance.apply(probs, prior, t)

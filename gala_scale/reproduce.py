@@ -57,6 +57,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -208,7 +209,11 @@ def _train_here(run: tuple[str, int], args: argparse.Namespace, shards: Path) ->
     argv = ["--config", str(args.config), "--resume", "auto", *_run_overrides(run, args, shards)]
     print(f"\n== {_label(run)} (in this process)\n$ train {' '.join(argv)}", flush=True)
     start = time.perf_counter()
-    code = train.main(argv)
+    try:
+        code = train.main(argv)
+    except Exception:  # as a subprocess's crash would be: this run fails, the sweep goes on
+        traceback.print_exc()
+        code = 1
     return code, time.perf_counter() - start
 
 

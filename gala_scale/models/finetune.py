@@ -107,10 +107,11 @@ def param_groups(
 
     groups = layer_groups(model)
     layer = {name: i for i, names in enumerate(groups) for name in names}
-    head = {id(p) for n, p in model.named_parameters() if layer.get(n) == len(groups) - 1}
+    last = len(groups) - 1  # the head, and any parameter no group names
+    head = {id(p) for n, p in model.named_parameters() if layer.get(n, last) == last}
     grouped = SimpleNamespace(  # timm reads only these two of a model
         named_parameters=model.named_parameters,
-        group_matcher=lambda coarse=False: lambda name: layer[name],
+        group_matcher=lambda coarse=False: lambda name: layer.get(name, last),
     )
     out = param_groups_layer_decay(
         grouped,
