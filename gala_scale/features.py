@@ -14,7 +14,7 @@ pretrained backbone), one folder per version: ``<cache>/<key hash>/``, named by 
 :func:`cache_key`, everything that shapes the features (every config field but those
 :data:`KEY_EXCLUDED` names with a reason, the weights' and the shard set's sha256, the number of
 processes, the device), which its ``meta.json`` spells out. A later stage-2 run with the same
-key reads them and computes nothing. A version is built in ``.<key hash>.partial/`` (a split's
+key reads them and computes nothing. A version is built in ``.<key hash>.partial-c<n>/`` (a split's
 rows in chunks of :data:`CHUNK_BATCHES` batches, each written whole), so a build that was
 stopped or killed goes on from its last chunk; it is renamed in whole when complete
 (gala_scale.publish), and never replaced or removed by a run, so runs sharing the cache each read
@@ -352,7 +352,8 @@ def _building(folder: Path) -> Iterator[Path]:
             with publish.staged(folder, replace=False) as tmp:
                 yield tmp
             return
-        partial = folder.with_name(f".{folder.name}.partial")
+        # The chunk size in the name: a resume counts chunks, so it must be the same size.
+        partial = folder.with_name(f".{folder.name}.partial-c{CHUNK_BATCHES}")
         partial.mkdir(exist_ok=True)
         yield partial
         publish.publish(partial, folder, replace=False)

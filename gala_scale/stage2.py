@@ -221,9 +221,12 @@ class FeatureStage:
         folded into one linear layer on the raw features)."""
         model = backbone(cfg, num_classes)
         dim = head_module(model).in_features
-        trained = classifier(cfg, num_classes, dim, (torch.zeros(dim), torch.ones(dim)))
-        if "mean" not in weights:  # trained without standardisation
-            trained = trained.fc
+        if cfg.model.head == "cosine":
+            trained = CosineLinear(dim, num_classes, *cosine_scale(cfg))
+        else:
+            trained = nn.Linear(dim, num_classes)
+        if "mean" in weights:  # trained on standardised features
+            trained = Standardized(trained, torch.zeros(dim), torch.ones(dim))
         trained.load_state_dict(weights)
         if isinstance(trained, Standardized) and isinstance(trained.fc, nn.Linear):
             trained = trained.folded()

@@ -169,7 +169,14 @@ def run_training(cfg: RunConfig, accelerator, resume: str, guard: Guard) -> int:
     if run.parts.ema is not None:
         accelerator.register_for_checkpointing(run.parts.ema)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+        try:
+            accelerator.load_state(str(checkpoint))
+        except ValueError as err:  # the optimizer's groups of another version: every restart
+            raise ConfigError(
+                f"{checkpoint}: its state does not fit this run's ({err}); it was saved by "
+                "another version of gala-scale (e.g. before the optimizer's norm/bias groups): "
+                "resume it with that version, or start a fresh run_dir"
+            ) from None
         restore_ledger_delta(run.parts.criterion, accelerator, checkpoint)
         for problem in restore_loader_states(
             run.loaders.train, checkpoint, state.epoch, state.step

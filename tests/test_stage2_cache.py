@@ -339,7 +339,7 @@ def test_a_build_killed_mid_split_goes_on_from_its_last_chunk(backbone_run, monk
     resumed = False
     with pytest.raises(KeyboardInterrupt):
         ensure_cache(cfg(), OneProcess(), 6)
-    (partial,) = cache.glob(".*.partial")
+    (partial,) = cache.glob(".*.partial-c2")
     assert len(list(partial.glob("train_view0.chunk*.npz"))) == 2
     assert calls[:2] == [2, 2]
     resumed, calls[:] = True, []

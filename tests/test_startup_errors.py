@@ -129,3 +129,19 @@ def test_the_start_up_check_hashes_each_shard_once_a_run_until_it_changes(
     assert "image does not decode" in " ".join(verify.problems_of(data, [again]))
     with pytest.raises(ManifestError, match="no split 'dev'"):
         verify.shards_to_check(data, ["dev"], run_dir)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_other_optimizer_groups_exits_2_naming_it(
+    synthetic_shards, trained_run, tmp_path
+):
+    """A checkpoint whose optimizer groups are not this run's (saved by another version, here
+    provoked by decaying norm and bias too) stops with one line, not requeued."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    args = debug_overrides(synthetic_shards, run_dir, "optim.decay_norm_and_bias=true")
+    proc = run_single([*args, "--resume", "auto"])
+    assert proc.returncode == EXIT_CONFIG, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert "checkpoints/" in line and "does not fit this run's" in line
+    assert "Traceback" not in proc.stderr
