@@ -27,7 +27,7 @@ import yaml
 from torch import nn
 
 from gala_scale import metrics
-from gala_scale.losses import create_loss, spec
+from gala_scale.losses import create_loss, data_needs
 from gala_scale.stage2 import Standardized, feature_statistics
 
 
@@ -39,8 +39,7 @@ def _split(folder: Path, name: str) -> tuple[torch.Tensor, np.ndarray]:
 
 def loss_of(name: str, counts: list[int]) -> nn.Module:
     """The loss ``name`` with its defaults and what it needs of the training counts."""
-    have = {"class_counts": counts, "num_classes": len(counts)}
-    return create_loss(name, **{need: have[need] for need in spec(name).needs})
+    return create_loss(name, **data_needs(name, len(counts), counts))
 
 
 def solve(

@@ -98,10 +98,10 @@ def fit(probs: Array) -> Array:
 
 
 def _normalise_by(probs: Array, scales: Array, tau: float) -> Array:
-    # In the probabilities' own dtype: a float64 copy of an 8,142-class matrix costs seconds.
-    adjusted = probs / (scales**tau).astype(probs.dtype) if not _is_torch(probs) else None
-    if adjusted is None:
-        adjusted = probs / scales**tau
+    weights = scales**tau
+    if not _is_torch(probs):  # the probabilities' dtype: a float64 copy at 8,142 classes is slow
+        weights = weights.astype(probs.dtype)
+    adjusted = probs / weights
     return adjusted / adjusted.sum(1, keepdims=True)
 
 

@@ -184,10 +184,11 @@ def _write(run: Run, results: dict, scales, tau: float) -> None:
         run_dir / "plots" / "positive_predictions.png",
     )
     plots.reliability(results["test"], run_dir / "plots" / "reliability.png")
-    records = RunLog(run_dir, False, 0).records()
+    run_log = RunLog(run_dir, False, 0)
+    records = run_log.records()
     if records:
         plots.training_curves(records, run_dir / "plots" / "training.png")
-    history = RunLog(run_dir, False, 0).ledger_history()
+    history = run_log.ledger_history()
     if history is not None:
         plots.ledger(history, run.class_counts, run_dir / "plots" / "ledger.png")
     print(table(results), flush=True)

@@ -59,13 +59,18 @@ def create_loss(name: str, **kwargs) -> Loss:
         raise ValueError(f"bad arguments for loss {name!r}: {err}") from err
 
 
+def data_needs(name: str, num_classes: int, class_counts: Sequence[int]) -> dict:
+    """The keyword arguments loss ``name`` declares it needs from the data."""
+    have = {"num_classes": num_classes, "class_counts": list(class_counts)}
+    return {need: have[need] for need in spec(name).needs}
+
+
 def build_loss(loss_cfg, num_classes: int, class_counts: Sequence[int]) -> Loss:
     """The loss a run's ``loss`` config section names, with that loss's options from the section
     and what it needs from the data. Raises ValueError naming the loss on bad values."""
     declared = spec(loss_cfg.name)
     kwargs = {key: getattr(loss_cfg, key) for key in declared.options}
-    have = {"num_classes": num_classes, "class_counts": list(class_counts)}
-    kwargs |= {need: have[need] for need in declared.needs}
+    kwargs |= data_needs(loss_cfg.name, num_classes, class_counts)
     try:
         return declared.build(**kwargs)
     except ValueError as err:
@@ -82,6 +87,7 @@ __all__ = [
     "Option",
     "build_loss",
     "create_loss",
+    "data_needs",
     "option_users",
     "options",
     "spec",
