@@ -8,7 +8,12 @@ for the CPU), never ``--cpu``, which starts a single process whatever the count.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+
+# Accelerate's launcher without its CLI: ``accelerate launch`` first imports every subcommand,
+# and the memory estimator among them imports timm and torchvision (2-3 s a launch on a CPU
+# machine, before any process starts). The launcher itself, its arguments and behaviour, are
+# the same.
+ACCELERATE_LAUNCH = (sys.executable, "-m", "accelerate.commands.launch")
 
 
 def train_command(
@@ -23,15 +28,13 @@ def train_command(
     ``module`` is what runs in each process (the trainer, or a benchmark's worker)."""
     if processes == 1 and deepspeed is None:
         return [sys.executable, "-m", module]
-    accelerate = str(Path(sys.executable).parent / "accelerate")
     if deepspeed is None:
         mode = ["--multi_gpu", "--mixed_precision", precision]
     else:
         mode = ["--use_deepspeed", "--deepspeed_config_file", deepspeed]
         mode += ["--deepspeed_multinode_launcher", "standard"]
     return [
-        accelerate,
-        "launch",
+        *ACCELERATE_LAUNCH,
         *mode,
         "--num_processes",
         str(processes),

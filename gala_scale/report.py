@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from gala_scale import dist, metrics, plots, publish, rebalance
+from gala_scale import dist, metrics, publish, rebalance
 from gala_scale.checkpoint import TrainState, save_weights
 from gala_scale.engine import predict
 from gala_scale.models.pretrained import PretrainedError, head_module
@@ -152,6 +152,8 @@ def _write_per_class(run: Run, results: dict, path: Path) -> None:
 
 
 def _write(run: Run, results: dict, scales, tau: float) -> None:
+    from gala_scale import plots  # matplotlib: only the process that writes imports it
+
     run_dir = Path(run.cfg.run_dir)
     publish.write_text(run_dir / "results.json", json.dumps(results, indent=1))
     if scales is not None:

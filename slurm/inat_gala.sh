@@ -72,7 +72,9 @@ fi
 # command line overrides its sizes for this allocation.
 ACCELERATE_CONFIG=configs/accelerate/multi_node.yaml
 [ "$DEEPSPEED_CONFIG" != "none" ] && ACCELERATE_CONFIG=configs/accelerate/multi_node_deepspeed.yaml
-LAUNCH=(accelerate launch --config_file "$ACCELERATE_CONFIG"
+# `python -m accelerate.commands.launch` is `accelerate launch` without the CLI's import of its
+# other subcommands (seconds a node, before any process starts).
+LAUNCH=(python -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG"
         --num_machines "$NUM_NODES" --num_processes $((NUM_NODES * GPUS_PER_NODE))
         --main_process_ip "$HEAD_NODE" --main_process_port "$PORT" --dynamo_backend no)
 if [ "$DEEPSPEED_CONFIG" != "none" ]; then

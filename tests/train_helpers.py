@@ -10,6 +10,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from gala_scale.launch import ACCELERATE_LAUNCH
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 GPU_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -59,8 +61,7 @@ def accelerate_cmd(
 ) -> list[str]:
     """``accelerate launch`` of the trainer (or of ``script``, which runs it) on the CPU."""
     cmd = [
-        str(BIN / "accelerate"),
-        "launch",
+        *ACCELERATE_LAUNCH,
         "--num_processes",
         str(processes),
         "--num_machines",

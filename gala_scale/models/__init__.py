@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-import torchvision
 from torch import nn
 
 from gala_scale.data.presets import Preset, get_preset, with_overrides
@@ -14,16 +13,29 @@ from gala_scale.models.resnet_cifar import CifarResNet
 from gala_scale.models.timm_models import architecture, create_timm, input_preset, is_timm
 from gala_scale.models.tiny import TinyNet
 
+
+def _torchvision(name: str) -> Callable[..., nn.Module]:
+    """torchvision's ``name``, with each block's last BatchNorm at zero (every residual branch
+    starts as the identity; the ImageNet recipes' choice) and no weights: a file gives them.
+    torchvision is imported on the first build (it pulls torch._dynamo: a second a process)."""
+
+    def build(num_classes: int, **kwargs) -> nn.Module:
+        import torchvision
+
+        builder = getattr(torchvision.models, name)
+        return builder(num_classes=num_classes, zero_init_residual=True, **kwargs)
+
+    return build
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "tiny": TinyNet,
     "tiny_bn": partial(TinyNet, batch_norm=True),
     "resnet20": partial(CifarResNet, depth=20),
     "resnet32": partial(CifarResNet, depth=32),
-    # torchvision's, with each block's last BatchNorm at zero (every residual branch starts as
-    # the identity; the ImageNet recipes' choice) and no weights: a file gives them.
-    "resnet50": partial(torchvision.models.resnet50, zero_init_residual=True),
-    "resnet152": partial(torchvision.models.resnet152, zero_init_residual=True),
-    "resnext50_32x4d": partial(torchvision.models.resnext50_32x4d, zero_init_residual=True),
+    "resnet50": _torchvision("resnet50"),
+    "resnet152": _torchvision("resnet152"),
+    "resnext50_32x4d": _torchvision("resnext50_32x4d"),
 }
 
 
