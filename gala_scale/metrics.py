@@ -81,9 +81,9 @@ def positive_predictions(preds: Any, num_classes: int) -> np.ndarray:
 def reliability(probs: Any, labels: Any, n_bins: int = ECE_BINS) -> dict[str, list]:
     """Per confidence bin (``n_bins`` equal-width bins on (0, 1]): its sample count, accuracy
     and mean confidence (None for an empty bin); what a reliability diagram draws."""
-    probs = _numpy(probs).astype(np.float64)
+    probs = _numpy(probs)  # in its own dtype: a float64 copy at 8,142 classes is half a GiB
     labels = _labels(labels, probs.shape[1])
-    confidence, preds = probs.max(1), probs.argmax(1)
+    confidence, preds = probs.max(1).astype(np.float64), probs.argmax(1)
     correct = (preds == labels).astype(np.float64)
     # Bin b holds confidences in (b/n, (b+1)/n]; ceil puts an exact edge in the lower bin.
     bins = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)

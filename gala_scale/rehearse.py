@@ -3,7 +3,7 @@ label space, so that what breaks at 8,142 classes breaks here first.
 
     python -m gala_scale.rehearse --like inat2018 --out DIR [--scale 0.002] [--epochs 2]
                                   [--model tiny] [--image-size 64x48] [--set key=value ...]
-                                  [--stage2]
+                                  [--stage2] [--slurm] [--no-serve]
 
 1. ``shards synth --like`` writes raw data in the real dataset's own format (iNat JSON or LT
    list files) with the real per-class profile scaled by ``--scale``;
@@ -18,7 +18,8 @@ label space, so that what breaks at 8,142 classes breaks here first.
    fitted on val) and draws its plots;
 5. with ``--stage2``, stage 2 of that run on its cached features on 2 processes: GALA with a
    class-balanced sampler (building the cache) and balanced softmax (reading it);
-6. the run is exported, served by ``gala-serve`` and the test split sent through ``gala-batch``.
+6. the run is exported, served by ``gala-serve`` and the test split sent through ``gala-batch``
+   (not with ``--no-serve``).
 
 The last line printed is one JSON object: ``num_classes``, each stage's seconds and peak RSS,
 ``trainer_top1`` (PN with the stored val scales, as the trainer reports it) and ``served_top1``
@@ -207,6 +208,17 @@ def rehearse(args: argparse.Namespace) -> dict:
         stages.run("train, resumed", [*train, *changed])
     results = json.loads((run_dir / "results.json").read_text())
     second = _stage2(stages, args, train, shards, run_dir, out) if args.stage2 else None
+    trained = {
+        "like": args.like,
+        "scale": args.scale,
+        "num_classes": len(results["test"]["plain"]["per_class"]),
+        "overrides": changed,
+        "stages": stages.record,
+        "trainer_top1": results["test"][f"PN, val scales, tau {results['tau']:g}"]["top1"],
+        **({"stage2": second} if second else {}),
+    }
+    if args.no_serve:
+        return trained
     export = out / "export"
     stages.run(
         "export to ONNX",
@@ -214,18 +226,8 @@ def rehearse(args: argparse.Namespace) -> dict:
     )
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     served = _serve_and_batch(stages, export, shards, cfg["data"]["test_split"], out)
-    tau = results["tau"]
-    return {
-        "like": args.like,
-        "scale": args.scale,
-        "num_classes": len(json.loads((export / "artifact.json").read_text())["class_names"]),
-        "overrides": changed,
-        "stages": stages.record,
-        "trainer_top1": results["test"][f"PN, val scales, tau {tau:g}"]["top1"],
-        "served_top1": served["top1"],
-        "served": served,
-        **({"stage2": second} if second else {}),
-    }
+    classes = len(json.loads((export / "artifact.json").read_text())["class_names"])
+    return trained | {"num_classes": classes, "served_top1": served["top1"], "served": served}
 
 
 def _stage2(stages, args, train: list[str], shards: Path, run_dir: Path, out: Path) -> dict:
@@ -274,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="synth and build processes")
     p.add_argument("--set", nargs="*", default=[], help="more config overrides, key=value")
     p.add_argument("--stage2", action="store_true", help="also stage 2 on cached features")
+    p.add_argument(
+        "--no-serve",
+        action="store_true",
+        help="stop after the trainer's own test (step 6, the same with or without --slurm, "
+        "is skipped)",
+    )
     p.add_argument(
         "--slurm",
         action="store_true",

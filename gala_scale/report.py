@@ -119,9 +119,7 @@ def _score(run: Run, test: tuple, val: tuple | None, head: nn.Linear | None):
         variants[f"post-hoc LA, val tau {t:g}"] = rebalance.apply(probs, prior, t)
         if head is not None:
             weight = head.weight.detach().float().cpu().numpy()
-            t = rebalance.best_tau(
-                val[1], lambda t: rebalance.tau_normalised(val[2], weight, t).argmax(1)
-            )
+            t = rebalance.best_tau(val[1], rebalance.normalised_argmax(val[2], weight))
             logits = torch.from_numpy(rebalance.tau_normalised(test[2], weight, t))
             variants[f"tau-norm, val tau {t:g}"] = torch.softmax(logits, 1).numpy()
     results = {k: metrics.summarize(v, labels, counts) for k, v in variants.items()}

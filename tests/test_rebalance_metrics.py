@@ -222,3 +222,24 @@ def test_best_tau_maximises_class_balanced_accuracy_and_prefers_the_smallest_on_
         rebalance.best_tau(labels, lambda t: np.array(preds[min(t, 0.6)]), (0, 0.3, 0.6, 1)) == 0.6
     )
     assert rebalance.best_tau(labels, lambda t: np.zeros(5, int), (0.5, 1.0)) == 0.5
+
+
+@pytest.mark.parametrize("block", [1, 7, 2**18])  # a row a block, blocks that end mid-way, one
+def test_tau_searches_argmax_as_the_definitions_do_for_every_tau(block, monkeypatch):
+    monkeypatch.setattr(rebalance, "ARGMAX_BLOCK", block)
+    rng = np.random.default_rng(5)
+    logits, scales = rng.normal(size=(13, 6)) * 3, rng.dirichlet(np.ones(6) * 0.3)
+    probs = torch.softmax(torch.from_numpy(logits), 1).numpy()
+    features, weight = (
+        rng.normal(size=(13, 4)),
+        rng.normal(size=(6, 4)) * rng.uniform(0.1, 9, (6, 1)),
+    )
+    by_scales = rebalance.adjusted_argmax(probs, scales)
+    by_norms = rebalance.normalised_argmax(features, weight)
+    for tau in (*rebalance.TAUS, 0.37, 3.0):  # the grid, and taus off it
+        want = rebalance.apply(probs, scales, tau).argmax(1)
+        np.testing.assert_array_equal(by_scales(tau), want)
+        want = rebalance.tau_normalised(features, weight, tau).argmax(1)
+        np.testing.assert_array_equal(by_norms(tau), want)
+    changed = {tuple(by_scales(t)) for t in rebalance.TAUS}
+    assert len(changed) > 1  # the taus move the argmax: the table is not one row repeated
