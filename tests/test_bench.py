@@ -68,26 +68,6 @@ def test_train_benchmark_runs_each_candidate_and_reports_ratios(tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_step_benchmark_runs_the_trainer_step_under_ddp_and_zero2(capsys, monkeypatch):
-    from conftest import free_port
-
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    argv = ["step", "--model", "tiny", "--image-size", "32", "--classes", "10"]
-    # fp32: bf16 under both launchers is tests/test_train.py's; bf16 matmuls are slow on a CPU.
-    argv += ["--batch-size", "16", "--steps", "3", "--warmup", "1", "--precision", "no"]
-    argv += ["--processes", "2", "--port", str(free_port())]
-    assert main(argv) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    ddp, zero2 = result["ddp"], result["zero2"]
-    assert ddp["images_per_s"] > 0 and zero2["peak_rss_mib_per_process"] > 0
-    assert "peak_gpu_mib_per_process" not in ddp
-    # Same seed, same batches: ZeRO-2 partitions state, not the numbers.
-    assert result["precision"] == "no"
-    assert abs(ddp["loss"] - zero2["loss"]) < 1e-4 * abs(ddp["loss"])
-    assert result["zero2_over_ddp_images_per_s"] > 0
-
-
-@pytest.mark.slow
 def test_finetune_benchmark_times_each_policy_and_stage2(capsys):
     argv = ["finetune", "--model", "timm/test_efficientnet", "--image-size", "32"]
     assert main([*argv, "--batch-size", "8", "--repeats", "1", "--trainable-blocks", "2"]) == 0
@@ -97,3 +77,31 @@ def test_finetune_benchmark_times_each_policy_and_stage2(capsys):
     # The ratio is reported, not judged here (a timed assert fails on a loaded machine; the
     # benchmark's figures are in docs/benchmarks.md).
     assert result["stage2_over_linear"] > 0
+
+
+def test_search_benchmark_times_the_table_and_the_definition_and_they_agree(capsys):
+    assert (
+        main(["search", "--classes", "60", "--samples", "50", "--dim", "8", "--repeats", "1"]) == 0
+    )
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["same_argmax"] == {"pn": True, "tau_norm": True}
+    assert set(result["seconds"]) == {
+        "pn_table",
+        "pn_definition",
+        "tau_norm_table",
+        "tau_norm_definition",
+    }
+    assert result["pn_speedup"] == pytest.approx(
+        result["seconds"]["pn_definition"] / result["seconds"]["pn_table"], rel=0.02, abs=0.02
+    )
+
+
+@pytest.mark.slow
+def test_launch_benchmark_starts_each_command(capsys):
+    assert main(["launch", "--repeats", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    seconds = result["seconds"]
+    assert set(seconds) == {"accelerate_cli", "accelerate_module", "import_trainer", "import_torch"}
+    assert all(s > 0 for s in seconds.values())
+    ratio = seconds["accelerate_cli"] / seconds["accelerate_module"]  # of the rounded seconds
+    assert result["cli_over_module"] == pytest.approx(ratio, abs=0.02)

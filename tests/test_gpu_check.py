@@ -36,8 +36,13 @@ def test_dry_run_runs_every_step_and_writes_its_line(tmp_path):
     log = (out / "gpu_check.log").read_text()[-4000:]
     assert all(x.get("exit") == 0 for x in lines), (lines, log)  # none skipped, none failed
     found = {x["check"]: x.get("result") for x in lines}
-    step = found["step_bench"]
-    assert step["ddp"]["images_per_s"] > 0 and step["zero2"]["images_per_s"] > 0
+    step = found["step_bench"]  # python -m gala_scale.bench step, at the CPU's token size
+    ddp, zero2 = step["ddp"], step["zero2"]
+    assert ddp["images_per_s"] > 0 and zero2["images_per_s"] > 0
+    assert zero2["peak_rss_mib_per_process"] > 0 and "peak_gpu_mib_per_process" not in ddp
+    # Same seed, same batches, fp32: ZeRO-2 partitions state, not the numbers.
+    assert step["precision"] == "no" and step["zero2_over_ddp_images_per_s"] > 0
+    assert abs(ddp["loss"] - zero2["loss"]) < 1e-4 * abs(ddp["loss"])
     runs = found["paper_budget"]["runs"]
     losses = ("ce", "gala_paper")  # the dry run's two; the GPU run has five
     assert set(runs) == {f"{loss}/seed0" for loss in losses}

@@ -1,5 +1,5 @@
 """Benchmarks: ``python -m gala_scale.bench NAME [options]``, NAME one of loss, shards, loader,
-train, step, scale, finetune.
+train, step, scale, finetune, search, launch.
 
 Each prints progress lines and, as its last line, one JSON object with the medians and ratios it
 measured; docs/benchmarks.md records them with the command, date and machine.
@@ -13,7 +13,7 @@ import sys
 
 from gala_scale.bench.common import emit
 
-BENCHMARKS = ("loss", "shards", "loader", "train", "step", "scale", "finetune")
+BENCHMARKS = ("loss", "shards", "loader", "train", "step", "scale", "finetune", "search", "launch")
 
 
 def main(argv: list[str] | None = None) -> int:
