@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> dict:
         "samples": args.samples,
         "dim": args.dim,
         "taus": len(taus),
-        "seconds": {k: round(v, 4) for k, v in medians.items()},
+        "seconds": {k: float(f"{v:.4g}") for k, v in medians.items()},
         "pn_speedup": round(medians["pn_definition"] / medians["pn_table"], 2),
         "tau_norm_speedup": round(medians["tau_norm_definition"] / medians["tau_norm_table"], 2),
         "same_argmax": agree,
