@@ -79,6 +79,7 @@ def test_finetune_benchmark_times_each_policy_and_stage2(capsys):
     assert result["stage2_over_linear"] > 0
 
 
+@pytest.mark.slow  # the machine's description runs `uname -p` (platform.platform)
 def test_search_benchmark_times_the_table_and_the_definition_and_they_agree(capsys):
     assert (
         main(["search", "--classes", "60", "--samples", "50", "--dim", "8", "--repeats", "1"]) == 0
