@@ -29,7 +29,6 @@ from gala_scale.serving import send, serving
 from gala_scale.system import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 
 def _run(step: str, cmd: list[str]) -> None:

@@ -22,8 +22,9 @@ label space, so that what breaks at 8,142 classes breaks here first.
    (not with ``--no-serve``).
 
 The last line printed is one JSON object: ``num_classes``, each stage's seconds and peak RSS,
-``trainer_top1`` (PN with the stored val scales, as the trainer reports it) and ``served_top1``
-(the same images through the server, which applies the same scales inside the graph).
+``trainer_top1`` (PN with the stored val scales, as the trainer reports it) and, unless
+``--no-serve``, ``served_top1`` (the same images through the server, which applies the same
+scales inside the graph).
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ from gala_scale.shards import like
 from gala_scale.system import free_port, peak_rss_mib
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 CONFIGS = {"inat2018": "inat2018", "imagenet_lt": "imagenet_lt", "places_lt": "places_lt"}
 
 
@@ -279,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no-serve",
         action="store_true",
-        help="stop after the trainer's own test (step 6, the same with or without --slurm, "
-        "is skipped)",
+        help="stop before step 6 (export, serve, gala-batch: the same code with or without "
+        "--slurm)",
     )
     p.add_argument(
         "--slurm",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GALA on iNaturalist 2018 across several GPU nodes: sbatch slurm/inat_gala.sh
 #
-# One Slurm task per node runs `accelerate launch`, which starts one training process per GPU of
+# One Slurm task per node runs Accelerate's launcher, which starts one training process per GPU of
 # that node; the processes of all nodes meet at the first node of the allocation. Every path and
 # size below can be changed through the environment, so the same script runs a tiny CPU job on a
 # test cluster (tests/test_slurm.py):

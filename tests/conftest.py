@@ -17,7 +17,9 @@ os.environ.setdefault("GALA_EXTENSION_WAIT_S", "300")
 # Slurm script (which activates it): torch builds DeepSpeed's op with the first ninja it finds,
 # and a system ninja of another version would rebuild the op at every change of hands (the two
 # write build logs the other does not take), half a minute each time.
-os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+os.environ["PATH"] = os.pathsep.join(
+    [str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)]
+)
 
 from shard_fixtures import build_small_synthetic
 from train_helpers import debug_overrides, explain, run_single

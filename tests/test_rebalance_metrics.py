@@ -224,7 +224,7 @@ def test_best_tau_maximises_class_balanced_accuracy_and_prefers_the_smallest_on_
     assert rebalance.best_tau(labels, lambda t: np.zeros(5, int), (0.5, 1.0)) == 0.5
 
 
-@pytest.mark.parametrize("block", [1, 7, 2**18])  # a row a block, blocks that end mid-way, one
+@pytest.mark.parametrize("block", [1, 30, 2**18])  # a row a block; 5, 5, 3 rows; one block
 def test_tau_searches_argmax_as_the_definitions_do_for_every_tau(block, monkeypatch):
     monkeypatch.setattr(rebalance, "ARGMAX_BLOCK", block)
     rng = np.random.default_rng(5)
@@ -241,5 +241,11 @@ def test_tau_searches_argmax_as_the_definitions_do_for_every_tau(block, monkeypa
         np.testing.assert_array_equal(by_scales(tau), want)
         want = rebalance.tau_normalised(features, weight, tau).argmax(1)
         np.testing.assert_array_equal(by_norms(tau), want)
-    changed = {tuple(by_scales(t)) for t in rebalance.TAUS}
-    assert len(changed) > 1  # the taus move the argmax: the table is not one row repeated
+    for search in (by_scales, by_norms):  # the taus move the argmax: not one row repeated
+        assert len({tuple(search(t)) for t in rebalance.TAUS}) > 1
+    with pytest.raises(ValueError, match="read-only"):
+        by_scales(0.0)[0] = 1  # the table is every caller's: nobody writes into it
+    assert (
+        rebalance.best_tau(np.arange(13) % 6, rebalance.normalised_argmax(features, weight, ()), ())
+        == 0.0
+    )

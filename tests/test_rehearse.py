@@ -16,7 +16,7 @@ from gala_scale.shards import like
 @pytest.mark.parametrize(
     "where", ["local", pytest.param("slurm", marks=pytest.mark.xdist_group("slurm"))]
 )
-def test_scale_rehearsal_at_8142_classes_serves_what_the_trainer_scored(tmp_path, where):
+def test_scale_rehearsal_at_8142_classes(tmp_path, where):
     """synth -> the real iNat builder -> configs/inat2018.yaml on 2 processes (or through
     slurm/inat_gala.sh on the two-node test cluster), preempted once and resumed -> test with
     PN -> (local: stage 2, then export -> gala-serve -> gala-batch over gRPC: the served top-1

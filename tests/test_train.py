@@ -2,6 +2,7 @@ import csv
 import json
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -266,6 +267,8 @@ def test_two_machines_on_loopback(shards, reference, tmp_path, port):
 
 @pytest.mark.slow
 def test_one_process_cpu_launch_is_refused(shards, tmp_path, port):
+    """Through the `accelerate` CLI itself, the command a user types (the tools and the other
+    tests start the same launcher as ``python -m accelerate.commands.launch``)."""
     from train_helpers import BIN, ENV
 
     proc = subprocess.run(
@@ -359,3 +362,19 @@ def test_eval_every_0_scores_val_once_at_the_end(shards, tmp_path):
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["type"] == "val"] == [1]
     assert json.loads((run_dir / "best" / "info.json").read_text())["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_importing_the_trainer_leaves_the_heavy_optional_imports_to_their_users():
+    """Every process that starts the trainer (each rank, each Slurm node's config read) pays for
+    its imports: torchvision (with torch._dynamo) comes with a torchvision model's build, timm with
+    the optimizer's groups, matplotlib with the plots; importing the module brings none."""
+    code = "import sys, gala_scale.train; print(*sorted(set(sys.modules) & set(sys.argv[1:])))"
+    heavy = ["torchvision", "torch._dynamo", "timm", "matplotlib"]
+    from train_helpers import ENV, ROOT
+
+    out = subprocess.run(
+        [sys.executable, "-c", code, *heavy], capture_output=True, text=True, cwd=ROOT, env=ENV
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == []

@@ -113,9 +113,10 @@ if [ "$CUDA" = 1 ]; then  # the real sizes
     LOADER_RUN=(--batches 30 --repeats 1)
     SERVE=(--seconds 1 --rounds 2 --levels 1 16 64)
 else  # the dry run on a CPU: token sizes
-    # fp32: bf16 matmuls are slow on a CPU, and fp32 lets ZeRO-2's loss be held to DDP's
+    # fp32 (bf16 matmuls are slow on a CPU, and fp32 lets ZeRO-2's loss be held to DDP's), two
+    # processes (gloo), so that DDP and ZeRO-2's partitioning are what runs
     STEP=(--model tiny --image-size 32 --classes 10 --batch-size 16 --steps 3 --warmup 1
-          --precision no)
+          --precision no --processes 2)
     PAPER_EPOCHS=${PAPER_EPOCHS:-1} PAPER_WORKERS=1 PAPER_EVAL=1 PAPER_SET=(--set model.name=tiny)
     PAPER_LOSSES=ce,gala_paper  # the step's plumbing, two concurrent runs: not every loss again
     LOADER_SET=(--image-size 224 --max-per-class 20 --test-per-class 1 --val-per-class 1)

@@ -4,9 +4,9 @@
 
 Side by side in one run, interleaved rounds, medians of wall seconds, each command run to its
 end: Accelerate's launcher through its CLI (``accelerate launch --help``) and as the project
-starts it (``python -m accelerate.commands.launch --help``, :data:`gala_scale.launch
-.ACCELERATE_LAUNCH`), the trainer's imports (``python -c "import gala_scale.train"``) and a bare
-``import torch`` as the floor.
+starts it (``python -m accelerate.commands.launch --help``,
+:data:`gala_scale.launch.ACCELERATE_LAUNCH`), the trainer's imports
+(``python -c "import gala_scale.train"``) and a bare ``import torch`` as the floor.
 """
 
 from __future__ import annotations
