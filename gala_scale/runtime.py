@@ -66,7 +66,16 @@ def private_extension_dir() -> Path:
     otherwise a folder of this environment and torch version alone, so that no other venv or
     torch (whose lock rules differ: torch 2.13 waits for the ``lock`` file to go, 2.14 leaves it
     by design) shares its locks.
+
+    The environment's own tools come first on the ``PATH`` of this process, as in an activated
+    venv (the sbatch script activates it): torch builds with the first ``ninja`` it finds, and
+    ninjas of two versions (the system's, the venv's) rebuild each other's build of the same
+    folder, their build logs being of different versions.
     """
+    tools = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", os.defpath)
+    if path.split(os.pathsep)[0] != tools:
+        os.environ["PATH"] = os.pathsep.join([tools, path])
     if not os.environ.get("TORCH_EXTENSIONS_DIR"):
         venv = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
         folder = Path.home() / ".cache" / "gala_scale" / "torch_extensions"

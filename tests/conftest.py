@@ -13,13 +13,6 @@ import torch
 # A DeepSpeed launch waits at most this long on another's extension build (a build takes about a
 # minute here); set before train_helpers copies the environment for the tests' processes.
 os.environ.setdefault("GALA_EXTENSION_WAIT_S", "300")
-# The tests run as in the activated venv, its tools first on the PATH, as in each job of the
-# Slurm script (which activates it): torch builds DeepSpeed's op with the first ninja it finds,
-# and a system ninja of another version would rebuild the op at every change of hands (the two
-# write build logs the other does not take), half a minute each time.
-os.environ["PATH"] = os.pathsep.join(
-    [str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)]
-)
 
 from shard_fixtures import build_small_synthetic
 from train_helpers import debug_overrides, explain, run_single

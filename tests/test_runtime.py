@@ -128,3 +128,19 @@ def test_the_loss_check_alone_syncs_once_a_step(monkeypatch):
     GALALoss(5)(torch.randn(4, 5), torch.tensor([0, 1, 2, 3]))
     monkeypatch.undo()
     assert counter.calls == ["__bool__"]
+
+
+def test_the_extension_folder_is_built_with_this_environments_ninja(tmp_path, monkeypatch):
+    """An un-activated venv (the system's ninja first on the PATH) and an activated one (a Slurm
+    job) must build the folder with the same ninja, or each rebuilds the other's build."""
+    import shutil
+
+    tools = Path(sys.executable).parent
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    assert runtime.private_extension_dir() == tmp_path / "ext"
+    assert os.environ["PATH"] == f"{tools}:/usr/bin:/bin"
+    runtime.private_extension_dir()  # once, however often it is asked
+    assert os.environ["PATH"] == f"{tools}:/usr/bin:/bin"
+    if (tools / "ninja").exists():
+        assert shutil.which("ninja") == str(tools / "ninja")
