@@ -226,8 +226,7 @@ def rehearse(args: argparse.Namespace) -> dict:
     )
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     served = _serve_and_batch(stages, export, shards, cfg["data"]["test_split"], out)
-    classes = len(json.loads((export / "artifact.json").read_text())["class_names"])
-    return trained | {"num_classes": classes, "served_top1": served["top1"], "served": served}
+    return trained | {"served_top1": served["top1"], "served": served}
 
 
 def _stage2(stages, args, train: list[str], shards: Path, run_dir: Path, out: Path) -> dict:
