@@ -71,6 +71,9 @@ class ModelConfig:
         "full", "full | linear (frozen backbone, BatchNorm in eval) | last_k (and the last blocks)"
     )
     trainable_blocks: int = _f(1, "last_k: layer groups before the head that train")
+    freeze_bn: bool = _f(
+        False, "every BatchNorm normalises with its stored statistics, the trained ones too"
+    )
     bn_eps: float = _f(
         0.0, "timm models: BatchNorm epsilon, 0 = the architecture's (TF weights: 1e-3)"
     )

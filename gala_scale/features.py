@@ -83,6 +83,7 @@ KEY_EXCLUDED = {
     "model.pretrained": "a path: the weights are keyed by their sha256",
     "model.finetune": "which layers stage 1 trains; stage 2 freezes the whole backbone",
     "model.trainable_blocks": "which layers stage 1 trains; stage 2 freezes the whole backbone",
+    "model.freeze_bn": "the mode of stage 1's BatchNorms; extraction runs every one in eval mode",
     "model.head": "the classifier stage 2 trains on the features (they are the head's input)",
     "model.head_from": "the head a fine-tuning run starts from; stage 2 trains its own",
     "model.cosine_scale": "the scale of a cosine classifier trained on the features",

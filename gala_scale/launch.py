@@ -22,28 +22,37 @@ def train_command(
     deepspeed: str | None = None,
     precision: str = "no",
     module: str = "gala_scale.train",
+    *,
+    machines: int = 1,
+    machine_rank: int = 0,
+    main_process_ip: str = "127.0.0.1",
+    script: str | None = None,
 ) -> list[str]:
     """The launch command; ``deepspeed`` names a DeepSpeed JSON (e.g. configs/deepspeed/zero2.json)
     and ``precision`` is Accelerate's ``--mixed_precision`` (the trainer's config decides).
-    ``module`` is what runs in each process (the trainer, or a benchmark's worker)."""
-    if processes == 1 and deepspeed is None:
-        return [sys.executable, "-m", module]
+    ``module`` is what runs in each process (the trainer, or a benchmark's worker), or ``script``
+    (a file that runs it). With ``machines`` > 1 this is the command of node ``machine_rank``,
+    whose rendezvous is ``main_process_ip:port``."""
+    target = [script] if script else ["-m", module]
+    if processes == 1 and machines == 1 and deepspeed is None:
+        return [sys.executable, *target]
     if deepspeed is None:
         mode = ["--multi_gpu", "--mixed_precision", precision]
     else:
         mode = ["--use_deepspeed", "--deepspeed_config_file", deepspeed]
         mode += ["--deepspeed_multinode_launcher", "standard"]
+    if machines > 1:
+        mode += ["--machine_rank", str(machine_rank), "--main_process_ip", main_process_ip]
     return [
         *ACCELERATE_LAUNCH,
         *mode,
         "--num_processes",
         str(processes),
         "--num_machines",
-        "1",
+        str(machines),
         "--dynamo_backend",
         "no",
         "--main_process_port",
         str(port),
-        "-m",
-        module,
+        *target,
     ]

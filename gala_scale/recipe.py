@@ -54,7 +54,7 @@ def model(cfg: RunConfig, num_classes: int, say: Callable[[str], None] = print) 
                     f"model.head_from: {path} does not fit this head: {err}"
                 ) from None
             say(f"head: the classifier of {m.head_from} (linear probe, then fine-tune)")
-        frozen = finetune.apply_policy(net, m.finetune, m.trainable_blocks)
+        frozen = finetune.apply_policy(net, m.finetune, m.trainable_blocks, m.freeze_bn)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if frozen:

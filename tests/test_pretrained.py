@@ -192,6 +192,31 @@ def test_each_policy_trains_what_it_says_and_freezes_batch_norm(name):
         apply_policy(create_model(name, num_classes=5), "last_k", trainable_blocks=99)
 
 
+@pytest.mark.parametrize("policy", ["last_k", "full"])
+def test_freeze_bn_keeps_every_statistic_and_trains_the_same_parameters(policy):
+    torch.manual_seed(0)
+    moving = create_model(TIMM, num_classes=5)
+    held = create_model(TIMM, num_classes=5)
+    held.load_state_dict(moving.state_dict())
+    apply_policy(moving, policy, trainable_blocks=2)
+    apply_policy(held, policy, trainable_blocks=2, freeze_bn=True)
+    torch.manual_seed(1)
+    moved = changed(moving, one_step(moving))
+    torch.manual_seed(1)
+    held_moved = changed(held, one_step(held))
+    statistics = {k for k in moved if "running_" in k or "num_batches" in k}
+    assert statistics and held_moved == moved - statistics
+    # The held model normalises with its stored statistics: in train mode it computes what it
+    # computes in eval mode (the features a stage-2 probe was fitted on).
+    x = torch.randn(4, 3, 32, 32)
+    held.train()
+    with torch.no_grad():
+        train_mode = held(x)
+    held.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(train_mode, held(x))
+
+
 def test_layer_decay_and_head_scale_set_each_groups_learning_rate():
     model = create_model("resnet32", num_classes=5)
     apply_policy(model, "last_k", trainable_blocks=2)

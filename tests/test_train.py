@@ -265,6 +265,29 @@ def test_two_machines_on_loopback(shards, reference, tmp_path, port):
     assert_same_training(run_dir, reference)
 
 
+def test_train_command_parses_as_the_launch_it_means():
+    """Every tool's and test's launch line, read back by Accelerate's own argument parser."""
+    from accelerate.commands.launch import launch_command_parser
+
+    from gala_scale.launch import ACCELERATE_LAUNCH, train_command
+
+    assert train_command(1, 29500) == [sys.executable, "-m", "gala_scale.train"]
+    parse = launch_command_parser().parse_args
+    node = train_command(2, 29501, "zero2.json", machines=2, machine_rank=1, script="run.py")
+    assert tuple(node[:3]) == ACCELERATE_LAUNCH
+    args = parse(node[3:])
+    assert (args.num_machines, args.machine_rank, args.main_process_ip) == (2, 1, "127.0.0.1")
+    assert (args.num_processes, args.main_process_port) == (2, 29501)
+    assert args.use_deepspeed and args.deepspeed_config_file == "zero2.json"
+    assert args.training_script == "run.py" and not args.module
+    # One process a node on two nodes still goes through the launcher (and never --cpu).
+    one_node = parse(train_command(1, 29502, machines=2)[3:])
+    assert one_node.num_machines == 2 and one_node.multi_gpu
+    ddp = parse(train_command(2, 29503, precision="bf16", module="gala_scale.bench.step")[3:])
+    assert ddp.multi_gpu and not ddp.cpu and ddp.mixed_precision == "bf16"
+    assert (ddp.module, ddp.training_script, ddp.num_machines) == (True, "gala_scale.bench.step", 1)
+
+
 @pytest.mark.slow
 def test_one_process_cpu_launch_is_refused(shards, tmp_path, port):
     """Through the `accelerate` CLI itself, the command a user types (the tools and the other

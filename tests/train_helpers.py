@@ -10,7 +10,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from gala_scale.launch import ACCELERATE_LAUNCH
+from gala_scale.launch import train_command
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -59,31 +59,17 @@ def accelerate_cmd(
     bf16: bool = False,
     script: Path | None = None,
 ) -> list[str]:
-    """``accelerate launch`` of the trainer (or of ``script``, which runs it) on the CPU."""
-    cmd = [
-        *ACCELERATE_LAUNCH,
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        str(machines),
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
-    ]
-    if deepspeed:
-        cmd += [
-            "--use_deepspeed",
-            "--deepspeed_config_file",
-            str(ROOT / "configs" / "deepspeed" / f"{deepspeed}.json"),
-        ]
-        if machines > 1:
-            cmd += ["--deepspeed_multinode_launcher", "standard"]
-    else:
-        cmd += ["--multi_gpu", "--mixed_precision", "bf16" if bf16 else "no"]
-    if machines > 1:
-        cmd += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
-    return [*cmd, str(script)] if script else [*cmd, "-m", "gala_scale.train"]
+    """``accelerate launch`` of the trainer (or of ``script``, which runs it) on the CPU, as
+    every tool launches it (gala_scale.launch); ``deepspeed`` names a configs/deepspeed JSON."""
+    return train_command(
+        processes,
+        port,
+        str(ROOT / "configs" / "deepspeed" / f"{deepspeed}.json") if deepspeed else None,
+        "bf16" if bf16 else "no",
+        machines=machines,
+        machine_rank=machine_rank,
+        script=str(script) if script else None,
+    )
 
 
 def run_accelerate(args: list[str], port: int, timeout: int = 400, **kw):

@@ -11,6 +11,11 @@ their stages and their head. On them:
 * ``last_k``: the last ``model.trainable_blocks`` groups before the head and the head train; the
   rest is frozen as with ``linear``.
 
+``model.freeze_bn`` keeps every BatchNorm in eval mode, the trained ones too (their scale and
+shift still learn): the features then are those a linear probe was fitted on, so a head taken from
+a stage-2 run (``model.head_from``, LP-FT) starts where its probe ended instead of on features
+normalised by each batch's own statistics.
+
 The optimizer's parameter groups (:func:`param_groups`, timm's ``param_groups_layer_decay``)
 give group i of n the learning rate ``lr * layer_decay ** (n - 1 - i)`` (layer-wise decay: the
 head at ``lr``, each group nearer the input ``layer_decay`` times less) and the head
@@ -55,11 +60,15 @@ def layer_groups(model: nn.Module) -> list[list[str]]:
     return groups
 
 
-def apply_policy(model: nn.Module, policy: str, trainable_blocks: int = 1) -> list[str]:
-    """Freeze what ``policy`` leaves out (see the module docstring); returns the frozen names."""
+def apply_policy(
+    model: nn.Module, policy: str, trainable_blocks: int = 1, freeze_bn: bool = False
+) -> list[str]:
+    """Freeze what ``policy`` leaves out and, with ``freeze_bn``, every BatchNorm's statistics
+    (see the module docstring); returns the frozen parameters' names."""
     if policy not in POLICIES:
         raise ValueError(f"model.finetune: unknown policy {policy!r}; valid: {', '.join(POLICIES)}")
     if policy == "full":
+        _hold_statistics(model, lambda module: freeze_bn)
         return []
     groups = layer_groups(model)
     keep = 1 if policy == "linear" else 1 + trainable_blocks
@@ -72,11 +81,21 @@ def apply_policy(model: nn.Module, policy: str, trainable_blocks: int = 1) -> li
     for name, param in model.named_parameters():
         if name in frozen:
             param.requires_grad_(False)
-    for name, module in model.named_modules():
+    names = {module: name for name, module in model.named_modules()}
+
+    def held(module: nn.Module) -> bool:
+        name = names[module]
         owned = [f"{name}.{n}" if name else n for n, _ in module.named_parameters(recurse=False)]
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and owned and set(owned) <= frozen:
-            module.register_forward_pre_hook(_stay_in_eval)
+        return freeze_bn or (bool(owned) and set(owned) <= frozen)
+
+    _hold_statistics(model, held)
     return sorted(frozen)
+
+
+def _hold_statistics(model: nn.Module, held) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and held(module):
+            module.register_forward_pre_hook(_stay_in_eval)
 
 
 def _stay_in_eval(module: nn.Module, _inputs) -> None:
