@@ -13,9 +13,11 @@
 #   step_bench    55  ResNet-50, 224 px, bf16: the trainer's step under DDP and DeepSpeed ZeRO-2,
 #                     20 timed steps each; images/s and peak memory (python -m gala_scale.bench step)
 #   paper_budget 270  CIFAR-10-LT IF 100, ResNet-32, the paper's recipe, 200 epochs: CE, balanced
-#                     softmax, GALA reference, GALA paper and GALA reference on the authors'
-#                     accumulation (loss.ledger=sum_of_sums) as five concurrent processes on the
-#                     GPU, evaluating every 20 epochs; at the budget each checkpoints and stops.
+#                     softmax, GALA reference, GALA paper, GALA reference on the authors'
+#                     accumulation (loss.ledger=sum_of_sums) and the paper's competitors LDAM-DRW
+#                     and GCL (cosine head) as seven concurrent processes on the GPU (two loader
+#                     workers each: 21 processes on 16 cores), evaluating every 20 epochs; at the
+#                     budget each checkpoints and stops.
 #                     $OUT gets paper_summary.json (epochs done, val and test results of each) and
 #                     paper_runs.tar.gz.N (the runs' last checkpoints and metrics): put those in
 #                     .gpu/ and the next GPU run continues the same runs towards 200 epochs.
@@ -107,8 +109,8 @@ echo "cuda: $CUDA"
 if [ "$CUDA" = 1 ]; then  # the real sizes
     STEP=(--model resnet50 --image-size 224 --classes 1000 --batch-size 128 --steps 20 --warmup 5
           --precision bf16)
-    PAPER_EPOCHS=${PAPER_EPOCHS:-200} PAPER_WORKERS=4 PAPER_EVAL=20 PAPER_SET=()
-    PAPER_LOSSES=ce,balanced_softmax,gala_reference,gala_paper,gala_reference_sos
+    PAPER_EPOCHS=${PAPER_EPOCHS:-200} PAPER_WORKERS=2 PAPER_EVAL=20 PAPER_SET=()
+    PAPER_LOSSES=ce,balanced_softmax,gala_reference,gala_paper,gala_reference_sos,ldam_drw,gcl
     LOADER_SET=(--image-size 224 --max-per-class 200 --test-per-class 1 --val-per-class 1)
     LOADER_RUN=(--batches 30 --repeats 1)
     SERVE=(--seconds 1 --rounds 2 --levels 1 16 64)
