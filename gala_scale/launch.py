@@ -1,4 +1,5 @@
-"""The command that starts the trainer with N processes on this machine (for scripts and tools).
+"""The command that starts the trainer with N processes (for scripts, tools and tests), on this
+machine or as one node of several.
 
 One process is plain ``python -m gala_scale.train``. More go through ``accelerate launch
 --multi_gpu`` (which on a machine without CUDA becomes gloo, because the trainer asks Accelerate
@@ -30,11 +31,14 @@ def train_command(
 ) -> list[str]:
     """The launch command; ``deepspeed`` names a DeepSpeed JSON (e.g. configs/deepspeed/zero2.json)
     and ``precision`` is Accelerate's ``--mixed_precision`` (the trainer's config decides).
-    ``module`` is what runs in each process (the trainer, or a benchmark's worker), or ``script``
-    (a file that runs it). With ``machines`` > 1 this is the command of node ``machine_rank``,
+    ``module`` is what runs in each process (the trainer, or a benchmark's worker), or ``script``,
+    a file that runs it, in its place. ``processes`` is the total over all machines, as
+    Accelerate counts it; with ``machines`` > 1 this is the command of node ``machine_rank``,
     whose rendezvous is ``main_process_ip:port``."""
+    if processes % machines:
+        raise ValueError(f"{processes} processes do not divide over {machines} machines")
     target = [script] if script else ["-m", module]
-    if processes == 1 and machines == 1 and deepspeed is None:
+    if processes == 1 and deepspeed is None:
         return [sys.executable, *target]
     if deepspeed is None:
         mode = ["--multi_gpu", "--mixed_precision", precision]

@@ -60,6 +60,8 @@ def model(cfg: RunConfig, num_classes: int, say: Callable[[str], None] = print) 
     if frozen:
         trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
         say(f"finetune {m.finetune}: {trainable:,} parameters train")
+    if m.freeze_bn:
+        say("model.freeze_bn: every BatchNorm normalises with its stored statistics")
     return net
 
 
@@ -122,7 +124,7 @@ def prepare_model(model: nn.Module, cfg: RunConfig, cuda: bool, world: int) -> n
         if not cuda:
             raise ConfigError("train.sync_bn: SyncBatchNorm needs CUDA; turn it off on the CPU")
         if world > 1:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = finetune.sync_batch_norm(model)
     if channels_last(cfg, cuda):
         model = model.to(memory_format=torch.channels_last)
     return model

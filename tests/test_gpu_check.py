@@ -45,7 +45,7 @@ def test_dry_run_runs_every_step_and_writes_its_line(tmp_path):
     assert step["zero2_over_ddp_images_per_s"] > 0
     assert abs(ddp["loss"] - zero2["loss"]) < 1e-4 * abs(ddp["loss"])
     runs = found["paper_budget"]["runs"]
-    losses = ("ce", "gala_paper")  # the dry run's two; the GPU run has five
+    losses = ("ce", "gala_paper")  # the dry run's two; the GPU run has seven
     assert set(runs) == {f"{loss}/seed0" for loss in losses}
     assert all(r["exit"] == 0 and r["epochs_done"] == 1 and "test" in r for r in runs.values())
     assert json.loads((out / "paper_summary.json").read_text())["runs"] == runs

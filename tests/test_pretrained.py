@@ -9,9 +9,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from gala_scale import recipe
 from gala_scale.config import load_config
 from gala_scale.models import create_model, run_preset
-from gala_scale.models.finetune import apply_policy, layer_groups, param_groups
+from gala_scale.models.finetune import (
+    apply_policy,
+    held_batch_norms,
+    layer_groups,
+    param_groups,
+    sync_batch_norm,
+)
 from gala_scale.models.pretrained import PretrainedError, load_pretrained
 
 TIMM = "timm/test_efficientnet"  # timm's own tiny test architecture: 0.1 M parameters
@@ -218,6 +225,45 @@ def test_freeze_bn_keeps_every_statistic_and_trains_the_same_parameters(policy):
     held.eval()
     with torch.no_grad():
         torch.testing.assert_close(train_mode, held(x))
+
+
+def test_freeze_bn_reaches_the_model_from_the_config():
+    cfg = load_config(
+        None,
+        ["data.shards=x", f"model.name={TIMM}", "model.finetune=full", "model.freeze_bn=true"],
+    )
+    said = []
+    model = recipe.model(cfg, 5, said.append).train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    with torch.no_grad():
+        model(torch.randn(4, 3, 32, 32))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and before
+    assert any("model.freeze_bn" in line for line in said)
+
+
+def test_sync_batch_norm_keeps_activations_and_held_statistics():
+    torch.manual_seed(0)
+    model = create_model(TIMM, num_classes=5)
+    apply_policy(model, "last_k", trainable_blocks=2)
+    held = held_batch_norms(model)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        reference = model.eval()(x)
+    synced = sync_batch_norm(model)
+    norms = [m for m in synced.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+    # The fused BatchNorm + activation layers keep their activation (torch's converter drops it).
+    with torch.no_grad():
+        torch.testing.assert_close(synced.eval()(x), reference)
+    # The frozen blocks' BatchNorms are still held: train mode leaves their statistics alone.
+    assert held and held_batch_norms(synced) == held
+    before = {k: v.clone() for k, v in synced.state_dict().items() if "running_mean" in k}
+    with torch.no_grad():
+        synced.train()(x)
+    moved = {
+        k.rsplit(".", 1)[0] for k, v in before.items() if not torch.equal(v, synced.state_dict()[k])
+    }
+    assert moved and not moved & held
 
 
 def test_layer_decay_and_head_scale_set_each_groups_learning_rate():

@@ -279,10 +279,11 @@ def test_train_command_parses_as_the_launch_it_means():
     assert (args.num_machines, args.machine_rank, args.main_process_ip) == (2, 1, "127.0.0.1")
     assert (args.num_processes, args.main_process_port) == (2, 29501)
     assert args.use_deepspeed and args.deepspeed_config_file == "zero2.json"
+    # Without the standard launcher, Accelerate starts the other nodes through pdsh (ssh).
+    assert args.deepspeed_multinode_launcher == "standard"
     assert args.training_script == "run.py" and not args.module
-    # One process a node on two nodes still goes through the launcher (and never --cpu).
-    one_node = parse(train_command(1, 29502, machines=2)[3:])
-    assert one_node.num_machines == 2 and one_node.multi_gpu
+    with pytest.raises(ValueError, match="3 processes do not divide over 2 machines"):
+        train_command(3, 29502, machines=2)
     ddp = parse(train_command(2, 29503, precision="bf16", module="gala_scale.bench.step")[3:])
     assert ddp.multi_gpu and not ddp.cpu and ddp.mixed_precision == "bf16"
     assert (ddp.module, ddp.training_script, ddp.num_machines) == (True, "gala_scale.bench.step", 1)

@@ -59,8 +59,9 @@ def accelerate_cmd(
     bf16: bool = False,
     script: Path | None = None,
 ) -> list[str]:
-    """``accelerate launch`` of the trainer (or of ``script``, which runs it) on the CPU, as
-    every tool launches it (gala_scale.launch); ``deepspeed`` names a configs/deepspeed JSON."""
+    """The launch of the trainer (or of ``script``, which runs it) on the CPU, as every tool
+    launches it (gala_scale.launch: ``accelerate launch`` from 2 processes or with DeepSpeed);
+    ``deepspeed`` names a configs/deepspeed JSON."""
     return train_command(
         processes,
         port,

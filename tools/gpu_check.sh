@@ -145,7 +145,7 @@ else
     step step_bench 55 "$PY" -m gala_scale.bench step "${STEP[@]}" --launchers ddp
 fi
 
-# 2. The paper's budget: five concurrent runs, stopped (checkpointed) at the budget.
+# 2. The paper's budget: seven concurrent runs, stopped (checkpointed) at the budget.
 PAPER=$WORK/paper SHARDS=$WORK/cifar10_lt_if100
 if [ "$CUDA" = 0 ]; then  # the dry run: a small synthetic set in its place
     "$PY" -m gala_scale.shards build synthetic --out "$SHARDS" --max-per-class 40 \

@@ -31,6 +31,7 @@ from types import SimpleNamespace
 from torch import nn
 
 POLICIES = ("full", "linear", "last_k")
+HELD = "_gala_held_statistics"  # the attribute that marks a BatchNorm whose statistics are held
 
 
 def layer_groups(model: nn.Module) -> list[list[str]]:
@@ -67,35 +68,54 @@ def apply_policy(
     (see the module docstring); returns the frozen parameters' names."""
     if policy not in POLICIES:
         raise ValueError(f"model.finetune: unknown policy {policy!r}; valid: {', '.join(POLICIES)}")
-    if policy == "full":
-        _hold_statistics(model, lambda module: freeze_bn)
-        return []
-    groups = layer_groups(model)
-    keep = 1 if policy == "linear" else 1 + trainable_blocks
-    if policy == "last_k" and not 1 <= trainable_blocks < len(groups):
-        raise ValueError(
-            f"model.trainable_blocks: {trainable_blocks} is not in 1..{len(groups) - 1} "
-            f"(the model has {len(groups) - 1} groups before its head)"
-        )
-    frozen = {n for group in groups[:-keep] for n in group}
-    for name, param in model.named_parameters():
-        if name in frozen:
-            param.requires_grad_(False)
-    names = {module: name for name, module in model.named_modules()}
-
-    def held(module: nn.Module) -> bool:
-        name = names[module]
+    frozen: set[str] = set()
+    if policy != "full":
+        groups = layer_groups(model)
+        keep = 1 if policy == "linear" else 1 + trainable_blocks
+        if policy == "last_k" and not 1 <= trainable_blocks < len(groups):
+            raise ValueError(
+                f"model.trainable_blocks: {trainable_blocks} is not in 1..{len(groups) - 1} "
+                f"(the model has {len(groups) - 1} groups before its head)"
+            )
+        frozen = {n for group in groups[:-keep] for n in group}
+        for name, param in model.named_parameters():
+            if name in frozen:
+                param.requires_grad_(False)
+    held = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
         owned = [f"{name}.{n}" if name else n for n, _ in module.named_parameters(recurse=False)]
-        return freeze_bn or (bool(owned) and set(owned) <= frozen)
-
+        if freeze_bn or (owned and set(owned) <= frozen):
+            held.add(name)
     _hold_statistics(model, held)
     return sorted(frozen)
 
 
-def _hold_statistics(model: nn.Module, held) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and held(module):
+def held_batch_norms(model: nn.Module) -> set[str]:
+    """Names of the BatchNorms whose statistics :func:`apply_policy` holds."""
+    return {name for name, module in model.named_modules() if getattr(module, HELD, False)}
+
+
+def sync_batch_norm(model: nn.Module) -> nn.Module:
+    """``model`` with SyncBatchNorm in place of every BatchNorm, the held ones still held.
+
+    timm's converter, not torch's: torch's turns timm's fused BatchNorm + activation layers
+    (``BatchNormAct2d``) into a bare SyncBatchNorm and drops their activation. Either builds new
+    modules, without the hooks that hold statistics, so they are set again by name."""
+    from timm.layers import convert_sync_batchnorm
+
+    held = held_batch_norms(model)
+    model = convert_sync_batchnorm(model)
+    _hold_statistics(model, held)
+    return model
+
+
+def _hold_statistics(model: nn.Module, names: set[str]) -> None:
+    for name, module in model.named_modules():
+        if name in names:
             module.register_forward_pre_hook(_stay_in_eval)
+            setattr(module, HELD, True)
 
 
 def _stay_in_eval(module: nn.Module, _inputs) -> None:
