@@ -34,6 +34,20 @@ case "$cuda" in
         ;;
 esac
 
+if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+    # A fresh install holds 6.4 GB in the venv and 2.6 GB of downloads on the way
+    # (docs/pretrained.md): say so now, not in pip's "No space left on device" a minute in.
+    need_gib="${GALA_MIN_FREE_GIB:-10}"
+    parent=$(dirname "$(realpath -m "$venv")")
+    mkdir -p "$parent"
+    free_kib=$(df -Pk "$parent" | awk 'NR == 2 {print $4}')
+    if [ "$free_kib" -lt $((need_gib * 1024 * 1024)) ]; then
+        echo "[bootstrap] $parent has $((free_kib / 1024 / 1024)) GiB free; a fresh $venv needs" \
+            "about $need_gib GiB (torch's CUDA stack). Free some space, or set GALA_VENV to a" \
+            "folder on a larger disk (GALA_MIN_FREE_GIB=0 skips this check)." >&2
+        exit 1
+    fi
+fi
 if [ ! -x "$venv/bin/python" ]; then
     echo "[bootstrap] creating $venv"
     "$python" -m venv "$venv"
