@@ -1,7 +1,7 @@
 """The optimum of a stage-2 objective, by full-batch L-BFGS: what a converged stage 2 reaches.
 
     python -m gala_scale.convex --features <cache version folder> [--losses ce balanced_softmax]
-        [--weight-decay 5e-4] [--run <stage-2 run> ...]
+        [--weight-decay 5e-4 [2e-3 ...]] [--run <stage-2 run> ...]
 
 On the cached features of the eval-transform training view (``train_view0``), standardised as
 stage 2 standardises them (or raw, ``--raw``, for a run without ``stage2.standardize``), a linear
@@ -9,9 +9,14 @@ classifier minimises the mean loss over the training samples
 plus ``weight_decay / 2 * |W|^2`` (SGD's weight decay on the weight, none on the bias, as the
 trainer's parameter groups), with ``torch.optim.LBFGS`` in float64 until the gradient vanishes.
 For the losses whose objective is fixed (not GALA, whose ledger changes it during training)
-this is the point a stage-2 run with ``sampler: instance`` converges to. It prints the test top-1
-of each solve and, for each ``--run`` (a stage-2 run on the same features), that run's plain
-top-1 beside the solve of its loss; the last line is one JSON object.
+this is the point a stage-2 run with ``sampler: instance`` converges to. It prints the val and
+test top-1 and the objective of each solve, one per loss and weight decay, and names the weight
+decay each loss scores best on val with (the converged classifier's regulariser, chosen
+without the test set). For each ``--run`` (a stage-2 run on the same features) it prints that
+run's plain top-1 (``results.json``: its best-on-val weights) beside the solve of its loss at
+its weight decay and, for a linear head, what its ``final/`` weights reach: their objective (its
+excess over the optimum's says how far SGD stopped from it) and their test top-1. The last line
+is one JSON object.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from safetensors.torch import load_file
 from torch import nn
 
 from gala_scale import metrics
+from gala_scale.config import OptimConfig
 from gala_scale.losses import create_loss, data_needs
 from gala_scale.stage2 import Standardized, feature_statistics
 
@@ -76,7 +83,7 @@ def solve(
 
     def objective() -> torch.Tensor:
         optimizer.zero_grad()
-        value = criterion(fc(x), y).double() + weight_decay / 2 * fc.weight.pow(2).sum()
+        value = penalised(criterion, fc(x), y, fc.weight, weight_decay)
         value.backward()
         return value
 
@@ -84,11 +91,51 @@ def solve(
     return Standardized(fc.float(), mean, std)
 
 
-def _plain_top1(run: Path) -> tuple[str, float]:
-    """A finished run's loss name and plain test top-1."""
+def penalised(criterion: nn.Module, logits, labels, weight, weight_decay: float) -> torch.Tensor:
+    """The stage-2 objective: the mean loss plus ``weight_decay / 2 * |W|^2`` (float64)."""
+    return criterion(logits, labels).double() + weight_decay / 2 * weight.double().pow(2).sum()
+
+
+def objective_of(
+    model: Standardized, features: torch.Tensor, labels: np.ndarray, loss: str, wd: float
+) -> float:
+    """The value of the stage-2 objective of ``loss`` at ``model`` (float64, no gradient)."""
+    counts = np.bincount(labels, minlength=model.fc.out_features).tolist()
+    weight, bias = model.fc.weight.detach().double(), model.fc.bias.detach().double()
+    with torch.no_grad():
+        x = (features - model.mean.double()) / model.std.double()
+        y = torch.from_numpy(labels.astype(np.int64))
+        return float(penalised(loss_of(loss, counts), x @ weight.T + bias, y, weight, wd))
+
+
+def final_classifier(run: Path, dim: int, classes: int) -> Standardized | None:
+    """A stage-2 run's ``final/`` linear classifier (a raw one with mean 0 and std 1), or None
+    for a head this solve does not cover (cosine: no bias)."""
+    weights = load_file(run / "final" / "model.safetensors")
+    fc = nn.Linear(dim, classes)
+    if "mean" in weights:
+        model = Standardized(fc, torch.zeros(dim), torch.ones(dim))
+        if "fc.bias" not in weights:
+            return None
+        model.load_state_dict(weights)
+        return model
+    if "bias" not in weights:
+        return None
+    fc.load_state_dict(weights)
+    return Standardized(fc, torch.zeros(dim), torch.ones(dim))
+
+
+def _run_facts(run: Path) -> tuple[str, float, float]:
+    """A finished run's loss name, weight decay and plain test top-1."""
     results = json.loads((run / "results.json").read_text())
-    loss = yaml.safe_load((run / "config.yaml").read_text())["loss"]["name"]
-    return loss, results["test"]["plain"]["top1"]
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    wd = (cfg.get("optim") or {}).get("weight_decay", OptimConfig().weight_decay)
+    return cfg["loss"]["name"], float(wd), results["test"]["plain"]["top1"]
+
+
+def _top1(model: nn.Module, features: torch.Tensor, labels: np.ndarray) -> float:
+    with torch.no_grad():
+        return float((model(features.float()).argmax(1).numpy() == labels).mean())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--features", type=Path, required=True, help="a feature cache version")
     p.add_argument("--losses", nargs="+", default=["ce", "balanced_softmax"])
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        nargs="+",
+        default=[5e-4],
+        help="one or more; with a val split cached, each loss's best on val is named",
+    )
     p.add_argument("--max-iter", type=int, default=1000)
     p.add_argument(
         "--raw", action="store_true", help="raw features (stage2.standardize: false, the default)"
@@ -111,27 +164,58 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{args.features}: no {name}.features.npy (a stage-2 cache version folder)")
     train_x, train_y = _split(args.features, "train_view0")
     test_x, test_y = _split(args.features, "test")
+    val = _split(args.features, "val") if (args.features / "val.labels.npy").is_file() else None
     classes = int(max(train_y.max(), test_y.max())) + 1
     counts = np.bincount(train_y, minlength=classes).tolist()
-    solved = {}
+    solved: dict[str, dict[str, dict]] = {}
+    chosen = {}
     for loss in args.losses:
-        model = solve(
-            train_x, train_y, loss, args.weight_decay, args.max_iter, not args.raw, classes
-        )
-        with torch.no_grad():
-            probs = torch.softmax(model(test_x.float()), 1)
-        summary = metrics.summarize(probs, test_y, counts)
-        solved[loss] = {k: summary[k] for k in ("top1", "many", "medium", "few", "ece")}
-        print(f"L-BFGS {loss}: test top-1 {100 * summary['top1']:.2f} %", flush=True)
+        solved[loss] = {}
+        for wd in args.weight_decay:
+            model = solve(train_x, train_y, loss, wd, args.max_iter, not args.raw, classes)
+            with torch.no_grad():
+                probs = torch.softmax(model(test_x.float()), 1)
+            summary = metrics.summarize(probs, test_y, counts)
+            row = {k: summary[k] for k in ("top1", "many", "medium", "few", "ece")}
+            row["objective"] = objective_of(model, train_x, train_y, loss, wd)
+            row["val_top1"] = None if val is None else _top1(model, *val)
+            solved[loss][f"{wd:g}"] = row
+            on_val = "" if val is None else f"val top-1 {100 * row['val_top1']:.2f} %, "
+            print(
+                f"L-BFGS {loss}, weight decay {wd:g}: {on_val}test top-1 "
+                f"{100 * row['top1']:.2f} %, objective {row['objective']:.6f}",
+                flush=True,
+            )
+        if val is not None:
+            chosen[loss] = max(solved[loss], key=lambda wd: solved[loss][wd]["val_top1"])
+            print(f"L-BFGS {loss}: weight decay {chosen[loss]} scores best on val", flush=True)
     runs = {}
     for run in args.run:
-        loss, top1 = _plain_top1(run)
-        gap = None if loss not in solved else top1 - solved[loss]["top1"]
-        runs[str(run)] = {"loss": loss, "top1": top1, "minus_lbfgs": gap}
-        note = "" if gap is None else f" ({100 * gap:+.2f} points against L-BFGS)"
-        print(f"{run}: {loss} test top-1 {100 * top1:.2f} %{note}", flush=True)
-    summary = {"weight_decay": args.weight_decay, "standardized": not args.raw}
-    print(json.dumps({**summary, "lbfgs": solved, "runs": runs}))
+        loss, wd, top1 = _run_facts(run)
+        optimum = solved.get(loss, {}).get(f"{wd:g}")
+        gap = None if optimum is None else top1 - optimum["top1"]
+        runs[str(run)] = {"loss": loss, "weight_decay": wd, "top1": top1, "minus_lbfgs": gap}
+        note = f" ({100 * gap:+.2f} points against L-BFGS)" if optimum else " (no solve to match)"
+        print(f"{run}: {loss}, weight decay {wd:g}, test top-1 {100 * top1:.2f} %{note}")
+        final = final_classifier(run, train_x.shape[1], classes)
+        if final is None or optimum is None:
+            continue
+        value = objective_of(final, train_x, train_y, loss, wd)
+        final_top1 = _top1(final, test_x, test_y)
+        runs[str(run)].update(
+            final_top1=final_top1,
+            final_minus_lbfgs=final_top1 - optimum["top1"],
+            objective=value,
+            objective_excess=value - optimum["objective"],
+        )
+        print(
+            f"  final/: test top-1 {100 * final_top1:.2f} % "
+            f"({100 * (final_top1 - optimum['top1']):+.2f}), objective {value:.6f} "
+            f"(+{value - optimum['objective']:.6f} over the optimum)",
+            flush=True,
+        )
+    summary = {"standardized": not args.raw, "lbfgs": solved, "chosen_on_val": chosen}
+    print(json.dumps({**summary, "runs": runs}))
     return 0
 
 

@@ -5,13 +5,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from gala_scale import convex
 
 
-def long_tailed_features(counts, dim=6, seed=0):
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(len(counts), dim)) * 2
+def long_tailed_features(counts, dim=6, seed=0, draw=0):
+    """Gaussian classes around centres fixed by ``seed``; ``draw`` picks the samples."""
+    centres = np.random.default_rng(seed).normal(size=(len(counts), dim)) * 2
+    rng = np.random.default_rng([seed, draw])
     labels = np.repeat(np.arange(len(counts)), counts)
     scale = [50, 0.1, 1, 1, 5, 1][:dim]  # dimensions on very different scales
     features = (centres[labels] + rng.normal(size=(len(labels), dim)) * 1.5) * scale
@@ -51,23 +53,38 @@ def test_cli_scores_each_loss_and_a_run_against_the_solve_of_its_loss(tmp_path, 
     cache = tmp_path / "features" / "v"
     cache.mkdir(parents=True)
     train = long_tailed_features([300, 60, 10], seed=1)
-    test = long_tailed_features([50, 50, 50], seed=2)
-    for name, (x, y) in (("train_view0", train), ("test", test)):
+    val = long_tailed_features([20, 20, 20], seed=1, draw=1)
+    test = long_tailed_features([50, 50, 50], seed=1, draw=2)
+    for name, (x, y) in (("train_view0", train), ("val", val), ("test", test)):
         np.save(cache / f"{name}.features.npy", x)
         np.save(cache / f"{name}.labels.npy", y)
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.yaml").write_text("seed: 0\nloss:\n  name: balanced_softmax\n  tau: 1.0\n")
-    (run / "results.json").write_text(json.dumps({"test": {"plain": {"top1": 0.5}}}))
-    assert convex.main(["--features", str(cache), "--run", str(run)]) == 0
+    # Final weights of a raw-feature run: the balanced-softmax optimum itself, and a step away.
+    x64 = torch.from_numpy(train[0].astype(np.float64))
+    optimum = convex.solve(x64, train[1], "balanced_softmax", 5e-4, standardize=False).fc
+    runs = []
+    for name, shift in (("at_optimum", 0.0), ("short", 0.5)):
+        run = tmp_path / name
+        (run / "final").mkdir(parents=True)
+        (run / "config.yaml").write_text("loss:\n  name: balanced_softmax\n")  # wd: default
+        (run / "results.json").write_text(json.dumps({"test": {"plain": {"top1": 0.5}}}))
+        weights = {"weight": optimum.weight.detach() + shift, "bias": optimum.bias.detach()}
+        save_file(weights, run / "final" / "model.safetensors")
+        runs.append(str(run))
+    wds = ["--weight-decay", "5e-4", "50"]
+    assert convex.main(["--features", str(cache), "--raw", *wds, "--run", *runs]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    solved = out["lbfgs"]
+    solved = {loss: by_wd["0.0005"] for loss, by_wd in out["lbfgs"].items()}
     assert set(solved) == {"ce", "balanced_softmax"} and 0 < solved["ce"]["top1"] <= 1
     # The prior correction moves accuracy from the head class to the rarest.
     assert solved["balanced_softmax"]["few"] > solved["ce"]["few"]
-    assert out["runs"][str(run)]["minus_lbfgs"] == pytest.approx(
-        0.5 - solved["balanced_softmax"]["top1"]
-    )
+    # A weight decay that flattens the classifier loses on val: the light one is chosen.
+    heavy = out["lbfgs"]["balanced_softmax"]["50"]
+    assert heavy["val_top1"] < solved["balanced_softmax"]["val_top1"]
+    assert out["chosen_on_val"] == {"ce": "0.0005", "balanced_softmax": "0.0005"}
+    at, short = out["runs"][runs[0]], out["runs"][runs[1]]
+    assert at["minus_lbfgs"] == pytest.approx(0.5 - solved["balanced_softmax"]["top1"])
+    assert abs(at["objective_excess"]) < 1e-6 and at["final_minus_lbfgs"] == pytest.approx(0)
+    assert short["objective_excess"] > 1e-3
     with pytest.raises(SystemExit):
         convex.main(["--features", str(tmp_path)])
     assert "no train_view0.features.npy" in capsys.readouterr().err
