@@ -96,11 +96,22 @@ def _factor(args: argparse.Namespace) -> int:
     return int(found.group(1))
 
 
+def _built_factor(shards: Path | None) -> int | None:
+    """The imbalance factor a shard set records it was built with (its manifest), if any."""
+    manifest = None if shards is None else shards / "manifest.json"
+    if manifest is None or not manifest.is_file():
+        return None
+    factor = (json.loads(manifest.read_text()).get("build") or {}).get("imbalance_factor")
+    return int(factor) if factor and float(factor).is_integer() else None
+
+
 def _name(args: argparse.Namespace) -> str:
-    """The config's name with the imbalance factor actually used (shard set, runs, report)."""
-    if args.root is None:
+    """The config's name with the imbalance factor actually used (shard set, runs, report): the
+    one asked for with ``--root``, or the one an existing ``--shards`` set was built with."""
+    factor = _factor(args) if args.root is not None else _built_factor(args.shards)
+    if factor is None:
         return args.config.stem
-    tagged = f"_if{_factor(args)}"
+    tagged = f"_if{factor}"
     stem = args.config.stem
     return re.sub(r"_if\d+", tagged, stem) if "_if" in stem else stem + tagged
 

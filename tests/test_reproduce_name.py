@@ -1,0 +1,39 @@
+"""The name a sweep's runs, report and raw figures go under: the imbalance factor of its data."""
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from gala_scale import reproduce
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = {"config": Path("configs/cifar10_lt_if100_lite0.yaml"), "root": None, "shards": None}
+    return argparse.Namespace(**{"imbalance_factor": None, **base, **kw})
+
+
+def _shards(tmp_path: Path, build: dict | None) -> Path:
+    folder = tmp_path / "set"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"num_classes": 10, "build": build}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("build", "name"),
+    [
+        ({"imbalance_factor": 10.0}, "cifar10_lt_if10_lite0"),  # an IF 10 set, an IF 100 config
+        ({"imbalance_factor": 100.0}, "cifar10_lt_if100_lite0"),
+        ({"imbalance_factor": None}, "cifar10_lt_if100_lite0"),  # not built from CIFAR by us
+        (None, "cifar10_lt_if100_lite0"),
+    ],
+)
+def test_existing_shards_name_the_factor_they_were_built_with(tmp_path, build, name):
+    assert reproduce._name(_args(shards=_shards(tmp_path, build))) == name
+
+
+def test_root_names_the_factor_asked_for_and_no_shards_the_config():
+    assert reproduce._name(_args(root=Path("raw"), imbalance_factor=50)) == "cifar10_lt_if50_lite0"
+    assert reproduce._name(_args()) == "cifar10_lt_if100_lite0"
