@@ -28,13 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from safetensors.torch import load_file
 from torch import nn
 
 from gala_scale import metrics
-from gala_scale.config import OptimConfig
-from gala_scale.losses import create_loss, data_needs
+from gala_scale.config import RunConfig, load_config
+from gala_scale.losses import create_loss, data_needs, spec
 from gala_scale.stage2 import Standardized, feature_statistics
 
 
@@ -125,12 +124,31 @@ def final_classifier(run: Path, dim: int, classes: int) -> Standardized | None:
     return Standardized(fc, torch.zeros(dim), torch.ones(dim))
 
 
-def _run_facts(run: Path) -> tuple[str, float, float]:
-    """A finished run's loss name, weight decay and plain test top-1."""
+def _run_facts(run: Path) -> tuple[RunConfig, float]:
+    """A finished run's configuration (``config.yaml``, defaults filled) and plain test top-1."""
     results = json.loads((run / "results.json").read_text())
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    wd = (cfg.get("optim") or {}).get("weight_decay", OptimConfig().weight_decay)
-    return cfg["loss"]["name"], float(wd), results["test"]["plain"]["top1"]
+    return load_config(run / "config.yaml"), results["test"]["plain"]["top1"]
+
+
+def mismatch(cfg: RunConfig, standardized: bool) -> str | None:
+    """Why the run's stage 2 minimised another objective than the solve does, or None."""
+    defaults = RunConfig()
+    changed = [
+        f"loss.{key}={getattr(cfg.loss, key)!r}"
+        for key in spec(cfg.loss.name).options
+        if getattr(cfg.loss, key) != getattr(defaults.loss, key)
+    ]
+    checks = [
+        (cfg.stage2.standardize != standardized, f"stage2.standardize={cfg.stage2.standardize}"),
+        (cfg.stage2.sampler != "instance", f"stage2.sampler={cfg.stage2.sampler}"),
+        (cfg.stage2.views > 0, f"stage2.views={cfg.stage2.views} (augmented views)"),
+        (cfg.optim.name != "sgd", f"optim.name={cfg.optim.name} (decoupled weight decay)"),
+        (cfg.optim.decay_norm_and_bias, "optim.decay_norm_and_bias=true"),
+        (cfg.data.mixup > 0 or cfg.data.cutmix > 0, "data.mixup or data.cutmix"),
+        (bool(changed), ", ".join(changed) + " (the solve takes the loss's defaults)"),
+    ]
+    found = [why for differs, why in checks if differs]
+    return "; ".join(found) or None
 
 
 def _top1(model: nn.Module, features: torch.Tensor, labels: np.ndarray) -> float:
@@ -191,14 +209,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"L-BFGS {loss}: weight decay {chosen[loss]} scores best on val", flush=True)
     runs = {}
     for run in args.run:
-        loss, wd, top1 = _run_facts(run)
+        cfg, top1 = _run_facts(run)
+        loss, wd = cfg.loss.name, cfg.optim.weight_decay
+        runs[str(run)] = {"loss": loss, "weight_decay": wd, "top1": top1}
         optimum = solved.get(loss, {}).get(f"{wd:g}")
-        gap = None if optimum is None else top1 - optimum["top1"]
-        runs[str(run)] = {"loss": loss, "weight_decay": wd, "top1": top1, "minus_lbfgs": gap}
-        note = f" ({100 * gap:+.2f} points against L-BFGS)" if optimum else " (no solve to match)"
-        print(f"{run}: {loss}, weight decay {wd:g}, test top-1 {100 * top1:.2f} %{note}")
+        why = "no solve of its loss at its weight decay" if optimum is None else None
+        why = why or mismatch(cfg, not args.raw)
+        if why:
+            runs[str(run)]["not_comparable"] = why
+            print(f"{run}: {loss}, test top-1 {100 * top1:.2f} % (not comparable: {why})")
+            continue
+        gap = top1 - optimum["top1"]
+        runs[str(run)]["minus_lbfgs"] = gap
+        print(
+            f"{run}: {loss}, weight decay {wd:g}, test top-1 {100 * top1:.2f} % "
+            f"({100 * gap:+.2f} points against L-BFGS)",
+            flush=True,
+        )
         final = final_classifier(run, train_x.shape[1], classes)
-        if final is None or optimum is None:
+        if final is None:
             continue
         value = objective_of(final, train_x, train_y, loss, wd)
         final_top1 = _top1(final, test_x, test_y)

@@ -96,13 +96,16 @@ def _factor(args: argparse.Namespace) -> int:
     return int(found.group(1))
 
 
-def _built_factor(shards: Path | None) -> int | None:
-    """The imbalance factor a shard set records it was built with (its manifest), if any."""
+def _built_factor(shards: Path | None) -> str | None:
+    """The imbalance factor a shard set's manifest records it was built with, if any."""
     manifest = None if shards is None else shards / "manifest.json"
     if manifest is None or not manifest.is_file():
         return None
-    factor = (json.loads(manifest.read_text()).get("build") or {}).get("imbalance_factor")
-    return int(factor) if factor and float(factor).is_integer() else None
+    try:
+        factor = float(json.loads(manifest.read_text())["build"]["imbalance_factor"])
+    except (ValueError, TypeError, KeyError):  # not JSON, no build record, no factor
+        return None
+    return f"{factor:g}"
 
 
 def _name(args: argparse.Namespace) -> str:
@@ -414,7 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown losses {sorted(unknown)}; valid: {', '.join(VARIANTS)}")
     shards = args.shards or Path(load_config(args.config).data.shards)
-    if args.root is not None:
+    if args.root is None:
+        args.shards = shards  # the name tells the factor the set was built with
+    else:
         shards = args.out / "shards" / _name(args)
         _build_shards(args, shards)
     args.kept = _load_kept(args, shards)

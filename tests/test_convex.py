@@ -58,33 +58,67 @@ def test_cli_scores_each_loss_and_a_run_against_the_solve_of_its_loss(tmp_path, 
     for name, (x, y) in (("train_view0", train), ("val", val), ("test", test)):
         np.save(cache / f"{name}.features.npy", x)
         np.save(cache / f"{name}.labels.npy", y)
-    # Final weights of a raw-feature run: the balanced-softmax optimum itself, and a step away.
+    # Final weights of raw-feature runs: the balanced-softmax optimum at each weight decay, a
+    # step away from it, and runs whose objective is not the solve's.
     x64 = torch.from_numpy(train[0].astype(np.float64))
-    optimum = convex.solve(x64, train[1], "balanced_softmax", 5e-4, standardize=False).fc
-    runs = []
-    for name, shift in (("at_optimum", 0.0), ("short", 0.5)):
+    optima = {
+        wd: convex.solve(x64, train[1], "balanced_softmax", wd, standardize=False).fc
+        for wd in (5e-4, 50.0)
+    }
+    cases = {  # name: (config lines beyond the loss, weight decay of the weights, shift, bias)
+        "at_optimum": ("", 5e-4, 0.0, True),
+        "short": ("", 5e-4, 0.5, True),
+        "heavy": ("optim:\n  weight_decay: 50\n", 50.0, 0.0, True),  # its own weight decay
+        "standardized": ("stage2:\n  standardize: true\n", 5e-4, 0.0, True),
+        "tau": ("", 5e-4, 0.0, True),  # logit_adjusted with a tau the solve does not take
+        "cosine": ("", 5e-4, 0.0, False),  # no bias: a cosine head, no final/ figures
+    }
+    runs = {}
+    for name, (extra, wd, shift, bias) in cases.items():
         run = tmp_path / name
         (run / "final").mkdir(parents=True)
-        (run / "config.yaml").write_text("loss:\n  name: balanced_softmax\n")  # wd: default
+        loss = "loss:\n  name: " + (
+            "logit_adjusted\n  tau: 0.5" if name == "tau" else "balanced_softmax"
+        )
+        (run / "config.yaml").write_text(f"data:\n  shards: {tmp_path}\n{loss}\n{extra}")
         (run / "results.json").write_text(json.dumps({"test": {"plain": {"top1": 0.5}}}))
-        weights = {"weight": optimum.weight.detach() + shift, "bias": optimum.bias.detach()}
+        weights = {"weight": optima[wd].weight.detach() + shift}
+        if bias:
+            weights["bias"] = optima[wd].bias.detach()
         save_file(weights, run / "final" / "model.safetensors")
-        runs.append(str(run))
-    wds = ["--weight-decay", "5e-4", "50"]
-    assert convex.main(["--features", str(cache), "--raw", *wds, "--run", *runs]) == 0
+        runs[name] = str(run)
+    solves = [
+        "--losses",
+        "ce",
+        "balanced_softmax",
+        "logit_adjusted",
+        "--weight-decay",
+        "5e-4",
+        "50",
+    ]
+    assert convex.main(["--features", str(cache), "--raw", *solves, "--run", *runs.values()]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     solved = {loss: by_wd["0.0005"] for loss, by_wd in out["lbfgs"].items()}
-    assert set(solved) == {"ce", "balanced_softmax"} and 0 < solved["ce"]["top1"] <= 1
+    assert set(solved) == {"ce", "balanced_softmax", "logit_adjusted"}
+    assert 0 < solved["ce"]["top1"] <= 1
     # The prior correction moves accuracy from the head class to the rarest.
     assert solved["balanced_softmax"]["few"] > solved["ce"]["few"]
     # A weight decay that flattens the classifier loses on val: the light one is chosen.
-    heavy = out["lbfgs"]["balanced_softmax"]["50"]
-    assert heavy["val_top1"] < solved["balanced_softmax"]["val_top1"]
-    assert out["chosen_on_val"] == {"ce": "0.0005", "balanced_softmax": "0.0005"}
-    at, short = out["runs"][runs[0]], out["runs"][runs[1]]
+    heavy_solve = out["lbfgs"]["balanced_softmax"]["50"]
+    assert heavy_solve["val_top1"] < solved["balanced_softmax"]["val_top1"]
+    assert set(out["chosen_on_val"].values()) == {"0.0005"}
+    got = {name: out["runs"][run] for name, run in runs.items()}
+    at, short, heavy = got["at_optimum"], got["short"], got["heavy"]
     assert at["minus_lbfgs"] == pytest.approx(0.5 - solved["balanced_softmax"]["top1"])
     assert abs(at["objective_excess"]) < 1e-6 and at["final_minus_lbfgs"] == pytest.approx(0)
     assert short["objective_excess"] > 1e-3
+    # Scored against the optimum at the run's own weight decay, not the first one solved.
+    assert heavy["weight_decay"] == 50 and abs(heavy["objective_excess"]) < 1e-6
+    assert heavy["minus_lbfgs"] == pytest.approx(0.5 - heavy_solve["top1"])
+    assert "stage2.standardize=True" in got["standardized"]["not_comparable"]
+    assert "loss.tau=0.5" in got["tau"]["not_comparable"]
+    assert "minus_lbfgs" not in got["tau"] and "objective" not in got["standardized"]
+    assert "minus_lbfgs" in got["cosine"] and "objective" not in got["cosine"]
     with pytest.raises(SystemExit):
         convex.main(["--features", str(tmp_path)])
     assert "no train_view0.features.npy" in capsys.readouterr().err

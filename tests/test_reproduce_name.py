@@ -26,12 +26,21 @@ def _shards(tmp_path: Path, build: dict | None) -> Path:
     [
         ({"imbalance_factor": 10.0}, "cifar10_lt_if10_lite0"),  # an IF 10 set, an IF 100 config
         ({"imbalance_factor": 100.0}, "cifar10_lt_if100_lite0"),
+        ({"imbalance_factor": "50"}, "cifar10_lt_if50_lite0"),
+        ({"imbalance_factor": 12.5}, "cifar10_lt_if12.5_lite0"),
         ({"imbalance_factor": None}, "cifar10_lt_if100_lite0"),  # not built from CIFAR by us
         (None, "cifar10_lt_if100_lite0"),
+        ("not a mapping", "cifar10_lt_if100_lite0"),
     ],
 )
 def test_existing_shards_name_the_factor_they_were_built_with(tmp_path, build, name):
     assert reproduce._name(_args(shards=_shards(tmp_path, build))) == name
+
+
+def test_a_manifest_that_is_not_json_leaves_the_config_name(tmp_path):
+    folder = _shards(tmp_path, None)
+    (folder / "manifest.json").write_text("{ not json")
+    assert reproduce._name(_args(shards=folder)) == "cifar10_lt_if100_lite0"
 
 
 def test_root_names_the_factor_asked_for_and_no_shards_the_config():

@@ -28,7 +28,8 @@ def test_in_process_sweep_trains_every_loss_and_seed_on_one_cache(
     assert all(r["exit"] == 0 and r["epochs_done"] == 3 for r in summary["runs"].values())
     # One feature cache for all eight runs (the cosine heads' included), beside the stage-1 run.
     assert len(set((trained_run / "features").glob("*/meta.json")) - before) <= 1
-    raw = json.loads((report.parent / "results" / "debug_3ep.json").read_text())
+    # Named by the imbalance factor the synthetic set was built with (20).
+    raw = json.loads((report.parent / "results" / "debug_if20_3ep.json").read_text())
     ce = raw["runs"]["ce"]["0"]["test"]
     assert set(ce) == {
         "plain",
@@ -43,10 +44,10 @@ def test_in_process_sweep_trains_every_loss_and_seed_on_one_cache(
     text = report.read_text()
     assert "| loss | seeds | post-hoc | overall | many | medium | few | ECE |" in text
     assert "| ldam_drw | 0, 1 | post-hoc LA (val tau) |" in text
-    assert (report.parent / "img" / "results_debug_3ep.png").stat().st_size > 1000
+    assert (report.parent / "img" / "results_debug_if20_3ep.png").stat().st_size > 1000
     # A stage-2 classifier on a cosine head, on standardised features, back on its backbone:
     # the exported graph scores the test images as the sweep's run did.
-    gcl = out / "debug" / "gcl" / "seed0"
+    gcl = out / "debug_if20" / "gcl" / "seed0"
     export(gcl, tmp_path / "export", "best")  # checks ONNX Runtime against torch
     top1, images = onnx_test_top1(tmp_path / "export", synthetic_shards)
     scored = json.loads((gcl / "results.json").read_text())

@@ -38,10 +38,18 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     # A fresh install holds 6.4 GB in the venv and 2.6 GB of downloads on the way
     # (docs/pretrained.md): say so now, not in pip's "No space left on device" a minute in.
     need_gib="${GALA_MIN_FREE_GIB:-10}"
+    case "$need_gib" in
+        '' | *[!0-9]*)
+            echo "[bootstrap] GALA_MIN_FREE_GIB=$need_gib: expected a whole number of GiB" >&2
+            exit 2
+            ;;
+    esac
     parent=$(dirname "$(realpath -m "$venv")")
     mkdir -p "$parent"
-    free_kib=$(df -Pk "$parent" | awk 'NR == 2 {print $4}')
-    if [ "$free_kib" -lt $((need_gib * 1024 * 1024)) ]; then
+    free_kib=$(df -Pk "$parent" 2>/dev/null | awk 'NR == 2 {print $4}') || free_kib=""
+    if [ -z "$free_kib" ]; then
+        echo "[bootstrap] could not read the free space of $parent (df); not checked" >&2
+    elif [ "$free_kib" -lt $((need_gib * 1024 * 1024)) ]; then
         echo "[bootstrap] $parent has $((free_kib / 1024 / 1024)) GiB free; a fresh $venv needs" \
             "about $need_gib GiB (torch's CUDA stack). Free some space, or set GALA_VENV to a" \
             "folder on a larger disk (GALA_MIN_FREE_GIB=0 skips this check)." >&2
