@@ -64,7 +64,7 @@ from pathlib import Path
 from gala_scale import plots
 from gala_scale.config import load_config, shortened
 from gala_scale.launch import train_command
-from gala_scale.shards.manifest import load_manifest
+from gala_scale.shards.manifest import ManifestError, load_manifest
 from gala_scale.shards.sources import VAL_FROM
 from gala_scale.tables import PN_NAMES, tables, variant_results
 
@@ -98,12 +98,11 @@ def _factor(args: argparse.Namespace) -> int:
 
 def _built_factor(shards: Path | None) -> str | None:
     """The imbalance factor a shard set's manifest records it was built with, if any."""
-    manifest = None if shards is None else shards / "manifest.json"
-    if manifest is None or not manifest.is_file():
+    if shards is None:
         return None
     try:
-        factor = float(json.loads(manifest.read_text())["build"]["imbalance_factor"])
-    except (ValueError, TypeError, KeyError):  # not JSON, no build record, no factor
+        factor = float(load_manifest(shards)["build"]["imbalance_factor"])
+    except (ManifestError, TypeError, KeyError, ValueError):  # no manifest, no factor recorded
         return None
     return f"{factor:g}"
 
@@ -173,7 +172,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def _run_dir(run: tuple[str, int], args: argparse.Namespace) -> Path:
     name, seed = run
-    return args.out / _name(args) / name / f"seed{seed}"
+    return args.out / args.name / name / f"seed{seed}"
 
 
 def _label(run: tuple[str, int]) -> str:
@@ -247,7 +246,7 @@ def _load_kept(args: argparse.Namespace, shards: Path) -> dict:
     cfg = load_config(args.config, _overrides(args))
     manifest = load_manifest(shards)
     wanted = {
-        "name": _name(args),
+        "name": args.name,
         "epochs": cfg.train.epochs,
         "model": cfg.model.name,
         "val_from": _val_from(manifest),
@@ -327,7 +326,7 @@ def _raw(args, runs: list[tuple[str, int]], seconds: dict, shards: Path, command
         by_loss.setdefault(run[0], {})[str(run[1])] = entry
     dates = sorted({e["date"] for by_seed in by_loss.values() for e in by_seed.values()})
     return {
-        "name": _name(args),
+        "name": args.name,
         "epochs": cfg.train.epochs,
         "model": cfg.model.name,
         "seeds": sorted({seed for _, seed in runs}),
@@ -419,8 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     shards = args.shards or Path(load_config(args.config).data.shards)
     if args.root is None:
         args.shards = shards  # the name tells the factor the set was built with
-    else:
-        shards = args.out / "shards" / _name(args)
+    args.name = _name(args)  # once: the runs, the report and the raw figures go under it
+    if args.root is not None:
+        shards = args.out / "shards" / args.name
         _build_shards(args, shards)
     args.kept = _load_kept(args, shards)
     codes, seconds = _train_all(args, shards)
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         command = " ".join(argv if argv is not None else sys.argv[1:])
         raw = _raw(args, list(codes), seconds, shards, "python -m gala_scale.reproduce " + command)
         _report(args, raw)
-    print(json.dumps({"reproduce": _name(args), "runs": summary}), flush=True)
+    print(json.dumps({"reproduce": args.name, "runs": summary}), flush=True)
     return 0 if all(code in (0, 99) for code in codes.values()) else 1
 
 

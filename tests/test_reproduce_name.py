@@ -17,7 +17,9 @@ def _args(**kw) -> argparse.Namespace:
 def _shards(tmp_path: Path, build: dict | None) -> Path:
     folder = tmp_path / "set"
     folder.mkdir()
-    (folder / "manifest.json").write_text(json.dumps({"num_classes": 10, "build": build}))
+    manifest = {"format_version": 1, "dataset": "c10", "num_classes": 10, "image_ext": "jpg"}
+    manifest |= {"class_names": [str(i) for i in range(10)], "splits": {}, "build": build}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 
 
